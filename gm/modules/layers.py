@@ -51,7 +51,7 @@ class Conv2d(nn.Cell):
     def construct(self, x):
         if self.impl == "native":
             pad = self.padding
-            y = ops.conv2d(x, self.weight.astype(x.dtype), None, self.stride, "pad", (pad, pad, pad, pad))
+            y = ops.conv2d(x, self.weight.astype(x.dtype), None, self.stride, "pad", (pad, pad))
         else:
             y = self._im2col_conv(x)
         if self.bias is not None:
@@ -94,8 +94,8 @@ class GroupNorm(nn.Cell):
         if num_channels % num_groups:
             raise ValueError(f"GroupNorm: {num_channels} channels are not divisible by {num_groups} groups")
         self.num_groups, self.eps = num_groups, eps
-        self.weight = Parameter(ops.ones((num_channels,), ms.float32), name="weight") if affine else None
-        self.bias = Parameter(ops.zeros((num_channels,), ms.float32), name="bias") if affine else None
+        self.weight = Parameter(initializer("ones", (num_channels,), ms.float32), name="weight") if affine else None
+        self.bias = Parameter(initializer("zeros", (num_channels,), ms.float32), name="bias") if affine else None
 
     def construct(self, x):
         shape, dtype = x.shape, x.dtype
@@ -116,8 +116,8 @@ class LayerNorm(nn.Cell):
     def __init__(self, normalized_shape, eps=1e-5):
         super().__init__()
         self.eps = eps
-        self.weight = Parameter(ops.ones((normalized_shape,), ms.float32), name="weight")
-        self.bias = Parameter(ops.zeros((normalized_shape,), ms.float32), name="bias")
+        self.weight = Parameter(initializer("ones", (normalized_shape,), ms.float32), name="weight")
+        self.bias = Parameter(initializer("zeros", (normalized_shape,), ms.float32), name="bias")
 
     def construct(self, x):
         dtype = x.dtype
@@ -157,7 +157,7 @@ def attention(q, k, v, num_heads, impl="vanilla", mask=None):
 def zero_module(cell):
     """Zero every parameter of `cell` (sgm zero-initialises output projections)."""
     for p in cell.get_parameters():
-        p.set_data(ops.zeros(p.shape, p.dtype))
+        p.set_data(initializer("zeros", p.shape, p.dtype))  # lazy: stays unallocated under no_init_parameters
     return cell
 
 

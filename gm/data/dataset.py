@@ -1,0 +1,267 @@
+"""Training images for textual inversion: a folder of pictures of one concept, with optional captions.
+
+Each example carries SDXL's micro-conditioning (sgm's batch keys): the source size, where the crop
+starts in the resized image, and the target size. Randomness (template, crop, flip) is keyed by
+(seed, epoch, index), so a resumed run sees exactly the examples it would have seen.
+"""
+import collections
+import dataclasses
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from gm.data.templates import check_template, get_templates
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+CAPTION_EXTENSION = ".txt"
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+# Pillow opens 16-bit grayscale PNGs as one of these (older versions as "I").
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the folder or file."""
+
+
+def to_rgb(image):
+    """Any PIL image as 8-bit RGB; transparent pixels are composited on white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
+        return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.has_transparency_data:  # RGBA, LA, PA, or P / L / RGB with a transparent colour
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")  # L, P, CMYK, YCbCr, 1, ...
+
+
+def load_image(path):
+    """Open an image upright (EXIF orientation applied) as RGB."""
+    with Image.open(path) as image:
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
+def resized_size(width, height, resolution):
+    """(width, height) once the shorter side is resized to `resolution`."""
+    scale = resolution / min(width, height)
+    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
+
+
+def resize_and_crop(image, resolution, top_left=None, interpolation="bicubic"):
+    """Resize so the shorter side is `resolution`, then crop a square.
+
+    `top_left` is (top, left) in the resized image; None crops the centre. Returns the crop and (top, left).
+    """
+    width, height = resized_size(image.width, image.height, resolution)
+    image = image.resize((width, height), INTERPOLATIONS[interpolation])
+    if top_left is None:
+        top_left = (int(round((height - resolution) / 2.0)), int(round((width - resolution) / 2.0)))
+    top, left = top_left
+    if not (0 <= top <= height - resolution and 0 <= left <= width - resolution):
+        raise ValueError(f"crop at {top_left} does not fit a {width}x{height} image")
+    return image.crop((left, top, left + resolution, top + resolution)), (top, left)
+
+
+def to_array(image):
+    """uint8 HWC RGB image -> float32 [3, H, W] in [-1, 1]."""
+    return np.ascontiguousarray((np.asarray(image, dtype=np.float32) / 127.5 - 1.0).transpose(2, 0, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageItem:
+    path: str
+    original_size: tuple  # (height, width) of the upright source image
+    caption: str = None  # from the .txt beside the image; None: prompts come from the templates
+
+
+def _read_caption(path, placeholder_token):
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            caption = " ".join(f.read().split())
+    except UnicodeDecodeError as e:
+        raise DataError(f"caption file {path} is not UTF-8 text: {e}") from e
+    if placeholder_token not in caption:
+        raise DataError(
+            f"caption file {path} must contain the placeholder token {placeholder_token!r}, got {caption!r}")
+    return caption
+
+
+def scan_folder(data_root, placeholder_token):
+    """The readable images of `data_root` (not recursive, sorted by name) with their captions.
+
+    Unreadable images are skipped with a warning; raises DataError if none is left.
+    """
+    if not os.path.isdir(data_root):
+        raise DataError(f"training data folder not found (or not a folder): {data_root}")
+    names = sorted(n for n in os.listdir(data_root) if os.path.isfile(os.path.join(data_root, n)))
+    image_names = [n for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
+    if not image_names:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the training data folder {data_root}")
+    captions = {os.path.splitext(n)[0]: n for n in names if os.path.splitext(n)[1].lower() == CAPTION_EXTENSION}
+
+    items = []
+    for name in image_names:
+        path = os.path.join(data_root, name)
+        try:
+            width, height = load_image(path).size
+        except Exception as e:  # noqa: BLE001 - Pillow raises many kinds for broken files; any of them means skip
+            warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}", stacklevel=2)
+            continue
+        stem = os.path.splitext(name)[0]
+        caption = None
+        if stem in captions:
+            caption = _read_caption(os.path.join(data_root, captions[stem]), placeholder_token)
+        items.append(ImageItem(path, (height, width), caption))
+    if not items:
+        raise DataError(f"none of the {len(image_names)} image files in {data_root} could be read")
+    return items
+
+
+class TextualInversionDataset:
+    """Images of one concept, square-cropped, each with a prompt holding the placeholder.
+
+    Args:
+        data_root: folder of images (jpg, jpeg, png, webp, bmp); `name.txt` beside `name.png` is its prompt.
+        placeholder_token: the new token; captions must contain it.
+        resolution: side of the square training crop.
+        learnable_property: "object", "style" or "face": the built-in templates used when `templates` is None.
+        templates: prompt templates, each with one `{}`.
+        placeholder_text: what stands for the concept in prompts (e.g. "<t> <t>_1" for two vectors);
+            defaults to the token.
+        center_crop: crop the centre, else a random position.
+        flip_p: probability of a horizontal flip.
+    """
+
+    def __init__(self, data_root, placeholder_token, resolution=1024, learnable_property="object", templates=None,
+                 placeholder_text=None, center_crop=True, flip_p=0.0, interpolation="bicubic", seed=0):
+        if not placeholder_token or not isinstance(placeholder_token, str):
+            raise ValueError(f"placeholder_token must be a non-empty string, got {placeholder_token!r}")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
+        if not isinstance(resolution, int) or resolution < 1:
+            raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        if not 0.0 <= flip_p <= 1.0:
+            raise ValueError(f"flip_p must be in [0, 1], got {flip_p}")
+        self.templates = list(templates) if templates is not None else get_templates(learnable_property)
+        for template in self.templates:
+            check_template(template)
+        self.placeholder_token = placeholder_token
+        self.placeholder_text = placeholder_text or placeholder_token
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.flip_p = flip_p
+        self.interpolation = interpolation
+        self.seed = seed
+        self.items = scan_folder(data_root, placeholder_token)
+
+    def __len__(self):
+        return len(self.items)
+
+    def example(self, index, epoch=0):
+        """Example `index` as drawn in `epoch`: {"jpg": float32 [3, res, res], "txt": str, size conditioning}."""
+        rng = np.random.default_rng([self.seed, epoch, index])
+        item = self.items[index]
+        image = load_image(item.path)
+        original_size = (image.height, image.width)
+
+        res = self.resolution
+        width, height = resized_size(image.width, image.height, res)
+        top_left = None
+        if not self.center_crop:
+            top_left = (int(rng.integers(0, height - res + 1)), int(rng.integers(0, width - res + 1)))
+        image, (top, left) = resize_and_crop(image, res, top_left, self.interpolation)
+        if self.flip_p > 0 and rng.random() < self.flip_p:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            left = width - left - res  # where the crop starts in the mirrored resized image
+
+        if item.caption is not None:
+            prompt = item.caption.replace(self.placeholder_token, self.placeholder_text)
+        else:
+            prompt = self.templates[int(rng.integers(len(self.templates)))].format(self.placeholder_text)
+        return {
+            "jpg": to_array(image),
+            "txt": prompt,
+            "original_size_as_tuple": original_size,
+            "crop_coords_top_left": (top, left),
+            "target_size_as_tuple": (res, res),
+        }
+
+    def batch(self, draws):
+        """Stack the examples of `draws` ((index, epoch) pairs, e.g. from EpochSampler) into numpy arrays."""
+        examples = [self.example(index, epoch) for index, epoch in draws]
+        batch = {"jpg": np.stack([e["jpg"] for e in examples]), "txt": [e["txt"] for e in examples]}
+        for key in ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple"):
+            batch[key] = np.array([e[key] for e in examples], dtype=np.int64)
+        return batch
+
+
+Draw = collections.namedtuple("Draw", ["index", "epoch"])
+
+
+class EpochSampler:
+    """A deterministic, resumable stream of example indices, sharded over data-parallel ranks.
+
+    The stream is the concatenation of per-epoch permutations of range(n) (seeded by (seed, epoch));
+    each step takes the next `batch_size * world_size` draws and rank r keeps its contiguous slice,
+    so ranks never share a draw. A step may cross an epoch boundary, so every batch is full even when
+    n is smaller than the global batch. The state (epoch, position) does not depend on the world size:
+    a run may resume with a different number of ranks.
+    """
+
+    def __init__(self, n, batch_size, seed=0, rank=0, world_size=1, shuffle=True):
+        if n < 1 or batch_size < 1:
+            raise ValueError(f"need n >= 1 and batch_size >= 1, got n={n}, batch_size={batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.epoch, self.position = 0, 0
+        self._order = None  # (epoch, permutation) cache
+
+    def order(self, epoch):
+        """The permutation of range(n) used in `epoch`."""
+        if self._order is None or self._order[0] != epoch:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
+            self._order = (epoch, perm)
+        return self._order[1]
+
+    def next_batch(self):
+        """This rank's `batch_size` draws for the next step, as Draw(index, epoch); advances the state."""
+        draws = []
+        for _ in range(self.batch_size * self.world_size):
+            draws.append(Draw(int(self.order(self.epoch)[self.position]), self.epoch))
+            self.position += 1
+            if self.position == self.n:
+                self.epoch, self.position = self.epoch + 1, 0
+        return draws[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self):
+        """JSON-serialisable state; n, seed and shuffle are kept to refuse a resume on different data."""
+        return {"epoch": self.epoch, "position": self.position, "n": self.n, "seed": self.seed, "shuffle": self.shuffle}
+
+    def load_state_dict(self, state):
+        for key in ("n", "seed", "shuffle"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"cannot resume the data order: saved {key}={state[key]!r}, now {getattr(self, key)!r}")
+        if not 0 <= state["position"] < self.n or state["epoch"] < 0:
+            raise ValueError(
+                f"invalid sampler state: epoch {state['epoch']}, position {state['position']} for n={self.n}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -1,0 +1,69 @@
+"""Building SDXL from a config file and filling it with weights: the one entry point that training,
+sampling and tools share."""
+import os
+import sys
+
+import numpy as np
+import yaml
+from mindspore import Tensor
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from gm.util import instantiate_from_config
+from gm.weights.loader import WEIGHTS_HELP, WeightFileError, load_weights
+
+
+def load_config(path):
+    """Read a YAML config, with a clear error for a missing or malformed file."""
+    if not os.path.isfile(path):
+        raise WeightFileError(f"config not found: {path} (see configs/ for the shipped ones).")
+    try:
+        config = OmegaConf.load(path)
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        raise WeightFileError(f"{path}: not a valid YAML config ({e}).") from None
+    if "model" not in config or "target" not in config.model:
+        raise WeightFileError(f"{path}: not a model config (no model.target).")
+    return config
+
+
+def model_parameter_shapes(model_config):
+    """{name: shape} of the model a config describes, without allocating its weights."""
+    from mindspore.nn.utils import no_init_parameters
+
+    with no_init_parameters():
+        model = instantiate_from_config(model_config)
+    return {name: tuple(p.shape) for name, p in model.parameters_and_names()}
+
+
+def create_model(config, weight=None):
+    """Instantiate `config.model` and load `weight` into it.
+
+    Without `weight`, a config marked `requires_weights` (the real SDXL) refuses to run; a small config
+    runs from random initial weights, which is said loudly.
+    """
+    model = instantiate_from_config(config.model)
+    if weight:
+        load_weights(model, weight)
+        print(f"Loaded weights from {weight}")
+    elif model.requires_weights:
+        raise WeightFileError(f"this config needs the SDXL weights, and none were given (--weight). {WEIGHTS_HELP}")
+    else:
+        randomize_zero_initialized(model)
+        print("!" * 88 + "\n!! No --weight given: this model runs from RANDOM initial weights. Its images are noise"
+            "\n!! until trained; use it to try the machinery, not for pictures.\n" + "!" * 88, file=sys.stderr)
+    model.set_train(False)
+    return model
+
+
+def randomize_zero_initialized(model, std=0.02, seed=0):
+    """Give small random values to parameters that start at exactly zero.
+
+    sgm zero-initialises the UNet's output projections (right for training from scratch); a model that runs
+    from random weights would then predict eps = 0 for every prompt, and no gradient would reach a learned
+    embedding. Norm biases and other zero-started parameters get the same small noise, harmlessly.
+    """
+    rng = np.random.RandomState(seed)
+    for _, param in model.parameters_and_names():
+        value = param.asnumpy()
+        if not value.any():
+            param.set_data(Tensor(rng.normal(0.0, std, value.shape).astype(np.float32), param.dtype))

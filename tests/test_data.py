@@ -1,0 +1,261 @@
+"""Textual-inversion training data: image decoding, cropping with SDXL size conditioning, captions,
+templates and the resumable, rank-sharded sampler."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gm.data.dataset import DataError, EpochSampler, TextualInversionDataset, load_image, to_rgb
+from gm.data.templates import (
+    FACE_TEMPLATES, OBJECT_TEMPLATES, STYLE_TEMPLATES, TemplateError, get_templates, load_templates)
+
+TOKEN = "<cat-toy>"
+RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
+
+
+def halves(mode, size, left, right):
+    """A `size` (w, h) image of `mode`, colour `left` on the left half and `right` on the right."""
+    image = Image.new(mode, size, left)
+    image.paste(Image.new(mode, (size[0] // 2, size[1]), right), (size[0] // 2, 0))
+    return image
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("concept")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    halves("RGB", (48, 24), RED, BLUE).save(root / "a_exif.jpg", exif=exif, quality=95)
+    Image.new("L", (40, 20), 200).save(root / "b_gray.png")
+    palette = Image.new("P", (20, 30), 1)
+    palette.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    palette.save(root / "c_palette.png")
+    halves("LA", (20, 20), (90, 255), (90, 0)).save(root / "d_la.png")
+    halves("RGBA", (30, 20), (255, 0, 0, 255), (0, 0, 255, 0)).save(root / "e_rgba.png")
+    Image.new("CMYK", (24, 24), (0, 255, 0, 0)).save(root / "f_cmyk.jpg", quality=95)
+    sixteen_bit = np.array([[0, 32896], [65535, 65535]], dtype=np.uint16).repeat(8, 0).repeat(8, 1)
+    Image.fromarray(sixteen_bit).save(root / "g_16bit.png")
+    Image.new("RGB", (20, 20), BLUE).save(root / "h_pic.webp", lossless=True)
+    Image.new("RGB", (20, 20), RED).save(root / "i_pic.bmp")
+    Image.new("RGB", (20, 20), WHITE).save(root / "j_upper.JPEG")
+    (root / "notes.md").write_text("not an image")
+    (root / "k_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    (root / "b_gray.txt").write_text(f"  a gray square,\n{TOKEN} on a table \n")
+    (root / "sub").mkdir()
+    Image.new("RGB", (20, 20), RED).save(root / "sub" / "nested.png")  # not recursive: ignored
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(folder):
+    with pytest.warns(UserWarning, match="k_corrupt.png"):
+        return TextualInversionDataset(str(folder), TOKEN, resolution=16)
+
+
+def names(dataset):
+    return [os.path.basename(item.path) for item in dataset.items]
+
+
+def pixel(array, y, x):
+    """RGB uint8 value of a [3, H, W] [-1, 1] array."""
+    return tuple(int(round(v)) for v in (array[:, y, x] + 1.0) * 127.5)
+
+
+def close(found, expected, tolerance=6):
+    return all(abs(a - b) <= tolerance for a, b in zip(found, expected))
+
+
+def test_lists_images_only_and_skips_unreadable(dataset):
+    assert names(dataset) == ["a_exif.jpg", "b_gray.png", "c_palette.png", "d_la.png", "e_rgba.png", "f_cmyk.jpg",
+                              "g_16bit.png", "h_pic.webp", "i_pic.bmp", "j_upper.JPEG"]
+    assert len(dataset) == 10
+    assert dataset.items[0].original_size == (48, 24) and dataset.items[4].original_size == (20, 30)
+    assert dataset.items[1].caption == f"a gray square, {TOKEN} on a table" and dataset.items[0].caption is None
+
+
+def test_exif_orientation_is_applied(folder, dataset):
+    image = load_image(folder / "a_exif.jpg")
+    assert image.size == (24, 48)  # (w, h): stored 48x24 and rotated
+    assert close(image.getpixel((12, 5)), RED) and close(image.getpixel((12, 42)), BLUE)
+    example = dataset.example(0)
+    assert example["original_size_as_tuple"] == (48, 24)
+    assert example["crop_coords_top_left"] == (8, 0)  # resized to 16x32 (w x h), centre crop
+    assert close(pixel(example["jpg"], 1, 8), RED) and close(pixel(example["jpg"], 14, 8), BLUE)
+
+
+@pytest.mark.parametrize("index, expected", [
+    (1, {(8, 8): (200, 200, 200)}),  # L
+    (2, {(8, 8): (0, 255, 0)}),  # P
+    (3, {(8, 2): (90, 90, 90), (8, 13): WHITE}),  # LA: transparent half on white
+    (4, {(8, 4): RED, (8, 12): WHITE}),  # RGBA
+    (5, {(8, 8): (255, 0, 255)}),  # CMYK (0, 255, 0, 0): magenta
+    (6, {(2, 2): (0, 0, 0), (2, 13): (128, 128, 128), (13, 8): WHITE}),  # I;16 scaled to 8 bits
+    (7, {(8, 8): BLUE}),  # webp
+    (8, {(8, 8): RED}),  # bmp
+])
+def test_every_mode_becomes_rgb_in_range(dataset, index, expected):
+    example = dataset.example(index)
+    jpg = example["jpg"]
+    assert jpg.shape == (3, 16, 16) and jpg.dtype == np.float32
+    assert jpg.min() >= -1.0 and jpg.max() <= 1.0
+    for (y, x), colour in expected.items():
+        assert close(pixel(jpg, y, x), colour), (names(dataset)[index], (y, x), pixel(jpg, y, x))
+
+
+def test_sixteen_bit_modes_in_memory():
+    values = np.array([[0, 257 * 200, 65535]], dtype=np.int32)
+    for image in (Image.fromarray(values, "I"), Image.fromarray(values.astype(np.uint16))):
+        rgb = to_rgb(image)
+        assert rgb.mode == "RGB" and np.array(rgb)[0, :, 0].tolist() == [0, 200, 255]
+
+
+def test_size_conditioning_and_center_crop(dataset):
+    example = dataset.example(4)  # e_rgba: 30x20 (w x h) -> resized 24x16, centre crop
+    assert example["original_size_as_tuple"] == (20, 30)
+    assert example["crop_coords_top_left"] == (0, 4)
+    assert example["target_size_as_tuple"] == (16, 16)
+
+
+def test_random_crop_is_seeded_and_in_range(folder):
+    def crops(seed):
+        with pytest.warns(UserWarning):
+            data = TextualInversionDataset(str(folder), TOKEN, resolution=16, center_crop=False, seed=seed)
+        return [data.example(0, epoch)["crop_coords_top_left"] for epoch in range(12)]  # resized 16x32 (w x h)
+
+    first = crops(3)
+    assert all(left == 0 and 0 <= top <= 16 for top, left in first)
+    assert len(set(first)) > 1
+    assert crops(3) == first and crops(4) != first
+
+
+def test_flip_mirrors_image_and_crop(folder):
+    with pytest.warns(UserWarning):
+        plain = TextualInversionDataset(str(folder), TOKEN, resolution=16, center_crop=False, seed=1)
+    with pytest.warns(UserWarning):
+        flipped = TextualInversionDataset(str(folder), TOKEN, resolution=16, center_crop=False, seed=1, flip_p=1.0)
+    for index in (4, 5):  # e_rgba: resized 24x16; f_cmyk: square
+        for epoch in range(3):
+            a, b = plain.example(index, epoch), flipped.example(index, epoch)
+            assert np.array_equal(b["jpg"], a["jpg"][:, :, ::-1])
+            width = 24 if index == 4 else 16
+            top, left = a["crop_coords_top_left"]
+            assert b["crop_coords_top_left"] == (top, width - left - 16)
+
+
+def test_prompts_from_captions_and_templates(dataset, folder):
+    assert dataset.example(1)["txt"] == f"a gray square, {TOKEN} on a table"
+    prompts = {dataset.example(0, epoch)["txt"] for epoch in range(30)}
+    assert len(prompts) > 1 and prompts <= {t.format(TOKEN) for t in OBJECT_TEMPLATES}
+    with pytest.warns(UserWarning):
+        multi = TextualInversionDataset(str(folder), TOKEN, resolution=16, learnable_property="style",
+                                        placeholder_text=f"{TOKEN} {TOKEN}_1")
+    assert multi.example(1)["txt"] == f"a gray square, {TOKEN} {TOKEN}_1 on a table"
+    assert multi.example(0)["txt"] in {t.format(f"{TOKEN} {TOKEN}_1") for t in STYLE_TEMPLATES}
+
+
+def test_batch_stacks_examples(dataset):
+    batch = dataset.batch([(0, 0), (4, 2)])
+    assert batch["jpg"].shape == (2, 3, 16, 16) and batch["jpg"].dtype == np.float32
+    assert len(batch["txt"]) == 2
+    assert batch["original_size_as_tuple"].tolist() == [[48, 24], [20, 30]]
+    assert batch["crop_coords_top_left"].dtype == np.int64
+    assert batch["target_size_as_tuple"].tolist() == [[16, 16], [16, 16]]
+
+
+def test_caption_without_placeholder_is_an_error(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    (tmp_path / "x.txt").write_text("a photo of a cat")
+    with pytest.raises(DataError, match="x.txt.*<cat-toy>"):
+        TextualInversionDataset(str(tmp_path), TOKEN, resolution=8)
+    (tmp_path / "x.txt").write_bytes(b"\xff\xfe\xfa <cat-toy>")
+    with pytest.raises(DataError, match="x.txt is not UTF-8"):
+        TextualInversionDataset(str(tmp_path), TOKEN, resolution=8)
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="missing"):
+        TextualInversionDataset(str(tmp_path / "missing"), TOKEN)
+    with pytest.raises(DataError, match="no images.*" + tmp_path.name):
+        TextualInversionDataset(str(tmp_path), TOKEN)
+    (tmp_path / "bad.jpg").write_bytes(b"garbage")
+    full = Image.new("RGB", (64, 64))
+    full.save(tmp_path / "cut.png")
+    data = (tmp_path / "cut.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    unreadable = "none of the 2 image files in .*" + tmp_path.name
+    with pytest.warns(UserWarning) as record, pytest.raises(DataError, match=unreadable):
+        TextualInversionDataset(str(tmp_path), TOKEN)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 2 and "bad.jpg" in messages[0] and "cut.png" in messages[1]
+
+
+def test_templates(tmp_path):
+    assert get_templates("object") == list(OBJECT_TEMPLATES) and len(OBJECT_TEMPLATES) == 27
+    assert get_templates("style") == list(STYLE_TEMPLATES) and len(STYLE_TEMPLATES) == 19
+    assert get_templates("face") == list(FACE_TEMPLATES)
+    assert all(t.count("{}") == 1 for t in FACE_TEMPLATES)
+    with pytest.raises(ValueError, match="object"):
+        get_templates("animal")
+
+    good = tmp_path / "good.txt"
+    good.write_text("\ufeffa photo of {}\n\n  {} in the snow  \n")
+    assert get_templates("style", str(good)) == ["a photo of {}", "{} in the snow"]
+    for name, text, match in [("none.txt", "a photo\n", "line 1"), ("two.txt", "ok {}\n{} and {}\n", "line 2"),
+                              ("brace.txt", "a {} with a { brace\n", "line 1"), ("empty.txt", "\n \n", "no templates")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(TemplateError, match=f"{name}.*{match}"):
+            load_templates(str(tmp_path / name))
+    with pytest.raises(TemplateError, match="not found"):
+        load_templates(str(tmp_path / "absent.txt"))
+
+
+def take(sampler, steps):
+    return [sampler.next_batch() for _ in range(steps)]
+
+
+def test_sampler_covers_each_epoch_once():
+    sampler = EpochSampler(10, batch_size=5, seed=7)
+    first, second = take(sampler, 2), take(sampler, 2)
+    for epoch, steps in enumerate((first, second)):
+        draws = [d for step in steps for d in step]
+        assert sorted(d.index for d in draws) == list(range(10)) and {d.epoch for d in draws} == {epoch}
+    assert [d.index for d in first[0] + first[1]] != [d.index for d in second[0] + second[1]]
+    assert (sampler.epoch, sampler.position) == (2, 0)
+    unshuffled = EpochSampler(4, batch_size=3, shuffle=False)
+    steps = [[tuple(d) for d in step] for step in take(unshuffled, 2)]
+    assert steps == [[(0, 0), (1, 0), (2, 0)], [(3, 0), (0, 1), (1, 1)]]
+
+
+def test_sampler_resumes_exactly():
+    sampler = EpochSampler(7, batch_size=3, seed=11)
+    take(sampler, 5)
+    state = json.loads(json.dumps(sampler.state_dict()))
+    expected = take(sampler, 6)
+    resumed = EpochSampler(7, batch_size=3, seed=11)
+    resumed.load_state_dict(state)
+    assert take(resumed, 6) == expected
+    assert EpochSampler(7, batch_size=3, seed=11).next_batch() != expected[0]
+    with pytest.raises(ValueError, match="n=7"):
+        EpochSampler(8, batch_size=3, seed=11).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed"):
+        EpochSampler(7, batch_size=3, seed=12).load_state_dict(state)
+
+
+def test_ranks_get_disjoint_shards():
+    ranks = [EpochSampler(12, batch_size=2, seed=5, rank=r, world_size=2) for r in range(2)]
+    single = EpochSampler(12, batch_size=4, seed=5)
+    for _ in range(6):  # two epochs
+        steps = [r.next_batch() for r in ranks]
+        assert not {tuple(d) for d in steps[0]} & {tuple(d) for d in steps[1]}
+        assert steps[0] + steps[1] == single.next_batch()  # the same stream, split
+    assert all(r.state_dict() == single.state_dict() for r in ranks)
+
+    small = [EpochSampler(3, batch_size=2, seed=0, rank=r, world_size=2) for r in range(2)]  # n < global batch
+    draws = [d for _ in range(3) for r in small for d in r.next_batch()]
+    assert len(draws) == 12 == len(set(draws))  # every draw once, epochs 0..3 each a permutation
+    for epoch in range(4):
+        assert sorted(d.index for d in draws if d.epoch == epoch) == [0, 1, 2]
+    with pytest.raises(ValueError, match="rank"):
+        EpochSampler(3, 1, rank=2, world_size=2)

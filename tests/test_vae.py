@@ -1,0 +1,125 @@
+"""SDXL VAE: numerical parity with diffusers' AutoencoderKL (tiny, random weights, loaded from its own
+safetensors file through our key mapping) and the full SDXL VAE's parameter names and shapes."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+from omegaconf import OmegaConf
+from safetensors.numpy import load_file
+
+import mindspore as ms
+from mindspore import Tensor
+
+from gm.modules.diffusionmodules.model import AttnBlock
+from gm.util import instantiate_from_config
+from gm.weights.diffusers_vae import vae_diffusers_to_sgm
+from gm.weights.state_dict import load_state_dict_into, model_shapes
+
+SDXL_VAE_PARAMS = 83_653_863
+
+
+def first_stage_config(root, name):
+    return OmegaConf.load(os.path.join(root, "configs", "inference", name)).model.params.first_stage_config
+
+
+def diffusers_vae(block_out_channels):
+    """diffusers' AutoencoderKL with the SD/SDXL layout (4 levels, 2 resnets each, 4 latent channels)."""
+    return DiffusersAutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=block_out_channels,
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(root, tmp_path_factory):
+    """(diffusers reference, ours) with the same random weights, ours loaded from the saved safetensors."""
+    torch.manual_seed(0)
+    ref = diffusers_vae((32, 64, 64, 64)).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif p.ndim == 1:  # norm scales
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("tiny_vae")
+    ref.save_pretrained(folder, safe_serialization=True)
+    state = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+
+    ours = instantiate_from_config(first_stage_config(root, "sd_xl_tiny.yaml"))
+    load_state_dict_into(ours, vae_diffusers_to_sgm(state), "tiny diffusers VAE")
+    return ref, ours, state
+
+
+def test_graph_mode():
+    assert ms.get_context("mode") == ms.GRAPH_MODE
+
+
+def test_encode_parity(tiny_pair):
+    ref, ours, _ = tiny_pair
+    image = np.random.default_rng(0).uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        posterior = ref.encode(torch.from_numpy(image)).latent_dist
+    mean = ours.encode_mean(Tensor(image)).asnumpy()
+    assert mean.shape == (1, 4, 8, 8)
+    np.testing.assert_allclose(mean, posterior.mean.numpy(), rtol=0, atol=1e-4)
+
+    ours_posterior = ours.encode(Tensor(image))
+    np.testing.assert_allclose(ours_posterior.mean.asnumpy(), mean, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(ours_posterior.std.asnumpy(), posterior.std.numpy(), rtol=0, atol=1e-4)
+    noise = np.random.default_rng(1).standard_normal(mean.shape).astype(np.float32)
+    expected = posterior.mean.numpy() + posterior.std.numpy() * noise
+    np.testing.assert_allclose(ours_posterior.sample(Tensor(noise)).asnumpy(), expected, rtol=0, atol=1e-4)
+
+
+def test_decode_parity(tiny_pair):
+    ref, ours, state = tiny_pair
+    z = np.random.default_rng(2).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        expected = ref.decode(torch.from_numpy(z)).sample.numpy()
+    image = ours.decode(Tensor(z)).asnumpy()
+    assert image.shape == (1, 3, 64, 64)
+    np.testing.assert_allclose(image, expected, rtol=0, atol=1e-4)
+
+    # Weights loaded after the graph was compiled must be used (they are graph inputs, not constants).
+    shifted = vae_diffusers_to_sgm(state)
+    shifted["decoder.conv_out.bias"] = shifted["decoder.conv_out.bias"] + 1.0
+    load_state_dict_into(ours, shifted, "shifted")
+    try:
+        np.testing.assert_allclose(ours.decode(Tensor(z)).asnumpy(), expected + 1.0, rtol=0, atol=1e-4)
+    finally:
+        load_state_dict_into(ours, vae_diffusers_to_sgm(state), "tiny diffusers VAE")
+
+
+def test_chunked_attention_matches_whole():
+    """The query-chunked path (used beyond `query_chunk` positions, e.g. 128x128 at 1024 px) changes nothing."""
+    whole, chunked = AttnBlock(32), AttnBlock(32)
+    chunked.query_chunk = 64
+    rng = np.random.default_rng(3)
+    state = {name: rng.standard_normal(p.shape).astype(np.float32) * 0.2 for name, p in whole.parameters_and_names()}
+    load_state_dict_into(whole, state)
+    load_state_dict_into(chunked, state)
+    x = Tensor(rng.standard_normal((1, 32, 16, 16)).astype(np.float32))
+    np.testing.assert_allclose(chunked(x).asnumpy(), whole(x).asnumpy(), rtol=0, atol=1e-5)
+
+
+def test_full_sdxl_vae_names_and_shapes(root):
+    ours = model_shapes(instantiate_from_config(first_stage_config(root, "sd_xl_base.yaml")))
+    assert sum(int(np.prod(s)) for s in ours.values()) == SDXL_VAE_PARAMS
+    for name in ("encoder.conv_in.weight", "encoder.down.0.block.0.norm1.weight",
+                 "encoder.down.0.downsample.conv.weight", "encoder.mid.attn_1.q.weight", "encoder.norm_out.weight",
+                 "decoder.up.3.upsample.conv.weight", "quant_conv.weight", "post_quant_conv.weight"):
+        assert name in ours
+
+    with torch.device("meta"):
+        ref = diffusers_vae((128, 256, 512, 512))
+    mapped = {k: tuple(v.shape) for k, v in vae_diffusers_to_sgm(ref.state_dict()).items()}
+    assert mapped == ours
