@@ -168,34 +168,46 @@ class TextualInversionDataset:
     def __len__(self):
         return len(self.items)
 
-    def example(self, index, epoch=0):
-        """Example `index` as drawn in `epoch`: {"jpg": float32 [3, res, res], "txt": str, size conditioning}."""
+    def draw(self, index, epoch=0):
+        """The random choices for example `index` in `epoch`: (crop top-left or None for centre, flipped, prompt).
+
+        Seeded by (seed, epoch, index), so a resumed run draws the same examples."""
         rng = np.random.default_rng([self.seed, epoch, index])
         item = self.items[index]
-        image = load_image(item.path)
-        original_size = (image.height, image.width)
-
-        res = self.resolution
-        width, height = resized_size(image.width, image.height, res)
         top_left = None
         if not self.center_crop:
-            top_left = (int(rng.integers(0, height - res + 1)), int(rng.integers(0, width - res + 1)))
-        image, (top, left) = resize_and_crop(image, res, top_left, self.interpolation)
-        if self.flip_p > 0 and rng.random() < self.flip_p:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            left = width - left - res  # where the crop starts in the mirrored resized image
-
+            width, height = resized_size(item.original_size[1], item.original_size[0], self.resolution)
+            top_left = (int(rng.integers(0, height - self.resolution + 1)),
+                        int(rng.integers(0, width - self.resolution + 1)))
+        flipped = bool(self.flip_p > 0 and rng.random() < self.flip_p)
         if item.caption is not None:
             prompt = item.caption.replace(self.placeholder_token, self.placeholder_text)
         else:
             prompt = self.templates[int(rng.integers(len(self.templates)))].format(self.placeholder_text)
+        return top_left, flipped, prompt
+
+    def variant(self, index, top_left=None, flipped=False):
+        """Image `index` cropped at `top_left` (None: centre) and maybe mirrored, with its SDXL size conditioning:
+        {"jpg": float32 [3, res, res], "original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple"}."""
+        image = load_image(self.items[index].path)
+        original_size = (image.height, image.width)
+        res = self.resolution
+        width, _ = resized_size(image.width, image.height, res)
+        image, (top, left) = resize_and_crop(image, res, top_left, self.interpolation)
+        if flipped:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            left = width - left - res  # where the crop starts in the mirrored resized image
         return {
             "jpg": to_array(image),
-            "txt": prompt,
             "original_size_as_tuple": original_size,
             "crop_coords_top_left": (top, left),
             "target_size_as_tuple": (res, res),
         }
+
+    def example(self, index, epoch=0):
+        """Example `index` as drawn in `epoch`: {"jpg": float32 [3, res, res], "txt": str, size conditioning}."""
+        top_left, flipped, prompt = self.draw(index, epoch)
+        return dict(self.variant(index, top_left, flipped), txt=prompt)
 
     def batch(self, draws):
         """Stack the examples of `draws` ((index, epoch) pairs, e.g. from EpochSampler) into numpy arrays."""

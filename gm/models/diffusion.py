@@ -45,18 +45,3 @@ class DiffusionEngine(nn.Cell):
         return self.first_stage_model.decode(z / self.scale_factor)
 
 
-
-class BoundDenoiser(nn.Cell):
-    """D(x, sigma | context, y), the denoiser bound to the engine's UNet and compiled as one graph.
-
-    Samplers call it once per step. (Calling `engine.denoiser(engine.model, ...)` from Python instead would
-    hand a Cell to a graph as an argument, which MindSpore recompiles on every call.)
-    """
-
-    def __init__(self, engine):
-        super().__init__()
-        self.model = engine.model
-        self.denoiser = engine.denoiser
-
-    def construct(self, x, sigma, context, y):
-        return self.denoiser(self.model, x, sigma, context, y)

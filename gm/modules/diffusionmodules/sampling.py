@@ -33,11 +33,14 @@ class BaseDiffusionSampler:
         for the stochastic samplers (default: unseeded numpy, see `randn_like_fn(seed)`); on_step(info)
         is called after each step with info = {i, num_steps, sigma, x, denoised}.
         """
-        sigmas = [float(s) for s in self.discretization(default(num_steps, self.num_steps))]
+        num_steps = default(num_steps, self.num_steps)
+        if num_steps is None:
+            raise ValueError("give num_steps to the sampler's constructor or call")
+        sigmas = [float(s) for s in self.discretization(num_steps)]
         uc = default(uc, cond)
         noise_fn = default(noise_fn, randn_like_fn())
         # unit-variance noise -> the first noise level, as sgm (variance 1 + sigma^2, the DDPM-like prior)
-        x = x * sigmas[0]
+        x = x * math.sqrt(1.0 + sigmas[0] ** 2)
 
         def model(x, sigma):
             return self.denoise(x, denoiser, sigma, cond, uc)

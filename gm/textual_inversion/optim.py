@@ -1,0 +1,59 @@
+"""The optimizer and learning-rate schedules of textual-inversion training.
+
+`AdamW` is PyTorch's (bias-corrected moments, decoupled weight decay), the optimizer diffusers' and kohya's
+textual-inversion scripts use, written as a graph-mode cell over the few learned rows; MindSpore's
+`nn.AdamWeightDecay` skips the bias correction and its fused AdamW op has no CPU kernel.
+"""
+import math
+
+import mindspore as ms
+from mindspore import Parameter, ParameterTuple, nn, ops
+
+
+class AdamW(nn.Cell):
+    """p <- p - lr * (wd * p + m_hat / (sqrt(v_hat) + eps)); moments kept in fp32 beside each parameter."""
+
+    def __init__(self, params, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2):
+        super().__init__()
+        self.params = ParameterTuple(params)
+        self.exp_avg = self.params.clone(prefix="exp_avg", init="zeros")
+        self.exp_avg_sq = self.params.clone(prefix="exp_avg_sq", init="zeros")
+        self.step = Parameter(ms.Tensor(0, ms.float32), name="adam_step", requires_grad=False)
+        self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
+
+    def construct(self, grads, lr):
+        step = self.step + 1.0
+        ops.assign(self.step, step)
+        bias_correction1 = 1.0 - ops.pow(self.beta1, step)
+        bias_correction2 = 1.0 - ops.pow(self.beta2, step)
+        for i in range(len(self.params)):
+            param, m, v, grad = self.params[i], self.exp_avg[i], self.exp_avg_sq[i], grads[i]
+            m_new = self.beta1 * m + (1.0 - self.beta1) * grad
+            v_new = self.beta2 * v + (1.0 - self.beta2) * ops.square(grad)
+            ops.assign(m, m_new)
+            ops.assign(v, v_new)
+            update = (m_new / bias_correction1) / (ops.sqrt(v_new / bias_correction2) + self.eps)
+            ops.assign(param, param * (1.0 - lr * self.weight_decay) - lr * update)
+        return step
+
+    def state_parameters(self):
+        """Everything that must be saved to resume exactly."""
+        return list(self.exp_avg) + list(self.exp_avg_sq) + [self.step]
+
+
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+def learning_rate(schedule, base_lr, step, total_steps, warmup_steps=0):
+    """The learning rate of optimizer step `step` (0-based): linear warm-up, then the schedule's decay
+    (the shapes of diffusers' `get_scheduler`)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+    if schedule != "constant" and step < warmup_steps:
+        return base_lr * step / max(1, warmup_steps)
+    if schedule in ("constant", "constant_with_warmup"):
+        return base_lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "linear":
+        return base_lr * max(0.0, 1.0 - progress)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))

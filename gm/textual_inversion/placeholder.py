@@ -1,0 +1,71 @@
+"""Placeholder tokens of textual inversion, shared by training and sampling.
+
+A learned word `<tok>` with n vectors is n new tokens `<tok>`, `<tok>_1`, ..., `<tok>_{n-1}` (diffusers'
+naming) in both SDXL text encoders; a prompt that says `<tok>` is expanded to all n before tokenization.
+"""
+import re
+
+import numpy as np
+
+
+def placeholder_tokens(token, num_vectors):
+    """[token, token_1, ..., token_{num_vectors-1}]."""
+    if not token or re.search(r"\s", token):
+        raise ValueError(f"a placeholder token must be a non-empty string without spaces, got {token!r}")
+    if num_vectors < 1:
+        raise ValueError(f"num_vectors must be at least 1, got {num_vectors}")
+    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+
+
+def expand_placeholders(prompt, num_vectors):
+    """Replace each placeholder of `num_vectors` ({token: n}) in `prompt` by its n tokens joined by spaces.
+
+    Whole tokens only, matched case-insensitively as the tokenizers lower-case prompts: with placeholders
+    "<cat>" and "<cat>2", "a <cat>2" expands "<cat>2", never "<cat>" followed by "2".
+    """
+    if not num_vectors:
+        return prompt
+    by_lower = {token.lower(): token for token in num_vectors}
+    alternatives = []
+    for token in sorted(num_vectors, key=len, reverse=True):  # longest first: a prefix never wins
+        # a token that begins or ends with a word character must not sit inside a longer word there
+        start = r"(?<!\w)" if re.match(r"\w", token) else ""
+        end = r"(?!\w)" if re.search(r"\w$", token) else ""
+        alternatives.append(start + re.escape(token) + end)
+    pattern = re.compile("|".join(alternatives), re.IGNORECASE)
+
+    def expand(match):
+        token = by_lower[match.group(0).lower()]
+        return " ".join(placeholder_tokens(token, num_vectors[token]))
+
+    return pattern.sub(expand, prompt)
+
+
+def text_embedders(conditioner):
+    """The conditioner's text embedders (those that can take new tokens), in config order."""
+    return [embedder for embedder in conditioner.embedders if hasattr(type(embedder), "add_tokens")]
+
+
+def add_placeholder_tokens(conditioner, token, rows_l, rows_g):
+    """Add the n tokens of `token` to both text embedders with initial rows [n, d1] (ViT-L) and [n, d2] (bigG).
+
+    Returns (ids_l, ids_g). Everything is checked before either embedder changes. Call it before the model is
+    first compiled: new rows change the text encoders' graphs.
+    """
+    embedders = text_embedders(conditioner)
+    if len(embedders) != 2:
+        raise ValueError(f"expected the two SDXL text embedders, found {len(embedders)}")
+    rows = [np.asarray(rows_l, np.float32), np.asarray(rows_g, np.float32)]
+    if rows[0].ndim != 2 or rows[1].ndim != 2 or rows[0].shape[0] != rows[1].shape[0]:
+        raise ValueError(f"rows must be [n, d1] and [n, d2] with the same n, got {rows[0].shape} and {rows[1].shape}")
+    tokens = placeholder_tokens(token, rows[0].shape[0])
+    for embedder, value in zip(embedders, rows):
+        width = embedder.token_embedding.weight.shape[1]
+        if value.shape[1] != width:
+            raise ValueError(f"rows of width {value.shape[1]} for {type(embedder).__name__}, whose width is {width}")
+        for t in tokens:
+            if len(embedder.tokenizer.encode(t)) == 1:
+                raise ValueError(
+                    f"placeholder token {t!r} is already in the vocabulary of {type(embedder).__name__} (a word of "
+                    "CLIP's or a token added before): pick a new string, e.g. a word in angle brackets like <my-thing>")
+    return tuple(embedder.add_tokens(tokens, value) for embedder, value in zip(embedders, rows))

@@ -1,0 +1,118 @@
+"""One textual-inversion training step, compiled as a MindSpore graph.
+
+`TextualInversionLoss` is the loss as a function of the learned rows: cached VAE latents are sampled from
+their posterior, noised at a random level, and denoised by the frozen UNet under the conditioning of a prompt
+that holds the placeholder, through both frozen text encoders. `TextualInversionTrainStep` differentiates it
+with respect to the learned rows only, accumulates micro-batches, averages across data-parallel ranks, clips,
+unscales, skips non-finite steps and applies AdamW, all inside the graph.
+"""
+import mindspore as ms
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+
+class TextualInversionLoss(nn.Cell):
+    """Mean diffusion loss of a micro-batch (sgm's StandardDiffusionLoss on latents x scale_factor)."""
+
+    def __init__(self, engine):
+        super().__init__()
+        self.conditioner = engine.conditioner
+        self.model = engine.model
+        self.denoiser = engine.denoiser
+        self.loss_fn = engine.loss_fn
+        self.scale_factor = engine.scale_factor
+
+    def construct(self, moments, latent_noise, noise, sigma_rand, *cond_inputs):
+        """moments [B, 2C, h, w]: cached VAE posterior (mean, log-variance); latent_noise, noise: N(0, I) draws
+        shaped [B, C, h, w]; sigma_rand: the sigma sampler's draw; cond_inputs: `conditioner.tokenize(batch)`."""
+        context, vector = self.conditioner(*cond_inputs)
+        channels = moments.shape[1] // 2
+        std = ops.exp(0.5 * ops.clamp(moments[:, channels:], -30.0, 20.0))
+        latents = (moments[:, :channels] + std * latent_noise) * self.scale_factor
+        return self.loss_fn(self.model, self.denoiser, latents, context, vector, noise, sigma_rand).mean()
+
+
+class ScaledLoss(nn.Cell):
+    """loss x loss_scale, so fp16 gradients do not underflow; the scale is undone before the update."""
+
+    def __init__(self, loss_net, loss_scale):
+        super().__init__()
+        self.loss_net = loss_net
+        self.loss_scale = loss_scale
+
+    def construct(self, *inputs):
+        return self.loss_net(*inputs) * self.loss_scale
+
+
+class TextualInversionTrainStep(nn.Cell):
+    """Call once per micro-batch with `apply_update` True on the last of `accumulation_steps`.
+
+    Gradients of micro-batches are averaged, so k micro-batches of size b give the update of one batch of k*b.
+    With `dynamic_loss_scale` (fp16), a step whose gradients are not finite is skipped (counted in
+    `skipped_steps`) and the scale halved; after `scale_window` good steps it doubles.
+    """
+
+    def __init__(self, loss_net, params, optimizer, accumulation_steps=1, max_grad_norm=0.0,
+                 dynamic_loss_scale=False, init_loss_scale=2.0 ** 16, scale_window=2000, world_size=1):
+        super().__init__()
+        self.params = ParameterTuple(params)
+        self.optimizer = optimizer
+        self.loss_scale = Parameter(Tensor(init_loss_scale if dynamic_loss_scale else 1.0, ms.float32),
+                                    name="loss_scale", requires_grad=False)
+        self.good_steps = Parameter(Tensor(0, ms.int32), name="good_steps", requires_grad=False)
+        self.skipped_steps = Parameter(Tensor(0, ms.int32), name="skipped_steps", requires_grad=False)
+        self.accum = self.params.clone(prefix="accum", init="zeros")
+        self.grad_fn = ms.value_and_grad(ScaledLoss(loss_net, self.loss_scale), None, self.params)
+        self.accumulation_steps = accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        self.dynamic_loss_scale = dynamic_loss_scale
+        self.scale_window = scale_window
+        self.world_size = world_size
+        self.all_reduce = ops.AllReduce() if world_size > 1 else None
+
+    def construct(self, lr, apply_update, *inputs):
+        scaled_loss, grads = self.grad_fn(*inputs)
+        for i in range(len(self.accum)):
+            ops.assign_add(self.accum[i], grads[i] / self.accumulation_steps)
+        if apply_update:
+            self._update(lr)
+        return scaled_loss / self.loss_scale
+
+    def _update(self, lr):
+        grads = []
+        for i in range(len(self.accum)):
+            grad = self.accum[i] / self.loss_scale
+            if self.all_reduce is not None:
+                grad = self.all_reduce(grad) / self.world_size
+            grads.append(grad)
+        finite = ops.isfinite(ops.stack([ops.sum(g) for g in grads])).all()
+        if finite:
+            if self.max_grad_norm > 0:
+                grads = self._clip(grads)
+            self.optimizer(grads, lr)
+        else:
+            ops.assign_add(self.skipped_steps, Tensor(1, ms.int32))
+        if self.dynamic_loss_scale:
+            self._update_loss_scale(finite)
+        for i in range(len(self.accum)):
+            ops.assign(self.accum[i], ops.zeros_like(self.accum[i]))
+
+    def _clip(self, grads):
+        """Scale all gradients by min(1, max_norm / global_norm), as torch's clip_grad_norm_."""
+        total = ops.sqrt(sum(ops.sum(ops.square(g)) for g in grads))
+        coef = ops.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+        return [g * coef for g in grads]
+
+    def _update_loss_scale(self, finite):
+        if finite:
+            good = self.good_steps + 1
+            if good >= self.scale_window:
+                ops.assign(self.loss_scale, self.loss_scale * 2.0)
+                good = good * 0
+            ops.assign(self.good_steps, good)
+        else:
+            ops.assign(self.loss_scale, ops.maximum(self.loss_scale / 2.0, 1.0))
+            ops.assign(self.good_steps, self.good_steps * 0)
+
+    def state_parameters(self):
+        """Everything besides the learned rows that must be saved to resume exactly."""
+        return self.optimizer.state_parameters() + [self.loss_scale, self.good_steps, self.skipped_steps]
