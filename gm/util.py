@@ -1,5 +1,7 @@
-"""Small helpers shared across `gm`: building objects from YAML configs and broadcasting."""
+"""Small helpers shared across `gm`: building objects from YAML configs, broadcasting, safe file writes."""
 import importlib
+import os
+import tempfile
 
 
 
@@ -28,3 +30,27 @@ def append_dims(x, target_dims):
 
 def default(value, fallback):
     return fallback if value is None else value
+
+
+def atomic_write(path, write, suffix):
+    """Run `write(tmp_path)` on a temporary file beside `path` (its name ending in `suffix`), then move it
+    over `path`. On any failure the temporary files are removed and an existing `path` is left untouched.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.tmp-", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mindspore makes checkpoints read-only
+        os.replace(tmp, path)
+    except BaseException:
+        # mindspore.save_checkpoint itself writes through "<name>.tmp"
+        for leftover in (tmp, os.path.splitext(tmp)[0] + ".tmp"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        raise
+    return path

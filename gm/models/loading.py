@@ -5,11 +5,12 @@ import sys
 
 import numpy as np
 import yaml
+import mindspore as ms
 from mindspore import Tensor
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gm.util import instantiate_from_config
+from gm.util import get_obj_from_str, instantiate_from_config
 from gm.weights.loader import WEIGHTS_HELP, WeightFileError, load_weights
 
 
@@ -35,13 +36,34 @@ def model_parameter_shapes(model_config):
     return {name: tuple(p.shape) for name, p in model.parameters_and_names()}
 
 
-def create_model(config, weight=None):
-    """Instantiate `config.model` and load `weight` into it.
+PRECISIONS = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
+
+
+def runtime_model_config(model_config, precision="fp32", recompute=False):
+    """The model config as a plain dict, with the compute dtype and recompute flag set on the UNet, the text
+    encoders and the VAE (parameters stay fp32 in every precision)."""
+    from gm.modules.encoders.modules import TextEmbedder
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    config = OmegaConf.to_container(model_config, resolve=True)
+    params = config["params"]
+    dtype = PRECISIONS[precision]
+    params["network_config"].setdefault("params", {}).update(dtype=dtype, use_recompute=recompute)
+    params["first_stage_config"].setdefault("params", {}).update(dtype=dtype)
+    for entry in params["conditioner_config"]["params"]["emb_models"]:
+        if issubclass(get_obj_from_str(entry["target"]), TextEmbedder):
+            entry.setdefault("params", {}).update(dtype=dtype, use_recompute=recompute)
+    return config
+
+
+def create_model(config, weight=None, precision="fp32", recompute=False):
+    """Instantiate `config.model` in `precision` and load `weight` into it.
 
     Without `weight`, a config marked `requires_weights` (the real SDXL) refuses to run; a small config
     runs from random initial weights, which is said loudly.
     """
-    model = instantiate_from_config(config.model)
+    model = instantiate_from_config(runtime_model_config(config.model, precision, recompute))
     if weight:
         load_weights(model, weight)
         print(f"Loaded weights from {weight}")
@@ -50,7 +72,7 @@ def create_model(config, weight=None):
     else:
         randomize_zero_initialized(model)
         print("!" * 88 + "\n!! No --weight given: this model runs from RANDOM initial weights. Its images are noise"
-            "\n!! until trained; use it to try the machinery, not for pictures.\n" + "!" * 88, file=sys.stderr)
+              "\n!! until trained; use it to try the machinery, not for pictures.\n" + "!" * 88, file=sys.stderr)
     model.set_train(False)
     return model
 

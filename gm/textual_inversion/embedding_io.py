@@ -14,13 +14,14 @@ import dataclasses
 import json
 import os
 import struct
-import tempfile
 
 import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 
 import mindspore as ms
+
+from gm.util import atomic_write
 
 DIFFUSERS_FILES = ("learned_embeds.safetensors", "learned_embeds_2.safetensors")
 FORMATS = ("ckpt", "safetensors", "diffusers")
@@ -63,32 +64,8 @@ def _rows(clip_l, clip_g, source):
 
 # ---------------------------------------------------------------------------------------------- writing
 
-def _atomic_write(path, write, suffix):
-    """Run `write(tmp_path)` on a temporary file beside `path` (its name ending in `suffix`), then move it
-    over `path`. On any failure the temporary files are removed and an existing `path` is left untouched.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    stem = os.path.splitext(os.path.basename(path))[0]
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.tmp-", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mindspore makes checkpoints read-only
-        os.replace(tmp, path)
-    except BaseException:
-        # mindspore.save_checkpoint itself writes through "<name>.tmp"
-        for leftover in (tmp, os.path.splitext(tmp)[0] + ".tmp"):
-            if os.path.exists(leftover):
-                os.remove(leftover)
-        raise
-    return path
-
-
 def _write_safetensors(path, tensors, metadata):
-    _atomic_write(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata=metadata), ".safetensors")
+    atomic_write(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata=metadata), ".safetensors")
 
 
 def _check_ckpt_name(path):
@@ -100,7 +77,7 @@ def _write_ckpt(path, clip_l, clip_g, token):
     params = [{"name": "clip_l", "data": ms.Tensor(clip_l)}, {"name": "clip_g", "data": ms.Tensor(clip_g)}]
     extras = {"token": token, "num_vectors": int(clip_l.shape[0])}
     # mindspore appends ".ckpt" to a name without it: the temporary name must end with it
-    _atomic_write(path, lambda tmp: ms.save_checkpoint(params, tmp, append_dict=extras, crc_check=True), ".ckpt")
+    atomic_write(path, lambda tmp: ms.save_checkpoint(params, tmp, append_dict=extras, crc_check=True), ".ckpt")
 
 
 def save_embedding(path, clip_l, clip_g, token, format=None):

@@ -28,7 +28,7 @@ class AbstractEmbModel(nn.Cell):
         raise NotImplementedError
 
 
-class _TextEmbedder(AbstractEmbModel):
+class TextEmbedder(AbstractEmbModel):
     """A CLIP text encoder with its tokenizer; both know the textual-inversion tokens added with `add_tokens`."""
 
     def preprocess(self, texts):
@@ -50,7 +50,7 @@ class _TextEmbedder(AbstractEmbModel):
         return ids
 
 
-class FrozenCLIPEmbedder(_TextEmbedder):
+class FrozenCLIPEmbedder(TextEmbedder):
     """CLIP ViT-L/14 text encoder (sgm's HF-based embedder): tokens [B, 77] -> [B, 77, width].
 
     layer: "last" (final hidden state, normed), "pooled" (normed state at EOS, [B, 1, width]) or "hidden"
@@ -88,7 +88,7 @@ class FrozenCLIPEmbedder(_TextEmbedder):
         return z
 
 
-class FrozenOpenCLIPEmbedder2(_TextEmbedder):
+class FrozenOpenCLIPEmbedder2(TextEmbedder):
     """OpenCLIP ViT-bigG/14 text encoder (sgm's embedder of the same name): tokens [B, 77] -> [B, 77, width].
 
     layer: "last" or "penultimate" hidden state. legacy=True passes it through `ln_final`; legacy=False returns
@@ -170,6 +170,15 @@ class GeneralConditioner(nn.Cell):
                     param.requires_grad = False
             embedders.append(embedder)
         self.embedders = nn.CellList(embedders)
+
+    def text_embedders(self):
+        """The embedders that read the prompt (and can learn new tokens), in config order."""
+        return [self.embedders[i] for i in range(len(self.embedders)) if isinstance(self.embedders[i], TextEmbedder)]
+
+    def learned_embeddings(self):
+        """The trainable rows of added tokens, one Parameter per text encoder that has any."""
+        return [e.token_embedding.new_embeddings for e in self.text_embedders()
+                if e.token_embedding.new_embeddings is not None]
 
     def tokenize(self, batch, force_zero_embeddings=None):
         """Host side: batch dict -> (one Tensor per embedder ..., keep [B, n_embedders] float32).

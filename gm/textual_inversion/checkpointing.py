@@ -1,0 +1,126 @@
+"""What a training run writes, and reads back to resume.
+
+Under `--save_path`:
+- `SD-XL-base-1.0_<step>_ti.ckpt` and `<name>_<step>.safetensors`: the learned rows at a step (our MindSpore
+  checkpoint, and the SDXL community format {"clip_l", "clip_g"}); at the end the same without `_<step>`;
+- `train_state/step_<step>/`: everything needed to continue exactly (learned rows, optimizer moments, loss
+  scale, step and data order; the noise is a function of seed and step), and `train_state/latest`, naming the newest complete one.
+
+Every file is written under a temporary name and renamed, and `latest` moves only after a state folder is
+complete, so a run killed at any moment leaves its last checkpoint loadable.
+"""
+import glob
+import json
+import os
+import re
+import shutil
+
+import mindspore as ms
+
+from gm.textual_inversion.embedding_io import save_embedding
+from gm.util import atomic_write
+
+MODEL_NAME = "SD-XL-base-1.0"
+STATE_DIR = "train_state"
+STATE_KEEP = 2  # newest complete training states kept; older ones are pruned
+
+
+class ResumeError(ValueError):
+    """A training state that cannot be resumed from; the message says why."""
+
+
+def embedding_name(token):
+    """A file-name-safe name for a placeholder: "<cat-toy>" -> "cat-toy"."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", token).strip("._-")
+    return name or "embedding"
+
+
+def embedding_paths(save_path, token, step=None):
+    """(our .ckpt, community .safetensors) paths for `step`, or the final ones when step is None."""
+    suffix = "" if step is None else f"_{step}"
+    return (os.path.join(save_path, f"{MODEL_NAME}{suffix}_ti.ckpt"),
+            os.path.join(save_path, f"{embedding_name(token)}{suffix}.safetensors"))
+
+
+def save_learned_embeddings(save_path, token, rows_l, rows_g, step=None, max_num_ckpt=None):
+    """Write the learned rows in both formats; keep at most `max_num_ckpt` step-numbered pairs."""
+    paths = embedding_paths(save_path, token, step)
+    for path in paths:
+        save_embedding(path, rows_l, rows_g, token)
+    if step is not None and max_num_ckpt:
+        steps = sorted(_numbered_steps(save_path, token))
+        for old in steps[:-max_num_ckpt]:
+            for path in embedding_paths(save_path, token, old):
+                if os.path.exists(path):
+                    os.remove(path)
+    return paths
+
+
+def _numbered_steps(save_path, token):
+    pattern = re.compile(re.escape(MODEL_NAME) + r"_(\d+)_ti\.ckpt$")
+    for path in glob.glob(os.path.join(save_path, f"{MODEL_NAME}_*_ti.ckpt")):
+        match = pattern.search(os.path.basename(path))
+        if match:
+            yield int(match.group(1))
+
+
+# ---------------------------------------------------------------------------------------------- train state
+
+
+def save_train_state(save_path, step, parameters, host_state):
+    """Write `parameters` (MindSpore Parameters: learned rows and optimizer state) and `host_state` (JSON:
+    step, data order, run identity) as `train_state/step_<step>/`, then point `latest` at it."""
+    root = os.path.join(save_path, STATE_DIR)
+    final = os.path.join(root, f"step_{step:08d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    ms.save_checkpoint([{"name": p.name, "data": ms.Tensor(p.asnumpy())} for p in parameters],
+                       os.path.join(tmp, "state.ckpt"))
+    with open(os.path.join(tmp, "host_state.json"), "w") as f:
+        json.dump(dict(host_state, step=step), f)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    atomic_write(os.path.join(root, "latest"), lambda p: _write_text(p, os.path.basename(final)), ".txt")
+    for old in sorted(glob.glob(os.path.join(root, "step_*[0-9]")))[:-STATE_KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_text(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def find_train_state(save_path, resume):
+    """The state folder `--resume` names: "latest" (under save_path) or a path to a state folder."""
+    if resume == "latest":
+        latest = os.path.join(save_path, STATE_DIR, "latest")
+        if not os.path.isfile(latest):
+            raise ResumeError(f"--resume latest: no training state in {save_path} (no {STATE_DIR}/latest).")
+        with open(latest) as f:
+            return os.path.join(save_path, STATE_DIR, f.read().strip())
+    if os.path.isfile(os.path.join(resume, "host_state.json")):
+        return resume
+    raise ResumeError(f"--resume {resume}: not a training state folder (expected {STATE_DIR}/step_<n>/ "
+                      "holding host_state.json and state.ckpt).")
+
+
+def load_train_state(state_dir, parameters, identity):
+    """Check the state belongs to a run like this one, copy it into `parameters`; returns the host state."""
+    try:
+        with open(os.path.join(state_dir, "host_state.json")) as f:
+            host_state = json.load(f)
+        saved = ms.load_checkpoint(os.path.join(state_dir, "state.ckpt"))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ResumeError(f"{state_dir}: training state unreadable ({str(e).splitlines()[0]}).") from None
+    differences = [f"{key}: saved {host_state['identity'].get(key)!r}, now {value!r}"
+                   for key, value in identity.items() if host_state["identity"].get(key) != value]
+    if differences:
+        raise ResumeError(f"{state_dir} is from a different run and cannot be resumed:\n  " + "\n  ".join(differences))
+    for param in parameters:
+        if param.name not in saved or tuple(saved[param.name].shape) != tuple(param.shape):
+            raise ResumeError(f"{state_dir}: state.ckpt lacks {param.name} {tuple(param.shape)}.")
+        param.set_data(ms.Tensor(saved[param.name].asnumpy(), param.dtype))
+    return host_state
+

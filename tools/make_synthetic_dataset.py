@@ -1,0 +1,79 @@
+"""Draw the project's own small training set: one distinctive toy on varied backgrounds.
+
+    python tools/make_synthetic_dataset.py --out datasets/synthetic_toy --num_images 8 --size 256
+
+The toy is always the same (a red star with a yellow ring and a blue cap); its position, size, rotation and the
+background (plain, gradient, stripes, checks, dots) vary, as in a real textual-inversion set, so the only thing
+common to every image is the object to be learned. Deterministic for a given --seed.
+"""
+import argparse
+import math
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def background(rng, size):
+    kind = rng.choice(["plain", "gradient", "stripes", "checks", "dots"])
+    base = tuple(int(c) for c in rng.integers(60, 230, 3))
+    other = tuple(int(c) for c in rng.integers(60, 230, 3))
+    image = Image.new("RGB", (size, size), base)
+    draw = ImageDraw.Draw(image)
+    if kind == "gradient":
+        for y in range(size):
+            t = y / (size - 1)
+            draw.line([(0, y), (size, y)], fill=tuple(int(a + (b - a) * t) for a, b in zip(base, other)))
+    elif kind == "stripes":
+        width = int(rng.integers(size // 16, size // 6))
+        for x in range(-size, size * 2, 2 * width):
+            draw.polygon([(x, 0), (x + width, 0), (x + width - size, size), (x - size, size)], fill=other)
+    elif kind == "checks":
+        cell = int(rng.integers(size // 10, size // 4))
+        for i in range(0, size, cell):
+            for j in range(0, size, cell):
+                if (i // cell + j // cell) % 2:
+                    draw.rectangle([i, j, i + cell, j + cell], fill=other)
+    elif kind == "dots":
+        for _ in range(40):
+            x, y, r = rng.integers(0, size, 2).tolist() + [int(rng.integers(size // 40, size // 12))]
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=other)
+    return image
+
+
+def draw_toy(image, rng):
+    size = image.width
+    draw = ImageDraw.Draw(image)
+    radius = size * rng.uniform(0.22, 0.34)
+    cx, cy = (size * rng.uniform(0.35, 0.65) for _ in range(2))
+    angle = rng.uniform(0, 2 * math.pi)
+    ring = radius * 1.15
+    draw.ellipse([cx - ring, cy - ring, cx + ring, cy + ring], outline=(250, 210, 20), width=max(2, size // 40))
+    star = []
+    for k in range(10):  # a five-pointed star
+        r = radius if k % 2 == 0 else radius * 0.45
+        a = angle + k * math.pi / 5
+        star.append((cx + r * math.cos(a), cy + r * math.sin(a)))
+    draw.polygon(star, fill=(210, 30, 40), outline=(90, 10, 20))
+    cap = radius * 0.3
+    draw.ellipse([cx - cap, cy - cap, cx + cap, cy + cap], fill=(30, 70, 200))
+    return image
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="datasets/synthetic_toy", help="output folder (default: %(default)s)")
+    parser.add_argument("--num_images", type=int, default=8, help="how many images (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=256, help="side in pixels (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    for i in range(args.num_images):
+        image = draw_toy(background(rng, args.size), rng)
+        image.save(os.path.join(args.out, f"toy_{i:02d}.png"))
+    print(f"Wrote {args.num_images} images to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
