@@ -37,7 +37,7 @@ from gm.textual_inversion.latent_cache import TrainingLatents
 from gm.textual_inversion.loss_log import LossLog
 from gm.textual_inversion.optim import SCHEDULES, AdamW, learning_rate
 from gm.textual_inversion.placeholder import (
-    PlaceholderError, add_placeholder_tokens, expand_placeholders, initial_rows,
+    PlaceholderError, add_placeholder_tokens, expand_placeholders, initial_rows, placeholder_tokens,
 )
 from gm.textual_inversion.train_step import TextualInversionLoss, TextualInversionTrainStep
 from gm.weights.loader import WeightFileError, weight_format
@@ -202,7 +202,8 @@ def main(args):
     init_rng = np.random.RandomState(args.seed)
     rows = [initial_rows(embedder, args.initializer_token, args.num_vectors, init_rng)
             for embedder in model.conditioner.text_embedders()]
-    tokens, _ = add_placeholder_tokens(model.conditioner, args.placeholder_token, *rows)
+    add_placeholder_tokens(model.conditioner, args.placeholder_token, *rows)
+    tokens = placeholder_tokens(args.placeholder_token, args.num_vectors)
     learned = model.conditioner.learned_embeddings()
 
     # ---- latents of the training images, encoded once

@@ -1,4 +1,4 @@
-"""Test-wide setup: MindSpore in graph mode on the CPU, the mode users run in."""
+"""Test-wide setup: MindSpore in graph mode on the CPU, the mode users run in, and the tiny reference SDXL."""
 import os
 import sys
 
@@ -15,3 +15,11 @@ ms.set_device("CPU")
 @pytest.fixture(scope="session")
 def root():
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """The tiny PyTorch reference SDXL (tests/reference.py), written once as a diffusers folder and a single file."""
+    from reference import write_tiny_sdxl  # torch and diffusers load only for the tests that use them
+
+    return write_tiny_sdxl(str(tmp_path_factory.mktemp("tiny_sdxl")))

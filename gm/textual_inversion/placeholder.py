@@ -8,6 +8,10 @@ import re
 import numpy as np
 
 
+class PlaceholderError(ValueError):
+    """A placeholder or initializer word that cannot be used; the message says why."""
+
+
 def placeholder_tokens(token, num_vectors):
     """[token, token_1, ..., token_{num_vectors-1}]."""
     if not token or re.search(r"\s", token):
@@ -65,7 +69,23 @@ def add_placeholder_tokens(conditioner, token, rows_l, rows_g):
             raise ValueError(f"rows of width {value.shape[1]} for {type(embedder).__name__}, whose width is {width}")
         for t in tokens:
             if len(embedder.tokenizer.encode(t)) == 1:
-                raise ValueError(
+                raise PlaceholderError(
                     f"placeholder token {t!r} is already in the vocabulary of {type(embedder).__name__} (a word of "
                     "CLIP's or a token added before): pick a new string, e.g. a word in angle brackets like <my-thing>")
     return tuple(embedder.add_tokens(tokens, value) for embedder, value in zip(embedders, rows))
+
+
+def initial_rows(embedder, initializer_token, num_vectors, rng):
+    """Starting rows [num_vectors, width] for one text embedder: the initializer word's embedding in every row,
+    or, without one, small random vectors (normal, with the spread of the embedder's own table)."""
+    table = embedder.token_embedding.weight
+    if initializer_token:
+        ids = embedder.tokenizer.encode(initializer_token)
+        if len(ids) != 1:
+            raise PlaceholderError(
+                f"--initializer_token {initializer_token!r} is not a single word of the vocabulary (it splits into "
+                f"{len(ids)} tokens): pick one common word, e.g. 'toy' or 'painting'.")
+        row = table[ids[0]].asnumpy()
+        return np.repeat(row[None].astype(np.float32), num_vectors, axis=0)
+    std = float(table.asnumpy().std())
+    return rng.normal(0.0, std, (num_vectors, table.shape[1])).astype(np.float32)

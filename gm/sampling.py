@@ -1,0 +1,286 @@
+"""SDXL text-to-image and image-to-image sampling with learned words: the one pipeline behind
+`demo/sampling_without_streamlit.py`, the streamlit app `demo/sampling.py` and the trainer's periodic samples.
+
+sgm's SDXL conventions: the sampler walks `steps` sigmas of the DDPM schedule (LegacyDDPMDiscretization);
+classifier-free guidance (VanillaCFG) takes the negative prompt as the unconditional prompt, whose text
+embeddings are zeros when it is empty (sgm's force_uc_zero_embeddings=["txt"], diffusers'
+force_zeros_for_empty_prompt); size conditioning says original = target = (H, W), crop (0, 0).
+"""
+import warnings
+
+import numpy as np
+from mindspore import Tensor, nn
+from PIL import Image, UnidentifiedImageError
+
+from gm.models.loading import create_model, load_config
+from gm.modules.diffusionmodules.denoiser import BoundDenoiser
+from gm.modules.diffusionmodules.discretizer import Img2ImgDiscretizationWrapper
+from gm.modules.diffusionmodules.openaimodel import Downsample
+from gm.modules.diffusionmodules.sampling_utils import img2img_noised_input, randn_like_fn
+from gm.textual_inversion.embedding_io import check_widths, load_embedding
+from gm.textual_inversion.placeholder import (add_placeholder_tokens, expand_placeholders, placeholder_tokens,
+                                              text_embedders)
+from gm.util import instantiate_from_config
+from gm.weights.loader import WEIGHTS_HELP, WeightFileError, weight_format
+
+SAMPLERS = {  # name -> sampler class in gm.modules.diffusionmodules.sampling
+    "EulerEDM": "EulerEDMSampler",
+    "EulerAncestral": "EulerAncestralSampler",
+    "HeunEDM": "HeunEDMSampler",
+    "DPMPP2M": "DPMPP2MSampler",
+    "DPMPP2SAncestral": "DPMPP2SAncestralSampler",
+    "LinearMultistep": "LinearMultistepSampler",
+}
+DISCRETIZATION = {"target": "gm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"}
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class SamplingError(ValueError):
+    """A request the model cannot carry out (size, sampler, steps, image, embedding); the message says why."""
+
+
+class PlaceholderWarning(UserWarning):
+    """A prompt that uses none of the learned words loaded into the sampler."""
+
+
+def build_engine(config_path, weight=None, precision="fp32"):
+    """The DiffusionEngine of a config file with its weights, in inference mode.
+
+    Missing weights are reported before the model is built (the full SDXL takes 14 GB to build).
+    `precision` (fp32 / fp16 / bf16) is the UNet's compute dtype; the VAE stays fp32 (SDXL's VAE
+    overflows in fp16) and so do the text encoders.
+    """
+    config = load_config(config_path)
+    if weight:
+        weight_format(weight)  # raises WeightFileError for a missing or unknown file
+    elif config.model.params.get("requires_weights", True):
+        raise WeightFileError(f"{config_path} needs the SDXL weights, and none were given. {WEIGHTS_HELP}")
+    if precision not in PRECISIONS:
+        raise SamplingError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    config.model.params.network_config.params.dtype = PRECISIONS[precision]
+    return create_model(config, weight)
+
+
+def image_size_multiple(engine):
+    """H and W must be multiples of this: the VAE's downsampling factor times the UNet's (32 for SDXL)."""
+    vae = 2 ** (engine.first_stage_model.encoder.num_resolutions - 1)
+    unet = 2 ** sum(isinstance(cell, Downsample) for _, cell in engine.model.diffusion_model.cells_and_names())
+    return vae * unet
+
+
+def load_image(image, height, width):
+    """A path, PIL image or uint8 array -> uint8 [height, width, 3]: scaled to cover the size, centre-cropped."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    elif not isinstance(image, Image.Image):
+        try:
+            with Image.open(image) as f:
+                image = f.convert("RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            raise SamplingError(f"cannot read the image {image}: {e}") from None
+    image = image.convert("RGB")
+    scale = max(width / image.width, height / image.height)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    image = image.resize(size, Image.LANCZOS)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    return np.asarray(image.crop((left, top, left + width, top + height)), np.uint8)
+
+
+def to_uint8(images):
+    """Decoded images [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]."""
+    images = np.clip((np.asarray(images, np.float32) + 1.0) / 2.0, 0.0, 1.0)
+    return np.round(images * 255.0).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+class LatentEncoder(nn.Cell):
+    """Image [B, 3, H, W] in [-1, 1] -> latents, compiled as one graph."""
+
+    def __init__(self, engine):
+        super().__init__()
+        self.engine = engine
+
+    def construct(self, x):
+        return self.engine.encode_first_stage(x)
+
+
+class LatentDecoder(nn.Cell):
+    """Latents -> images [B, 3, H, W] in [-1, 1], compiled as one graph."""
+
+    def __init__(self, engine):
+        super().__init__()
+        self.engine = engine
+
+    def construct(self, z):
+        return self.engine.decode_first_stage(z)
+
+
+class TextConditioner(nn.Cell):
+    """The conditioner compiled as a graph of its own. A new one is made after placeholder tokens are added:
+    a graph compiled before keeps the old token tables."""
+
+    def __init__(self, conditioner):
+        super().__init__()
+        self.conditioner = conditioner
+
+    def construct(self, *inputs):
+        return self.conditioner(*inputs)
+
+
+class SDXLSampler:
+    """Images from prompts with an engine (`gm.models.diffusion.DiffusionEngine`) and learned words.
+
+    placeholders: {token: num_vectors} of tokens already added to the engine's text encoders (the trainer's);
+    `load_embedding` adds more. Prompts are expanded (`<tok>` -> `<tok> <tok>_1 ...`) before tokenization.
+    Keep one sampler per engine: its compiled graphs (conditioner, denoiser, VAE) are reused across calls.
+    """
+
+    def __init__(self, engine, placeholders=None):
+        self.engine = engine
+        self.placeholders = dict(placeholders or {})
+        self.embeddings = {}  # token -> the LearnedEmbedding loaded for it here
+        self.size_multiple = image_size_multiple(engine)
+        self.latent_channels = engine.first_stage_model.embed_dim
+        self.latent_factor = 2 ** (engine.first_stage_model.encoder.num_resolutions - 1)
+        self.denoiser = BoundDenoiser(engine.denoiser, engine.model)
+        self.encoder, self.decoder = LatentEncoder(engine), LatentDecoder(engine)
+        self.conditioner = TextConditioner(engine.conditioner)
+
+    # ------------------------------------------------------------------------------------------ embeddings
+
+    def load_embedding(self, path, token=None):
+        """Read an embedding file (any format of `gm.textual_inversion.embedding_io`) and add it; its token
+        is the stored one unless `token` is given. Returns the LearnedEmbedding."""
+        embedding = load_embedding(path, token)
+        self.add_embedding(embedding)
+        return embedding
+
+    def add_embedding(self, embedding):
+        """Make `embedding.token` mean these rows in both text encoders.
+
+        A token this sampler already knows with the same number of vectors gets its rows overwritten (a newer
+        embedding of the same word); a new token is added to the vocabularies.
+        """
+        embedders = text_embedders(self.engine.conditioner)
+        check_widths(embedding, *(e.token_embedding.weight.shape[1] for e in embedders))
+        token, n = embedding.token, embedding.num_vectors
+        if token in self.placeholders:
+            if self.placeholders[token] != n:
+                raise SamplingError(
+                    f"{embedding.source}: token {token!r} is already loaded with {self.placeholders[token]} vectors, "
+                    f"this embedding has {n}; give it another token")
+            for embedder, rows in zip(embedders, (embedding.clip_l, embedding.clip_g)):
+                table = embedder.token_embedding
+                ids = np.array(embedder.tokenizer.convert_tokens_to_ids(placeholder_tokens(token, n)))
+                new_rows = table.get_new_embeddings()
+                new_rows[ids - table.vocab_size] = rows
+                table.set_new_embeddings(new_rows)
+        else:
+            try:
+                add_placeholder_tokens(self.engine.conditioner, token, embedding.clip_l, embedding.clip_g)
+            except ValueError as e:
+                raise SamplingError(f"{embedding.source}: {e}") from None
+            self.placeholders[token] = n
+            self.conditioner = TextConditioner(self.engine.conditioner)  # recompiled with the new tokens
+        self.embeddings[token] = embedding
+
+    def prompts_without_placeholders(self, prompts):
+        """The prompts that use none of the loaded learned words (all of them count when none is loaded: [])."""
+        if not self.placeholders:
+            return []
+        return [p for p in prompts if expand_placeholders(p, self.placeholders) == p]
+
+    # ------------------------------------------------------------------------------------------ conditioning
+
+    def _size_batch(self, prompt, height, width):
+        return {"txt": [expand_placeholders(prompt, self.placeholders)],
+                "original_size_as_tuple": np.array([[height, width]], np.float32),
+                "crop_coords_top_left": np.zeros((1, 2), np.float32),
+                "target_size_as_tuple": np.array([[height, width]], np.float32)}
+
+    def encode_prompt(self, prompt, negative_prompt, height, width):
+        """(c, uc): conditioning dicts {"crossattn", "vector"} of the prompt and of the negative prompt, one batch."""
+        tokenize = self.engine.conditioner.tokenize
+        c_inputs = tokenize(self._size_batch(prompt, height, width))
+        zero_txt = None if negative_prompt.strip() else ["txt"]
+        uc_inputs = tokenize(self._size_batch(negative_prompt, height, width), force_zero_embeddings=zero_txt)
+        inputs = [Tensor(np.concatenate([u.asnumpy(), c.asnumpy()])) for u, c in zip(uc_inputs, c_inputs)]
+        crossattn, vector = self.conditioner(*inputs)
+        return ({"crossattn": crossattn[1:], "vector": vector[1:]},
+                {"crossattn": crossattn[:1], "vector": vector[:1]})
+
+    # ------------------------------------------------------------------------------------------ sampling
+
+    def make_sampler(self, sampler, steps, guidance_scale, strength=None):
+        """A sampler by name (SAMPLERS) with VanillaCFG; img2img (`strength`) prunes its schedule."""
+        if sampler not in SAMPLERS:
+            raise SamplingError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if not 1 <= steps <= 1000:
+            raise SamplingError(f"steps must lie in [1, 1000], got {steps}")
+        config = {"target": f"gm.modules.diffusionmodules.sampling.{SAMPLERS[sampler]}",
+                  "params": {"discretization_config": DISCRETIZATION, "num_steps": steps,
+                             "guider_config": {"target": "gm.modules.diffusionmodules.guiders.VanillaCFG",
+                                               "params": {"scale": float(guidance_scale)}}}}
+        sampler = instantiate_from_config(config)
+        if strength is not None:
+            sampler.discretization = Img2ImgDiscretizationWrapper(sampler.discretization, strength)
+        return sampler
+
+    def sample_latents(self, c, uc, sampler, height, width, seed, init_latents=None, on_step=None):
+        """Latents [1, C, H/f, W/f] from one seed: numpy RandomState(seed) draws the initial noise, then any
+        noise a stochastic sampler adds. `init_latents` (img2img): clean latents noised to the first sigma."""
+        noise_fn = randn_like_fn(seed)
+        shape = (1, self.latent_channels, height // self.latent_factor, width // self.latent_factor)
+        x = noise_fn(Tensor(np.zeros(shape, np.float32)))
+        if init_latents is not None:
+            x = img2img_noised_input(init_latents, x, float(sampler.discretization(sampler.num_steps)[0]))
+        return sampler(self.denoiser.denoise, x, c, uc, noise_fn=noise_fn, on_step=on_step)
+
+    def check_size(self, height, width):
+        m = self.size_multiple
+        if height < m or width < m or height % m or width % m:
+            raise SamplingError(f"H and W must be positive multiples of {m} for this model (VAE and UNet "
+                                f"downsampling), got H={height}, W={width}")
+
+    def generate(self, prompts, negative_prompt="", sampler="EulerEDM", steps=40, guidance_scale=5.0,
+                 height=1024, width=1024, seed=0, num_images=1, init_image=None, strength=0.75,
+                 progress=None, on_image=None):
+        """Images for each prompt: a list of uint8 arrays [H, W, 3], prompt by prompt, `num_images` each.
+
+        The j-th image of every prompt uses seed + j, so the same arguments give the same images.
+        init_image: None (txt2img) or a path / PIL image / uint8 array for img2img, which keeps the last
+        `strength` fraction of the schedule (1.0: start from pure noise). progress(done, total) is called
+        after every sampler step, on_image(index, image) after every image.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise SamplingError("no prompt given")
+        if num_images < 1:
+            raise SamplingError(f"num_images must be at least 1, got {num_images}")
+        if not 0 <= seed <= 2**32 - num_images:
+            raise SamplingError(f"seed must lie in [0, {2**32 - num_images}] for {num_images} images, got {seed}")
+        self.check_size(height, width)
+        sampler = self.make_sampler(sampler, steps, guidance_scale, None if init_image is None else strength)
+        for prompt in self.prompts_without_placeholders(prompts):
+            warnings.warn(f"the prompt {prompt!r} uses none of the learned words {', '.join(self.placeholders)}",
+                          PlaceholderWarning, stacklevel=2)
+        init_latents = None
+        if init_image is not None:
+            pixels = load_image(init_image, height, width).astype(np.float32) / 127.5 - 1.0
+            init_latents = self.encoder(Tensor(pixels.transpose(2, 0, 1)[None]))
+
+        steps_per_image = len(sampler.discretization(steps)) - 1
+        total, images = len(prompts) * num_images * steps_per_image, []
+        for prompt in prompts:
+            c, uc = self.encode_prompt(prompt, negative_prompt, height, width)
+            for j in range(num_images):
+                done = len(images) * steps_per_image
+
+                def on_step(info, done=done):
+                    if progress is not None:
+                        progress(done + info["i"] + 1, total)
+
+                z = self.sample_latents(c, uc, sampler, height, width, seed + j, init_latents, on_step)
+                images.append(to_uint8(self.decoder(z).asnumpy())[0])
+                if on_image is not None:
+                    on_image(len(images) - 1, images[-1])
+        return images
