@@ -6,11 +6,13 @@ classifier-free guidance (VanillaCFG) takes the negative prompt as the unconditi
 embeddings are zeros when it is empty (sgm's force_uc_zero_embeddings=["txt"], diffusers'
 force_zeros_for_empty_prompt); size conditioning says original = target = (H, W), crop (0, 0).
 """
+import io
 import warnings
 
 import numpy as np
 from mindspore import Tensor, nn
 from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 
 from gm.models.loading import create_model, load_config
 from gm.modules.diffusionmodules.denoiser import BoundDenoiser
@@ -18,9 +20,8 @@ from gm.modules.diffusionmodules.discretizer import Img2ImgDiscretizationWrapper
 from gm.modules.diffusionmodules.openaimodel import Downsample
 from gm.modules.diffusionmodules.sampling_utils import img2img_noised_input, randn_like_fn
 from gm.textual_inversion.embedding_io import check_widths, load_embedding
-from gm.textual_inversion.placeholder import (add_placeholder_tokens, expand_placeholders, placeholder_tokens,
-                                              text_embedders)
-from gm.util import instantiate_from_config
+from gm.textual_inversion.placeholder import add_placeholder_tokens, expand_placeholders, placeholder_tokens
+from gm.util import atomic_write, instantiate_from_config
 from gm.weights.loader import WEIGHTS_HELP, WeightFileError, weight_format
 
 SAMPLERS = {  # name -> sampler class in gm.modules.diffusionmodules.sampling
@@ -92,6 +93,37 @@ def to_uint8(images):
     return np.round(images * 255.0).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
+def png_bytes(image, metadata=None):
+    """A uint8 image [H, W, 3] as PNG bytes, with `metadata` {key: value} as its text chunks."""
+    info = PngInfo()
+    for key, value in (metadata or {}).items():
+        info.add_text(key, str(value))
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def save_png(path, image, metadata=None):
+    """Write a uint8 image [H, W, 3] as a PNG with text metadata, atomically (never a half-written file)."""
+    data = png_bytes(image, metadata)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    return atomic_write(path, write, ".png")
+
+
+def make_grid(images, num_rows, num_cols):
+    """uint8 images [H, W, 3], row by row -> one uint8 image [rows H, cols W, 3] (missing cells stay black)."""
+    h, w, _ = images[0].shape
+    grid = np.zeros((num_rows * h, num_cols * w, 3), np.uint8)
+    for k, image in enumerate(images[:num_rows * num_cols]):
+        row, col = divmod(k, num_cols)
+        grid[row * h:(row + 1) * h, col * w:(col + 1) * w] = image
+    return grid
+
+
 class LatentEncoder(nn.Cell):
     """Image [B, 3, H, W] in [-1, 1] -> latents, compiled as one graph."""
 
@@ -160,7 +192,7 @@ class SDXLSampler:
         A token this sampler already knows with the same number of vectors gets its rows overwritten (a newer
         embedding of the same word); a new token is added to the vocabularies.
         """
-        embedders = text_embedders(self.engine.conditioner)
+        embedders = self.engine.conditioner.text_embedders()
         check_widths(embedding, *(e.token_embedding.weight.shape[1] for e in embedders))
         token, n = embedding.token, embedding.num_vectors
         if token in self.placeholders:

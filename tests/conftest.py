@@ -23,3 +23,13 @@ def tiny_sdxl(tmp_path_factory):
     from reference import write_tiny_sdxl  # torch and diffusers load only for the tests that use them
 
     return write_tiny_sdxl(str(tmp_path_factory.mktemp("tiny_sdxl")))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_sdxl):
+    """The tiny DiffusionEngine loaded from the reference's diffusers folder, shared so that each of its graphs
+    (UNet, VAE encoder, decoder) compiles once per session."""
+    from gm.models.loading import create_model, load_config
+
+    return create_model(load_config(os.path.join(ROOT, "configs", "inference", "sd_xl_tiny.yaml")),
+                        weight=tiny_sdxl.diffusers_folder)

@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 from diffusers.models.embeddings import Timesteps
 from safetensors.numpy import load_file, save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from gm.modules.encoders.tokenizer import clip_vocab_and_merges
 from gm.weights.diffusers_clip import clip_g_diffusers_to_sgm, clip_l_diffusers_to_sgm
@@ -127,6 +127,11 @@ class TinySDXL:
         name = "model.safetensors" if component.startswith("text") else "diffusion_pytorch_model.safetensors"
         return load_file(os.path.join(folder, name))
 
+    def token_ids(self, prompts):
+        """(ids, ids_2) [B, 77] from transformers' CLIPTokenizer reading the folder's tokenizer/ and tokenizer_2/."""
+        return tuple(hf_ids(CLIPTokenizer.from_pretrained(os.path.join(self.diffusers_folder, sub)), prompts)
+                     for sub in ("tokenizer", "tokenizer_2"))
+
 
 def write_tiny_sdxl(folder, seed=0):
     """Build the tiny reference with seeded random weights and write it as `folder`/diffusers (model_index.json,
@@ -150,7 +155,9 @@ def write_tiny_sdxl(folder, seed=0):
                     single_file=os.path.join(folder, "sd_xl_tiny.safetensors"))
     single = {POSITION_IDS: np.arange(77, dtype=np.int64)[None], LOGIT_SCALE: np.array(np.log(100.0), np.float16)}
     for name, (_, prefix, to_sgm) in COMPONENTS.items():
-        single.update({prefix + k: v.astype(np.float16) for k, v in to_sgm(tiny.diffusers_state(name)).items()})
+        # (contiguous: safetensors writes the raw buffer, so a transposed view would be stored transposed)
+        single.update({prefix + k: np.ascontiguousarray(v, np.float16)
+                       for k, v in to_sgm(tiny.diffusers_state(name)).items()})
     save_file(single, tiny.single_file)
     return tiny
 
@@ -169,12 +176,17 @@ def conditioner_batch(prompts):
     }
 
 
+def hf_ids(tokenizer, prompts):
+    """Token ids [B, 77] from a transformers CLIPTokenizer, padded and truncated as diffusers' pipelines do."""
+    return np.array(tokenizer(prompts, padding="max_length", max_length=77, truncation=True).input_ids)
+
+
 def run_text_encoder(model, ids):
     with torch.no_grad():
         return model(torch.from_numpy(np.asarray(ids, np.int64)), output_hidden_states=True)
 
 
-def time_ids(batch):
+def add_time_ids(batch):
     """diffusers' add_time_ids: original size, crop top-left, target size, [B, 6]."""
     return np.concatenate([batch["original_size_as_tuple"], batch["crop_coords_top_left"],
                            batch["target_size_as_tuple"]], 1)
@@ -185,20 +197,20 @@ def sdxl_conditioning(text_encoder, text_encoder_2, ids, ids_2, batch):
     both encoders' penultimate hidden states concatenated, the bigG projection of its final state at the EOS."""
     out, out_2 = run_text_encoder(text_encoder, ids), run_text_encoder(text_encoder_2, ids_2)
     prompt_embeds = torch.cat([out.hidden_states[-2], out_2.hidden_states[-2]], -1)
-    return prompt_embeds.numpy(), out_2.text_embeds.numpy(), time_ids(batch)
+    return prompt_embeds.numpy(), out_2.text_embeds.numpy(), add_time_ids(batch)
 
 
-def sgm_vector(pooled, time_ids_):
+def sgm_vector(pooled, time_ids):
     """sgm's vector conditioning from diffusers' pieces: pooled bigG embedding, then the 256-d sinusoidal
     embedding of each time id (the UNet's add_time_proj)."""
     embed = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
     with torch.no_grad():
-        sizes = embed(torch.from_numpy(time_ids_).flatten()).reshape(len(time_ids_), -1).numpy()
+        sizes = embed(torch.from_numpy(time_ids).flatten()).reshape(len(time_ids), -1).numpy()
     return np.concatenate([pooled, sizes], 1)
 
 
-def run_unet(unet, x, t, prompt_embeds, pooled, time_ids_):
-    cond = dict(text_embeds=torch.from_numpy(pooled), time_ids=torch.from_numpy(time_ids_))
+def run_unet(unet, x, t, prompt_embeds, pooled, time_ids):
+    cond = dict(text_embeds=torch.from_numpy(pooled), time_ids=torch.from_numpy(time_ids))
     with torch.no_grad():
         out = unet(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(prompt_embeds), added_cond_kwargs=cond)
     return out.sample.numpy()

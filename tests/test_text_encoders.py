@@ -9,15 +9,11 @@ import mindspore as ms
 import numpy as np
 import pytest
 import torch
-from diffusers.models.embeddings import Timesteps
 from omegaconf import OmegaConf
-from safetensors.numpy import load_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-from transformers import CLIPTokenizer as HFCLIPTokenizer
 
+from reference import conditioner_batch, run_text_encoder, sdxl_conditioning, sgm_vector
 from gm.modules.encoders.clip import TokenEmbedding
 from gm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder2, GeneralConditioner
-from gm.modules.encoders.tokenizer import clip_vocab_and_merges
 from gm.util import instantiate_from_config
 from gm.weights.diffusers_clip import clip_g_diffusers_to_sgm, clip_l_diffusers_to_sgm
 from gm.weights.state_dict import load_state_dict_into
@@ -28,37 +24,11 @@ VIT_L = dict(width=32, layers=2, heads=2)  # sd_xl_tiny.yaml
 BIGG = dict(width=64, layers=2, heads=4, embed_dim=64)
 
 
-def randomize(model, seed):
-    """Random weights, norms and biases far from 1 / 0, so that a wrong mapping cannot pass."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * noise)
-            elif "embedding" in name:
-                p.copy_(0.5 * noise)
-            else:
-                p.copy_(0.15 * noise)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
-def hf(tmp_path_factory):
-    """The two tiny reference encoders, saved and re-read as safetensors state dicts."""
-    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                  attn_implementation="eager")
-    te1 = CLIPTextModel(CLIPTextConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                       intermediate_size=128, hidden_act="quick_gelu", pad_token_id=49407, **common))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                     intermediate_size=256, projection_dim=64, hidden_act="gelu",
-                                                     pad_token_id=0, **common))
-    states = {}
-    for name, model, seed in (("text_encoder", te1, 1), ("text_encoder_2", te2, 2)):
-        folder = tmp_path_factory.mktemp(name)
-        randomize(model, seed).save_pretrained(str(folder), safe_serialization=True)
-        states[name] = load_file(str(folder / "model.safetensors"))
-    return te1, te2, states
+def hf(tiny_sdxl):
+    """The two tiny reference encoders and their state dicts as read back from their safetensors files."""
+    states = {name: tiny_sdxl.diffusers_state(name) for name in ("text_encoder", "text_encoder_2")}
+    return tiny_sdxl.text_encoder, tiny_sdxl.text_encoder_2, states
 
 
 def load_vit_l(embedder, hf):
@@ -80,11 +50,6 @@ def conditioner(root, hf):
     return cond
 
 
-def run_hf(model, ids):
-    with torch.no_grad():
-        return model(torch.from_numpy(ids.astype(np.int64)), output_hidden_states=True)
-
-
 def close(ours, ref):
     ours = ours.asnumpy() if isinstance(ours, ms.Tensor) else ours
     ref = ref.detach().numpy() if isinstance(ref, torch.Tensor) else ref
@@ -99,7 +64,7 @@ def test_vit_l_parity(hf):
     last = load_vit_l(FrozenCLIPEmbedder("last", **VIT_L), hf)
     pooled = load_vit_l(FrozenCLIPEmbedder("pooled", **VIT_L), hf)
     tokens = hidden.preprocess(PROMPTS)
-    ref = run_hf(hf[0], tokens.asnumpy())
+    ref = run_text_encoder(hf[0], tokens.asnumpy())
     assert np.abs(ref.hidden_states[1].numpy()).mean() > 0.1  # not a degenerate comparison
     close(hidden(tokens), ref.hidden_states[1])  # SDXL's layer: penultimate of the ViT-L side
     close(last(tokens), ref.last_hidden_state)
@@ -113,7 +78,7 @@ def test_bigg_parity(hf):
     sdxl = load_bigg(FrozenOpenCLIPEmbedder2("penultimate", always_return_pooled=True, legacy=False, **BIGG), hf)
     legacy = load_bigg(FrozenOpenCLIPEmbedder2("penultimate", legacy=True, **BIGG), hf)
     tokens = sdxl.preprocess(PROMPTS)
-    ref = run_hf(hf[1], tokens.asnumpy())
+    ref = run_text_encoder(hf[1], tokens.asnumpy())
     z, pooled = sdxl(tokens)
     close(z, ref.hidden_states[-2])
     close(pooled, ref.text_embeds)
@@ -144,44 +109,27 @@ def test_clip_g_mapping(hf):
     assert shapes["text_projection"][0] == (64, 64)
 
 
-def time_ids_batch(prompts):
-    n = len(prompts)
-    return {
-        "txt": prompts,
-        "original_size_as_tuple": np.array([[1024, 768], [512, 640]][:n], np.float32),
-        "crop_coords_top_left": np.array([[0, 0], [32, 16]][:n], np.float32),
-        "target_size_as_tuple": np.array([[1024, 1024], [768, 512]][:n], np.float32),
-    }
-
-
-def test_conditioner_matches_diffusers(conditioner, hf):
+def test_conditioner_matches_diffusers(conditioner, hf, tiny_sdxl):
     """crossattn / vector as diffusers' SDXL pipeline builds them: both penultimate states concatenated;
     pooled bigG embedding followed by the sinusoidal time-id embeddings (the UNet's add_time_proj)."""
-    batch = time_ids_batch(PROMPTS)
+    batch = conditioner_batch(PROMPTS)
     inputs = conditioner.tokenize(batch)
     crossattn, vector = conditioner(*inputs)
     assert crossattn.shape == (2, 77, 96) and vector.shape == (2, 1600)
 
-    vocab, merges = clip_vocab_and_merges()
-    tokenizer = HFCLIPTokenizer(vocab=dict(vocab), merges=list(merges))
-    tokenizer_2 = HFCLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token="!")  # diffusers' tokenizer_2
-    ids = [np.array(t(PROMPTS, padding="max_length", max_length=77, truncation=True).input_ids)
-           for t in (tokenizer, tokenizer_2)]
+    ids = tiny_sdxl.token_ids(PROMPTS)  # diffusers' tokenizer/ and tokenizer_2/ (whose pad token is "!")
     np.testing.assert_array_equal(inputs[0].asnumpy(), ids[0])
     np.testing.assert_array_equal(inputs[1].asnumpy(), ids[1])
-    out1, out2 = run_hf(hf[0], ids[0]), run_hf(hf[1], ids[1])
-    prompt_embeds = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], -1)
-    time_ids = torch.tensor(np.concatenate([batch["original_size_as_tuple"], batch["crop_coords_top_left"],
-                                            batch["target_size_as_tuple"]], 1))
-    time_embeds = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)(time_ids.flatten()).reshape(2, -1)
+    prompt_embeds, pooled, time_ids = sdxl_conditioning(hf[0], hf[1], ids[0], ids[1], batch)
+    expected_vector = sgm_vector(pooled, time_ids)
     close(crossattn, prompt_embeds)
-    close(vector, torch.cat([out2.text_embeds, time_embeds], -1))
+    close(vector, expected_vector)
 
     # SDXL's empty negative prompt: text embeddings zeroed (force_zero_embeddings=["txt"]), size embeddings kept
     c, uc = conditioner.get_unconditional_conditioning(batch, dict(batch, txt=["", ""]), ["txt"])
     close(c["crossattn"], prompt_embeds)
     assert not uc["crossattn"].asnumpy().any() and not uc["vector"][:, :64].asnumpy().any()
-    close(uc["vector"][:, 64:], time_embeds)
+    close(uc["vector"][:, 64:], expected_vector[:, 64:])
 
 
 def bigg_with_token(hf, row):
@@ -205,7 +153,7 @@ def test_pooled_read_at_eos_with_added_token(hf):
 
     z, pooled = embedder(tokens)
     reference = bigg_with_token(hf, row[0])
-    ref = run_hf(reference, ids)  # transformers reads at the first eos_token_id (config eos_token_id=49407)
+    ref = run_text_encoder(reference, ids)  # transformers reads at the first eos_token_id (config eos_token_id=49407)
     close(z, ref.hidden_states[-2])
     close(pooled, ref.text_embeds)
     with torch.no_grad():  # the same by hand, and what argmax(ids) would give instead
@@ -233,7 +181,7 @@ def test_gradient_reaches_only_new_rows(root, hf):
                          "embedders.1.model.token_embedding.new_embeddings"}
     frozen = [t.weight.asnumpy().copy() for t in tables]
 
-    batch = time_ids_batch(["a photo of <concept>", "<concept> in the snow"])
+    batch = conditioner_batch(["a photo of <concept>", "<concept> in the snow"])
     inputs = cond.tokenize(batch)
 
     def loss_fn(*inputs):

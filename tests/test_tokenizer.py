@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from transformers import CLIPTokenizer as HFCLIPTokenizer
 
+from reference import hf_ids, write_tokenizer_folder
 from gm.modules.encoders.tokenizer import (BIGG_PAD_ID, VIT_L_PAD_ID, CLIPTokenizer, bigg_tokenizer,
                                            clip_vocab_and_merges, vit_l_tokenizer)
 
@@ -38,21 +39,12 @@ PUBLISHED = {
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     """vocab.json + merges.txt as in a Hugging Face / diffusers tokenizer folder."""
-    vocab, merges = clip_vocab_and_merges()
-    folder = tmp_path_factory.mktemp("clip_tokenizer")
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
-                                       encoding="utf-8")
-    return folder
+    return write_tokenizer_folder(tmp_path_factory.mktemp("clip_tokenizer"))
 
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(hf_folder):
     return HFCLIPTokenizer.from_pretrained(str(hf_folder))
-
-
-def hf_ids(tokenizer, prompts):
-    return np.array(tokenizer(prompts, padding="max_length", max_length=77, truncation=True).input_ids)
 
 
 def test_vocabulary_derivation():

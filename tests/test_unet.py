@@ -25,11 +25,6 @@ def state(tiny_sdxl):
     return unet_diffusers_to_sgm(tiny_sdxl.diffusers_state("unet"))
 
 
-def tiny_unet(root, state, **extra):
-    net = instantiate_from_config(network_config(root, "sd_xl_tiny"), **extra)
-    return load_state_dict_into(net, state, "diffusers tiny UNet")
-
-
 def make_inputs(size, seed=0):
     rng = np.random.default_rng(seed)
     return dict(
@@ -37,19 +32,19 @@ def make_inputs(size, seed=0):
         t=np.array([10.0, 999.0], np.float32),
         prompt_embeds=rng.standard_normal((2, 77, 96)).astype(np.float32),
         pooled=rng.standard_normal((2, 64)).astype(np.float32),
-        time_ids_=np.array([[1024, 768, 0, 16, 1024, 1024], [512, 512, 32, 8, 768, 1024]], np.float32),
+        time_ids=np.array([[1024, 768, 0, 16, 1024, 1024], [512, 512, 32, 8, 768, 1024]], np.float32),
     )
 
 
 def run_ours(net, inp):
-    y = sgm_vector(inp["pooled"], inp["time_ids_"])
+    y = sgm_vector(inp["pooled"], inp["time_ids"])
     return net(Tensor(inp["x"]), Tensor(inp["t"]), Tensor(inp["prompt_embeds"]), Tensor(y)).asnumpy()
 
 
-def test_matches_diffusers(tiny_sdxl, state, root):
+def test_matches_diffusers(tiny_sdxl, tiny_model):
     inp = make_inputs(8)
     expected = run_unet(tiny_sdxl.unet, **inp)
-    out = run_ours(tiny_unet(root, state), inp)
+    out = run_ours(tiny_model.model.diffusion_model, inp)  # loaded from the diffusers folder
     assert out.shape == (2, 4, 8, 8)
     assert np.abs(expected).max() > 0.1
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-4)
@@ -59,7 +54,8 @@ def test_recompute_matches_diffusers_at_16x16(tiny_sdxl, state, root):
     # One graph compile per (model, input shape) costs ~15 s of CPU: the larger latent and
     # gradient checkpointing share this one.
     inp = make_inputs(16, seed=1)
-    out = run_ours(tiny_unet(root, state, use_recompute=True), inp)
+    net = instantiate_from_config(network_config(root, "sd_xl_tiny"), use_recompute=True)
+    out = run_ours(load_state_dict_into(net, state, "diffusers tiny UNet"), inp)
     assert out.shape == (2, 4, 16, 16)
     np.testing.assert_allclose(out, run_unet(tiny_sdxl.unet, **inp), rtol=0, atol=1e-4)
 

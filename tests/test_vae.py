@@ -1,17 +1,16 @@
-"""SDXL VAE: numerical parity with diffusers' AutoencoderKL (tiny, random weights, loaded from its own
-safetensors file through our key mapping) and the full SDXL VAE's parameter names and shapes."""
+"""SDXL VAE: numerical parity with diffusers' AutoencoderKL (tiny, random weights, loaded from its diffusers
+folder through our key mapping) and the full SDXL VAE's parameter names and shapes."""
 import os
 
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from omegaconf import OmegaConf
-from safetensors.numpy import load_file
 
 import mindspore as ms
 from mindspore import Tensor
 
+from reference import FULL, build
 from gm.modules.diffusionmodules.model import AttnBlock
 from gm.util import instantiate_from_config
 from gm.weights.diffusers_vae import vae_diffusers_to_sgm
@@ -24,39 +23,10 @@ def first_stage_config(root, name):
     return OmegaConf.load(os.path.join(root, "configs", "inference", name)).model.params.first_stage_config
 
 
-def diffusers_vae(block_out_channels):
-    """diffusers' AutoencoderKL with the SD/SDXL layout (4 levels, 2 resnets each, 4 latent channels)."""
-    return DiffusersAutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=block_out_channels,
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=64,
-    )
-
-
 @pytest.fixture(scope="module")
-def tiny_pair(root, tmp_path_factory):
-    """(diffusers reference, ours) with the same random weights, ours loaded from the saved safetensors."""
-    torch.manual_seed(0)
-    ref = diffusers_vae((32, 64, 64, 64)).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-            elif p.ndim == 1:  # norm scales
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-    folder = tmp_path_factory.mktemp("tiny_vae")
-    ref.save_pretrained(folder, safe_serialization=True)
-    state = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
-
-    ours = instantiate_from_config(first_stage_config(root, "sd_xl_tiny.yaml"))
-    load_state_dict_into(ours, vae_diffusers_to_sgm(state), "tiny diffusers VAE")
-    return ref, ours, state
+def tiny_pair(tiny_sdxl, tiny_model):
+    """(diffusers reference, ours loaded from its diffusers folder, its weights as read back from its file)."""
+    return tiny_sdxl.vae, tiny_model.first_stage_model, tiny_sdxl.diffusers_state("vae")
 
 
 def test_graph_mode():
@@ -120,6 +90,6 @@ def test_full_sdxl_vae_names_and_shapes(root):
         assert name in ours
 
     with torch.device("meta"):
-        ref = diffusers_vae((128, 256, 512, 512))
+        ref = build("vae", FULL)
     mapped = {k: tuple(v.shape) for k, v in vae_diffusers_to_sgm(ref.state_dict()).items()}
     assert mapped == ours

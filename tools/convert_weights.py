@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from gm.models.loading import load_config, model_parameter_shapes  # noqa: E402
+from gm.util import atomic_write  # noqa: E402
 from gm.weights.loader import (  # noqa: E402
     NON_WEIGHT_KEYS, WeightFileError, check_shapes, read_shapes, read_state_dict,
 )
@@ -36,28 +37,34 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def dry_run(args):
-    expected = model_parameter_shapes(load_config(args.config).model)
+def checked_shapes(args):
+    """{name: shape} of the model --config describes, after checking --weight holds exactly those tensors.
+
+    The file is looked at first, so a missing or broken one is reported before the model is described.
+    """
     found = read_shapes(args.weight)
-    extras = sorted(k for k in found if k in NON_WEIGHT_KEYS)
+    expected = model_parameter_shapes(load_config(args.config).model)
     check_shapes(expected, found, args.weight)
-    print(f"OK: {len(found):,} tensors in {args.weight}: {len(expected):,} parameters matched "
-          f"({sum(int(np.prod(s)) for s in expected.values()):,} values) by name and shape, "
-          f"{len(extras)} known non-weight entries ignored ({', '.join(extras) or 'none'}).")
+    return expected, found
+
+
+def dry_run(args):
+    expected, found = checked_shapes(args)
+    extras = sorted(k for k in found if k in NON_WEIGHT_KEYS)
+    values = sum(int(np.prod(s)) for s in expected.values())
+    print(f"OK: {len(found):,} tensors matched in {args.weight}: {len(expected):,} model parameters "
+          f"({values:,} values) by name and shape, {len(extras)} known non-weight "
+          f"{'entry' if len(extras) == 1 else 'entries'} ignored{': ' if extras else ''}{', '.join(extras)}.")
 
 
 def convert(args):
-    expected = model_parameter_shapes(load_config(args.config).model)
-    check_shapes(expected, read_shapes(args.weight), args.weight)
+    expected, _ = checked_shapes(args)
     import mindspore as ms
 
     dtype = np.float16 if args.dtype == "fp16" else np.float32
     state = read_state_dict(args.weight)
-    params = [{"name": name, "data": ms.Tensor(state.pop(name).astype(dtype))} for name in sorted(expected)]
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    tmp = args.output + ".tmp.ckpt"
-    ms.save_checkpoint(params, tmp)
-    os.replace(tmp, args.output)
+    params = [{"name": name, "data": ms.Tensor(state.pop(name).astype(dtype, copy=False))} for name in sorted(expected)]
+    atomic_write(args.output, lambda tmp: ms.save_checkpoint(params, tmp), ".ckpt")
     print(f"Wrote {len(params):,} tensors ({args.dtype}) to {args.output}")
 
 
@@ -65,7 +72,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         dry_run(args) if args.dry_run else convert(args)
-    except (WeightFileError, WeightMismatchError) as e:
+    except (WeightFileError, WeightMismatchError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -7,6 +7,7 @@ import numpy as np
 import yaml
 import mindspore as ms
 from mindspore import Tensor
+from mindspore.nn.utils import no_init_parameters
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -29,8 +30,6 @@ def load_config(path):
 
 def model_parameter_shapes(model_config):
     """{name: shape} of the model a config describes, without allocating its weights."""
-    from mindspore.nn.utils import no_init_parameters
-
     with no_init_parameters():
         model = instantiate_from_config(model_config)
     return {name: tuple(p.shape) for name, p in model.parameters_and_names()}
@@ -61,15 +60,19 @@ def create_model(config, weight=None, precision="fp32", recompute=False):
     """Instantiate `config.model` in `precision` and load `weight` into it.
 
     Without `weight`, a config marked `requires_weights` (the real SDXL) refuses to run; a small config
-    runs from random initial weights, which is said loudly.
+    runs from random initial weights, which is said loudly. The model is built without allocating its
+    parameters: they get their memory from the weights (without weights, from their initialisers), so the
+    real SDXL is neither initialised randomly only to be overwritten nor allocated at all when it refuses.
     """
-    model = instantiate_from_config(runtime_model_config(config.model, precision, recompute))
+    with no_init_parameters():
+        model = instantiate_from_config(runtime_model_config(config.model, precision, recompute))
     if weight:
         load_weights(model, weight)
         print(f"Loaded weights from {weight}")
     elif model.requires_weights:
         raise WeightFileError(f"this config needs the SDXL weights, and none were given (--weight). {WEIGHTS_HELP}")
     else:
+        model.init_parameters_data()
         randomize_zero_initialized(model)
         print("!" * 88 + "\n!! No --weight given: this model runs from RANDOM initial weights. Its images are noise"
               "\n!! until trained; use it to try the machinery, not for pictures.\n" + "!" * 88, file=sys.stderr)

@@ -93,34 +93,50 @@ def _write_text(path, text):
 
 
 def find_train_state(save_path, resume):
-    """The state folder `--resume` names: "latest" (under save_path) or a path to a state folder."""
+    """The state folder `--resume` names: "latest" (under save_path), a state folder, or a run folder (or its
+    train_state/) whose latest state is meant."""
     if resume == "latest":
-        latest = os.path.join(save_path, STATE_DIR, "latest")
-        if not os.path.isfile(latest):
+        if not os.path.isfile(os.path.join(save_path, STATE_DIR, "latest")):
             raise ResumeError(f"--resume latest: no training state in {save_path} (no {STATE_DIR}/latest).")
-        with open(latest) as f:
-            return os.path.join(save_path, STATE_DIR, f.read().strip())
+        return _latest(os.path.join(save_path, STATE_DIR))
     if os.path.isfile(os.path.join(resume, "host_state.json")):
         return resume
-    raise ResumeError(f"--resume {resume}: not a training state folder (expected {STATE_DIR}/step_<n>/ "
+    for root in (os.path.join(resume, STATE_DIR), resume):
+        if os.path.isfile(os.path.join(root, "latest")):
+            return _latest(root)
+    raise ResumeError(f"--resume {resume}: not a training state (expected a run folder, or its {STATE_DIR}/step_<n>/ "
                       "holding host_state.json and state.ckpt).")
 
 
-def load_train_state(state_dir, parameters, identity):
-    """Check the state belongs to a run like this one, copy it into `parameters`; returns the host state."""
+def _latest(root):
+    with open(os.path.join(root, "latest")) as f:
+        return os.path.join(root, f.read().strip())
+
+
+def read_train_state(state_dir, identity):
+    """The host state of `state_dir` after checking it belongs to a run like this one (`identity`: placeholder,
+    vectors, model, ...). Cheap: call it before building anything, to fail fast."""
     try:
         with open(os.path.join(state_dir, "host_state.json")) as f:
             host_state = json.load(f)
+        saved_identity = host_state["identity"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ResumeError(f"{state_dir}: training state unreadable ({type(e).__name__}: {e}).") from None
+    differences = [f"{key}: saved {saved_identity.get(key)!r}, now {value!r}"
+                   for key, value in identity.items() if saved_identity.get(key) != value]
+    if differences:
+        raise ResumeError(f"{state_dir} is from a different run and cannot be resumed:\n  " + "\n  ".join(differences))
+    return host_state
+
+
+def load_train_state(state_dir, parameters):
+    """Copy the saved values into `parameters` (learned rows and optimizer state), checking names and shapes."""
+    try:
         saved = ms.load_checkpoint(os.path.join(state_dir, "state.ckpt"))
     except (OSError, ValueError, RuntimeError) as e:
         raise ResumeError(f"{state_dir}: training state unreadable ({str(e).splitlines()[0]}).") from None
-    differences = [f"{key}: saved {host_state['identity'].get(key)!r}, now {value!r}"
-                   for key, value in identity.items() if host_state["identity"].get(key) != value]
-    if differences:
-        raise ResumeError(f"{state_dir} is from a different run and cannot be resumed:\n  " + "\n  ".join(differences))
     for param in parameters:
         if param.name not in saved or tuple(saved[param.name].shape) != tuple(param.shape):
             raise ResumeError(f"{state_dir}: state.ckpt lacks {param.name} {tuple(param.shape)}.")
+    for param in parameters:
         param.set_data(ms.Tensor(saved[param.name].asnumpy(), param.dtype))
-    return host_state
-

@@ -3,7 +3,8 @@
 Textual inversion never changes the VAE, so by default each training image (and its mirrored variant, when
 flips are on) is encoded once, before training; a step then samples its latent from the cached posterior
 N(mean, std^2) with fresh noise, exactly what encoding the image anew each step would give, and the VAE
-encoder is released. With caching off, images are encoded when drawn (the diffusers script's way).
+encoder is released (deleted from the autoencoder; the decoder stays for sampling). With caching off, images
+are encoded when drawn (the diffusers script's way).
 """
 import numpy as np
 from tqdm import tqdm
@@ -13,16 +14,20 @@ from mindspore import Tensor
 
 
 class TrainingLatents:
-    """Posterior moments [2C, h, w] (means, then log-variances) and size conditioning per (index, flipped)."""
+    """Posterior moments [2C, h, w] (means, then log-variances) and size conditioning per (index, flipped).
 
-    def __init__(self, autoencoder, dataset, variants=(False,), cache=True):
+    With `cache`, every (index, flipped) of `variants` is encoded now and `autoencoder.encoder` is deleted.
+    """
+
+    def __init__(self, autoencoder, dataset, variants=(False,), cache=True, progress=True):
         self.autoencoder, self.dataset = autoencoder, dataset
         self.cache = {}
         if cache:
             keys = [(i, flipped) for i in range(len(dataset)) for flipped in variants]
-            for key in tqdm(keys, desc="Caching VAE latents", unit="image"):
+            for key in tqdm(keys, desc="Caching VAE latents", unit="image", disable=not progress):
                 self.cache[key] = self._encode(key)
-            self.autoencoder = None  # the encoder is no longer needed by this object
+            del autoencoder.encoder  # never needed again: free its memory before training
+            self.autoencoder = None
 
     def _encode(self, key):
         example = self.dataset.variant(key[0], flipped=key[1])

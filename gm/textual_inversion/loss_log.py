@@ -9,6 +9,14 @@ from gm.util import atomic_write
 HEADER = ["step", "loss", "lr", "seconds"]
 
 
+def _is_number(text):
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 class LossLog:
     """Appends one row per optimizer step. On resume, rows after the resumed step are dropped first, so the
     log of an interrupted and resumed run reads like that of an uninterrupted one."""
@@ -24,8 +32,10 @@ class LossLog:
 
     @staticmethod
     def read(path):
+        """The data rows; a row cut short (the run was killed while writing it) is left out."""
         with open(path, newline="") as f:
-            return list(csv.reader(f))[1:]
+            rows = list(csv.reader(f))[1:]
+        return [row for row in rows if len(row) == len(HEADER) and all(_is_number(v) for v in row)]
 
     @staticmethod
     def _write(path, rows):

@@ -18,6 +18,8 @@ class AdamW(nn.Cell):
         self.params = ParameterTuple(params)
         self.exp_avg = self.params.clone(prefix="exp_avg", init="zeros")
         self.exp_avg_sq = self.params.clone(prefix="exp_avg_sq", init="zeros")
+        for moment in list(self.exp_avg) + list(self.exp_avg_sq):
+            moment.requires_grad = False  # state, not trainable (clone copies the flag)
         self.step = Parameter(ms.Tensor(0, ms.float32), name="adam_step", requires_grad=False)
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
 

@@ -45,18 +45,13 @@ def expand_placeholders(prompt, num_vectors):
     return pattern.sub(expand, prompt)
 
 
-def text_embedders(conditioner):
-    """The conditioner's text embedders (those that can take new tokens), in config order."""
-    return [embedder for embedder in conditioner.embedders if hasattr(type(embedder), "add_tokens")]
-
-
 def add_placeholder_tokens(conditioner, token, rows_l, rows_g):
     """Add the n tokens of `token` to both text embedders with initial rows [n, d1] (ViT-L) and [n, d2] (bigG).
 
     Returns (ids_l, ids_g). Everything is checked before either embedder changes. Call it before the model is
     first compiled: new rows change the text encoders' graphs.
     """
-    embedders = text_embedders(conditioner)
+    embedders = conditioner.text_embedders()
     if len(embedders) != 2:
         raise ValueError(f"expected the two SDXL text embedders, found {len(embedders)}")
     rows = [np.asarray(rows_l, np.float32), np.asarray(rows_g, np.float32)]

@@ -61,6 +61,8 @@ class TextualInversionTrainStep(nn.Cell):
         self.good_steps = Parameter(Tensor(0, ms.int32), name="good_steps", requires_grad=False)
         self.skipped_steps = Parameter(Tensor(0, ms.int32), name="skipped_steps", requires_grad=False)
         self.accum = self.params.clone(prefix="accum", init="zeros")
+        for buffer in self.accum:
+            buffer.requires_grad = False  # state, not trainable (clone copies the flag)
         self.grad_fn = ms.value_and_grad(ScaledLoss(loss_net, self.loss_scale), None, self.params)
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = max_grad_norm

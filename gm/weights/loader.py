@@ -61,7 +61,12 @@ def read_safetensors_header(path):
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise WeightFileError(f"{path}: not a safetensors file (its header is not JSON).") from None
+    if not isinstance(header, dict):
+        raise WeightFileError(f"{path}: not a safetensors file (its header is not a JSON object).")
     header.pop("__metadata__", None)
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise WeightFileError(f"{path}: not a safetensors file (header entry {name!r} lacks dtype/shape/offsets).")
     data_end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
     if 8 + header_len + data_end > size:
         raise WeightFileError(
@@ -185,6 +190,8 @@ def check_shapes(expected, found, path):
         compare_shapes(expected, found, path)
     except WeightMismatchError as e:
         hint = describe_foreign_checkpoint(found)
+        if hint is None and e.mismatched:
+            hint = "its tensors have other sizes than the configured model: is the config the one they were made for?"
         if hint:
             raise WeightMismatchError(f"{path} ({hint})", e.missing, e.unexpected, e.mismatched) from None
         raise
@@ -202,8 +209,9 @@ def load_weights(model, path):
 
     params = dict(model.parameters_and_names())
     expected = {k: tuple(p.shape) for k, p in params.items()}
-    check_shapes(expected, read_shapes(path), path)
     fmt = weight_format(path)
+    ckpt = _load_ckpt(path) if fmt == "ckpt" else None  # a .ckpt has no header: read it once, whole
+    check_shapes(expected, read_shapes(path) if ckpt is None else {k: tuple(v.shape) for k, v in ckpt.items()}, path)
 
     def assign(name, array):
         params[name].set_data(Tensor(np.ascontiguousarray(array), dtype=params[name].dtype))
@@ -213,9 +221,8 @@ def load_weights(model, path):
             for name in expected:
                 assign(name, f.get_tensor(name))
     elif fmt == "ckpt":
-        for name, value in _load_ckpt(path).items():
-            if name in params:
-                assign(name, value.asnumpy())
+        for name in expected:
+            assign(name, ckpt.pop(name).asnumpy())
     else:
         for state, _ in _diffusers_mapped(path, shapes_only=False):
             for name, array in state.items():

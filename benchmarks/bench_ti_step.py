@@ -1,0 +1,382 @@
+"""One textual-inversion training step: ours (MindSpore graph mode) against the PyTorch reference, same weights.
+
+    python benchmarks/bench_ti_step.py --config small --resolution 512 [--recompute] [--steps 5]
+
+Ours is the trainer's step: `TextualInversionTrainStep` over the new rows only, compiled as one graph, with the
+training image's VAE latents cached before training (the encoder then released). The reference is the training
+step of diffusers' examples/textual_inversion/textual_inversion_sdxl.py (both encoders' tokens trained), rewritten
+here: the VAE encodes the image every step, AdamW holds both full token tables, the original rows are copied back
+after each step, and `--recompute` turns on its gradient checkpointing, which covers the text encoders only.
+Both run fp32 at the same resolution, batch and thread count, each in its own process (so each peak memory is its
+own). Printed: median seconds per step after warm-up, graph compile time, peak resident memory, model FLOP
+utilisation (UNet and text encoders forward + backward, counted from the shapes, against the fp32 matmul peak
+measured in the same run) and where one step's time goes. The last line holds the ratios ours / reference.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import (  # noqa: E402
+    CONFIGS, config_path, emit, median_time, memory_gb, mindspore_matmul_peak, ratio, reference_architecture,
+    reference_weights, run_side, set_mindspore_threads, set_torch_threads, torch_matmul_peak,
+)
+
+PLACEHOLDER, INITIALIZER = "<bench-token>", "toy"
+PROMPT = "a photo of a {}"
+LEARNING_RATE, WEIGHT_DECAY = 5e-4, 1e-2
+PHASES = ("vae_encode", "text_fwd", "unet_fwd", "unet_bwd", "text_bwd", "optimizer", "other")
+PHASE_NAMES = {"vae_encode": "VAE encode", "text_fwd": "text encoders forward", "unet_fwd": "UNet forward + loss",
+               "unet_bwd": "UNet backward", "text_bwd": "text encoders backward",
+               "optimizer": "optimizer (+ copy-back / clip)", "other": "other"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: 64 tiny, 512 small)")
+    p.add_argument("--recompute", action="store_true",
+                   help="ours: recompute UNet and text-encoder blocks; reference: gradient checkpointing (text encoders)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps after the warm-up (default: 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation (default: 1)")
+    p.add_argument("--batch", type=int, default=1, help="images per step (default: 1, the scripts' default)")
+    p.add_argument("--num_vectors", type=int, default=1, help="vectors of the learned word (default: 1)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of both sides (default: all)")
+    p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
+                   help="skip the per-module breakdown (ours profiles one extra step for it)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", default=None, help="diffusers folder of the weights (default: written once to a cache)")
+    p.add_argument("--side", choices=["ours", "reference"], default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.resolution is None:
+        args.resolution = 64 if args.config == "tiny" else 512
+    if args.resolution % 64 and args.config != "tiny" or args.resolution % 32:
+        p.error(f"--resolution {args.resolution}: use a multiple of 64")
+    return args
+
+
+def training_image(args):
+    """The one training image, [B, 3, R, R] in [-1, 1] (random pixels: the values do not change the cost)."""
+    rng = np.random.RandomState(args.seed)
+    return rng.uniform(-1, 1, (args.batch, 3, args.resolution, args.resolution)).astype(np.float32)
+
+
+def size_conditioning(args):
+    r = args.resolution
+    return {"original_size_as_tuple": np.array([[r, r]] * args.batch, np.float32),
+            "crop_coords_top_left": np.zeros((args.batch, 2), np.float32),
+            "target_size_as_tuple": np.array([[r, r]] * args.batch, np.float32)}
+
+
+# ------------------------------------------------------------------------------------------------------ ours
+
+
+def run_ours(args):
+    set_mindspore_threads(args.threads)
+    import mindspore as ms
+    from mindspore import Tensor
+
+    from benchmarks.profile_graph import profile_breakdown
+    from gm.models.loading import create_model, load_config
+    from gm.textual_inversion.optim import AdamW
+    from gm.textual_inversion.placeholder import add_placeholder_tokens, expand_placeholders, initial_rows
+    from gm.textual_inversion.train_step import TextualInversionLoss, TextualInversionTrainStep
+
+    peak_gflops = mindspore_matmul_peak()
+    model = create_model(load_config(config_path(args.config, training=True)), args.weights,
+                         recompute=args.recompute)
+    rss_model = memory_gb("VmRSS")
+    rng = np.random.RandomState(args.seed)
+    rows = [initial_rows(e, INITIALIZER, args.num_vectors, rng) for e in model.conditioner.text_embedders()]
+    add_placeholder_tokens(model.conditioner, PLACEHOLDER, *rows)
+    learned = model.conditioner.learned_embeddings()
+
+    # latent caching, as the trainer does: the image is encoded once, then the VAE encoder is released
+    start = time.perf_counter()
+    moments = model.first_stage_model.encode_moments(Tensor(training_image(args))).asnumpy()
+    cache_seconds = time.perf_counter() - start
+    del model.first_stage_model.encoder
+
+    optimizer = AdamW(learned, weight_decay=WEIGHT_DECAY)
+    train_step = TextualInversionTrainStep(TextualInversionLoss(model), learned, optimizer, max_grad_norm=1.0)
+    batch = dict(size_conditioning(args), txt=[expand_placeholders(PROMPT.format(PLACEHOLDER),
+                                                                    {PLACEHOLDER: args.num_vectors})] * args.batch)
+    cond = model.conditioner.tokenize(batch)
+    latent_shape = (args.batch, moments.shape[1] // 2) + moments.shape[2:]
+    lr, apply = Tensor(LEARNING_RATE, ms.float32), Tensor(True)
+    draws = iter(range(10 ** 6))
+
+    def inputs():
+        """A micro-batch as the trainer draws it: fresh posterior and diffusion noise and a noise level."""
+        noise_rng = np.random.RandomState([args.seed, next(draws)])
+        latent_noise = Tensor(noise_rng.standard_normal(latent_shape), ms.float32)
+        noise, sigma_rand = model.loss_fn.draw_inputs(latent_shape, noise_rng)
+        return (Tensor(moments), latent_noise, noise, sigma_rand) + cond
+
+    def step():
+        loss = float(train_step(lr, apply, *inputs()).asnumpy())
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss}")
+
+    start = time.perf_counter()
+    train_step.compile(lr, apply, *inputs())
+    compile_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    warmup_seconds = (time.perf_counter() - start) / max(1, args.warmup)
+    seconds, times = median_time(step, args.steps)
+    result = {"side": "ours", "seconds": seconds, "times": times, "compile_seconds": compile_seconds,
+              "first_step_seconds": warmup_seconds, "latent_cache_seconds": cache_seconds,
+              "peak_gb": memory_gb("VmHWM"), "model_rss_gb": rss_model, "peak_gflops": peak_gflops,
+              "threads": args.threads}
+    if args.breakdown:
+        result["breakdown"] = profile_breakdown(step, seconds, classify_ours, PHASES)
+    emit(result)
+
+
+def classify_ours(scope):
+    """The phase of an op of our step, from its scope (the cell path; backward ops under "Gradients/")."""
+    backward = scope.startswith("Gradients/")
+    if "optimizer-AdamW" in scope:
+        return "optimizer"
+    if "diffusion_model-UNetModel" in scope:
+        return "unet_bwd" if backward else "unet_fwd"
+    if "conditioner-GeneralConditioner" in scope:
+        return "text_bwd" if backward else "text_fwd"
+    return "other"
+
+
+# ------------------------------------------------------------------------------------------------ reference
+
+
+def text_model(encoder):
+    """The CLIP text transformer inside a transformers text model (v5 flattens CLIPTextModel's)."""
+    return getattr(encoder, "text_model", encoder)
+
+
+def run_reference(args):
+    set_torch_threads(args.threads)
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    peak_gflops = torch_matmul_peak()
+    folder = args.weights
+    tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
+    encoders = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+                CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2")]
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    rss_model = memory_gb("VmRSS")
+
+    # the script's setup: placeholder tokens in both tokenizers, initialised from the initializer word
+    tokens = [PLACEHOLDER] + [f"{PLACEHOLDER}_{i}" for i in range(1, args.num_vectors)]
+    placeholder_ids = []
+    for tokenizer, encoder in zip(tokenizers, encoders):
+        tokenizer.add_tokens(tokens)
+        init_id = tokenizer.encode(INITIALIZER, add_special_tokens=False)[0]
+        ids = tokenizer.convert_tokens_to_ids(tokens)
+        encoder.resize_token_embeddings(len(tokenizer))
+        with torch.no_grad():
+            table = encoder.get_input_embeddings().weight
+            for i in ids:
+                table[i] = table[init_id].clone()
+        placeholder_ids.append(ids)
+    vae.requires_grad_(False)
+    unet.requires_grad_(False)
+    for encoder in encoders:  # everything of the text encoders but the token table (and bigG's projection)
+        text_model(encoder).encoder.requires_grad_(False)
+        text_model(encoder).final_layer_norm.requires_grad_(False)
+        text_model(encoder).embeddings.position_embedding.requires_grad_(False)
+        if args.recompute:
+            encoder.gradient_checkpointing_enable()
+        encoder.train()
+    tables = [encoder.get_input_embeddings().weight for encoder in encoders]
+    optimizer = torch.optim.AdamW(tables, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    originals = [table.data.clone() for table in tables]
+    keep = []
+    for tokenizer, ids in zip(tokenizers, placeholder_ids):
+        mask = torch.ones(len(tokenizer), dtype=torch.bool)
+        mask[min(ids): max(ids) + 1] = False
+        keep.append(mask)
+
+    text = PROMPT.format(" ".join(tokens))
+    input_ids = [tokenizer([text] * args.batch, padding="max_length", truncation=True,
+                           max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+                 for tokenizer in tokenizers]
+    pixel_values = torch.from_numpy(training_image(args))
+    cond = size_conditioning(args)
+    add_time_ids = torch.from_numpy(np.concatenate(
+        [cond["original_size_as_tuple"], cond["crop_coords_top_left"], cond["target_size_as_tuple"]], 1))
+    generator = torch.Generator().manual_seed(args.seed)
+    clock = {}
+
+    def mark(name, since):
+        now = time.perf_counter()
+        clock[name] = clock.get(name, 0.0) + now - since
+        return now
+
+    def step():
+        t = time.perf_counter()
+        latents = vae.encode(pixel_values).latent_dist.sample(generator).detach() * vae.config.scaling_factor
+        t = mark("vae_encode", t)
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (args.batch,), generator=generator)
+        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+        t = mark("other", t)
+        hidden_1 = encoders[0](input_ids[0], output_hidden_states=True).hidden_states[-2]
+        output_2 = encoders[1](input_ids[1], output_hidden_states=True)
+        context = torch.cat([hidden_1, output_2.hidden_states[-2]], dim=-1)
+        t = mark("text_fwd", t)
+        model_pred = unet(noisy_latents, timesteps, context,
+                          added_cond_kwargs={"text_embeds": output_2[0], "time_ids": add_time_ids}).sample
+        loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+        t = mark("unet_fwd", t)
+        # the UNet's backward ends when the gradients reach its inputs from the text encoders
+        arrived = []
+        context.register_hook(lambda grad: arrived.append(time.perf_counter()))
+        output_2[0].register_hook(lambda grad: arrived.append(time.perf_counter()))
+        loss.backward()
+        unet_done = max(arrived)
+        clock["unet_bwd"] = clock.get("unet_bwd", 0.0) + unet_done - t
+        t = mark("text_bwd", unet_done)
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():  # the script keeps every row but the new ones at its original value
+            for table, original, mask in zip(tables, originals, keep):
+                table[mask] = original[mask]
+        mark("optimizer", t)
+        loss = float(loss.detach())
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss}")
+
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    warmup_seconds = (time.perf_counter() - start) / max(1, args.warmup)
+    clock.clear()
+    seconds, times = median_time(step, args.steps)
+    breakdown = {phase: clock.get(phase, 0.0) / args.steps for phase in PHASES}
+    emit({"side": "reference", "seconds": seconds, "times": times, "compile_seconds": 0.0,
+          "first_step_seconds": warmup_seconds, "peak_gb": memory_gb("VmHWM"), "model_rss_gb": rss_model,
+          "peak_gflops": peak_gflops, "threads": args.threads, "breakdown": breakdown})
+
+
+# ---------------------------------------------------------------------------------------------------- FLOPs
+
+
+def step_flops(args):
+    """FLOPs of one step from the model shapes (torch's FlopCounterMode on meta tensors, no memory): forward and
+    backward (gradients of activations only: the weights are frozen) of the UNet and of both text encoders,
+    and the reference's VAE encode. Recomputation is not counted: model FLOPs, as MFU is defined."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.common import build_reference
+    from gm.models.loading import load_config
+
+    arch = reference_architecture(load_config(config_path(args.config)).model)
+    b, r = args.batch, args.resolution
+
+    def count(fn):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = fn()
+        return counter.get_total_flops(), out
+
+    with torch.device("meta"):
+        unet = build_reference("unet", arch["unet"]).requires_grad_(False)
+        vae = build_reference("vae", arch["vae"]).requires_grad_(False)
+        encoders = [build_reference(c, arch[c]).requires_grad_(False) for c in ("text_encoder", "text_encoder_2")]
+        for encoder in encoders:
+            encoder.get_input_embeddings().requires_grad_(True)
+        ids = torch.zeros(b, 77, dtype=torch.long)
+        text_fwd, (h1, out2) = count(lambda: (encoders[0](ids, output_hidden_states=True).hidden_states[-2],
+                                              encoders[1](ids, output_hidden_states=True)))
+        context = torch.cat([h1, out2.hidden_states[-2]], -1)
+        context_leaf = context.detach().requires_grad_(True)
+        pooled_leaf = out2[0].detach().requires_grad_(True)
+        latents = torch.zeros(b, 4, r // 8, r // 8)
+        time_ids = torch.zeros(b, 6)
+        unet_fwd, pred = count(lambda: unet(latents, torch.zeros(b), context_leaf,
+                                            added_cond_kwargs={"text_embeds": pooled_leaf, "time_ids": time_ids}).sample)
+        unet_bwd, _ = count(lambda: pred.pow(2).mean().backward())
+        text_bwd, _ = count(lambda: torch.autograd.backward([context, out2[0]], [context_leaf.grad, pooled_leaf.grad]))
+        vae_encode, _ = count(lambda: vae.encode(torch.zeros(b, 3, r, r)).latent_dist.mean)
+    return {"unet_fwd": unet_fwd, "unet_bwd": unet_bwd, "text_fwd": text_fwd, "text_bwd": text_bwd,
+            "vae_encode": vae_encode}
+
+
+# ------------------------------------------------------------------------------------------------- the report
+
+
+def report(args, ours, ref, flops):
+    model_flops = flops["unet_fwd"] + flops["unet_bwd"] + flops["text_fwd"] + flops["text_bwd"]
+    peak = max(ours["peak_gflops"], ref["peak_gflops"])
+
+    def mfu(side):
+        return model_flops / side["seconds"] / (peak * 1e9)
+
+    rows = [
+        ("s/step (median)", f"{ours['seconds']:.3f}", f"{ref['seconds']:.3f}"),
+        ("  spread (min-max)", f"{min(ours['times']):.3f}-{max(ours['times']):.3f}",
+         f"{min(ref['times']):.3f}-{max(ref['times']):.3f}"),
+        ("graph compile (s)", f"{ours['compile_seconds']:.1f}", "-"),
+        ("first step after compile (s)", f"{ours['first_step_seconds']:.3f}", f"{ref['first_step_seconds']:.3f}"),
+        ("latent caching, once per image (s)", f"{ours['latent_cache_seconds']:.2f}", "- (encodes every step)"),
+        ("peak resident memory (GB)", f"{ours['peak_gb']:.2f}", f"{ref['peak_gb']:.2f}"),
+        ("  of which after model load (GB)", f"{ours['model_rss_gb']:.2f}", f"{ref['model_rss_gb']:.2f}"),
+        ("matmul peak, own framework (GFLOP/s)", f"{ours['peak_gflops']:.0f}", f"{ref['peak_gflops']:.0f}"),
+        ("model FLOP utilisation", f"{100 * mfu(ours):.1f}%", f"{100 * mfu(ref):.1f}%"),
+    ]
+    print(f"\nTextual-inversion step, config {args.config}, {args.resolution} px, batch {args.batch}, fp32, "
+          f"{args.threads} threads, recompute {'on' if args.recompute else 'off'}; median of {args.steps} steps "
+          f"after {args.warmup} warm-up")
+    print(f"model FLOPs per step (UNet + text encoders, forward + backward): {model_flops / 1e9:.1f} GFLOP "
+          f"(UNet fwd {flops['unet_fwd'] / 1e9:.1f}, bwd {flops['unet_bwd'] / 1e9:.1f}; text fwd "
+          f"{flops['text_fwd'] / 1e9:.1f}, bwd {flops['text_bwd'] / 1e9:.1f}; the reference's VAE encode adds "
+          f"{flops['vae_encode'] / 1e9:.1f}); machine fp32 matmul peak {peak:.0f} GFLOP/s")
+    width = max(len(r[0]) for r in rows) + 2
+    print(f"{'':{width}}{'ours':>16}{'reference':>24}")
+    for name, a, b in rows:
+        print(f"{name:{width}}{a:>16}{b:>24}")
+    if "breakdown" in ours and "breakdown" in ref:
+        print("where one step's time goes (s)")
+        for phase in PHASES:
+            print(f"  {PHASE_NAMES[phase]:{width - 2}}{ours['breakdown'][phase]:>16.3f}{ref['breakdown'][phase]:>24.3f}")
+    print(f"ratios ours/reference: step_time={ratio(ours['seconds'], ref['seconds']):.3f} "
+          f"peak_memory={ratio(ours['peak_gb'], ref['peak_gb']):.3f} mfu_ours={mfu(ours):.3f}")
+
+
+def side_argv(args):
+    """The command line of one side: everything the parent resolved, passed on explicitly."""
+    argv = ["--config", args.config, "--resolution", str(args.resolution), "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--batch", str(args.batch), "--num_vectors", str(args.num_vectors),
+            "--threads", str(args.threads), "--seed", str(args.seed), "--weights", args.weights]
+    return argv + ["--recompute"] * args.recompute + ["--no-breakdown"] * (not args.breakdown)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.side == "ours":
+        return run_ours(args)
+    if args.side == "reference":
+        return run_reference(args)
+    args.weights = reference_weights(args.config, args.seed, args.weights)
+    flops = step_flops(args)
+    script = os.path.abspath(__file__)
+    ours = run_side(script, "ours", side_argv(args))
+    ref = run_side(script, "reference", side_argv(args))
+    report(args, ours, ref, flops)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""A web page to generate images with SDXL and learned words.
+
+    streamlit run demo/sampling.py
+    streamlit run demo/sampling.py -- --config configs/inference/sd_xl_tiny.yaml --H 64 --W 64
+
+The flags after `--` only set the page's starting values; everything can be changed on the page. The model
+is loaded once per (config, weights) and kept across reruns; errors show on the page, which keeps working.
+"""
+import argparse
+import os
+import sys
+import warnings
+
+import streamlit as st
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from gm.sampling import SAMPLERS, SDXLSampler, SamplingError, build_engine, png_bytes  # noqa: E402
+from gm.textual_inversion.embedding_io import DIFFUSERS_FILES, EmbeddingFormatError, load_embedding  # noqa: E402
+from gm.weights.loader import WeightFileError  # noqa: E402
+from gm.weights.state_dict import WeightMismatchError  # noqa: E402
+
+USER_ERRORS = (SamplingError, EmbeddingFormatError, WeightFileError, WeightMismatchError, OSError)
+
+
+def page_defaults(argv):
+    """Starting values from the flags after `--` (unknown flags are ignored: the page may run under a test)."""
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs/inference/sd_xl_base.yaml"))
+    parser.add_argument("--weight", default="")
+    parser.add_argument("--embeddings_dir", default="outputs", help="a folder of training runs")
+    parser.add_argument("--device_target", default="CPU")
+    parser.add_argument("--sample_step", type=int, default=40)
+    parser.add_argument("--H", type=int, default=1024)
+    parser.add_argument("--W", type=int, default=1024)
+    return parser.parse_known_args(argv)[0]
+
+
+@st.cache_resource
+def set_device(device_target):
+    import mindspore as ms
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device(device_target)
+
+
+@st.cache_resource(show_spinner="Loading the model (once; later runs reuse it) ...")
+def load_sampler(config, weight):
+    return SDXLSampler(build_engine(config, weight or None))
+
+
+def find_embeddings(folder):
+    """Embedding files under `folder` (training runs write .ckpt and .safetensors), relative and sorted;
+    of a diffusers pair only its first file."""
+    found = []
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            if name.endswith((".ckpt", ".safetensors")) and name != DIFFUSERS_FILES[1]:
+                found.append(os.path.relpath(os.path.join(parent, name), folder))
+    return sorted(found)
+
+
+def show_image(slot, result, key):
+    with slot.container():
+        st.image(result["image"], caption=f"seed {result['seed']}")
+        st.download_button("Download PNG", result["png"], file_name=result["file_name"], mime="image/png",
+                           key=key, on_click="ignore")
+
+
+def sidebar(defaults):
+    """Model and embeddings; returns the sampler (None when it cannot be loaded) and the loaded embeddings."""
+    st.sidebar.header("Model")
+    config = st.sidebar.text_input("Config", defaults.config, key="config")
+    weight = st.sidebar.text_input("Weights (file or diffusers folder; empty for the tiny config)", defaults.weight,
+                                   key="weight")
+    try:
+        set_device(defaults.device_target)
+        sampler = load_sampler(config, weight.strip())
+    except USER_ERRORS as e:
+        st.sidebar.error(f"Cannot load the model: {e}")
+        return None, []
+
+    st.sidebar.header("Learned words")
+    folder = st.sidebar.text_input("Folder of training runs", defaults.embeddings_dir, key="embeddings_dir")
+    options = find_embeddings(folder) if os.path.isdir(folder) else []
+    if not options:
+        st.sidebar.caption(f"No .ckpt / .safetensors embeddings found under {folder!r}.")
+    chosen = [os.path.join(folder, name) for name in st.sidebar.multiselect("Embeddings", options, key="embeddings")]
+    extra = st.sidebar.text_input("Or an embedding path", "", key="embedding_path").strip()
+    paths = chosen + ([extra] if extra else [])
+
+    embeddings = []
+    for path in paths:
+        try:
+            embedding = load_embedding(path)
+            if any(e.token == embedding.token for e in embeddings):
+                raise SamplingError(f"{path}: its token {embedding.token} is taken by another chosen embedding")
+            sampler.add_embedding(embedding)
+        except USER_ERRORS as e:
+            st.sidebar.error(str(e))
+            continue
+        embeddings.append(embedding)
+        st.sidebar.success(f"{embedding.token} ({embedding.num_vectors} vectors) from {os.path.basename(path)}")
+    return sampler, embeddings
+
+
+def main():
+    st.set_page_config(page_title="SDXL textual inversion", layout="wide")
+    st.title("SDXL with learned words")
+    defaults = page_defaults(sys.argv[1:])
+    sampler, embeddings = sidebar(defaults)
+    if sampler is None:
+        st.info("Pick a config and its weights in the sidebar.")
+        return
+
+    tokens = " ".join(e.token for e in embeddings)
+    prompt = st.text_area("Prompt", f"a photo of {tokens}" if tokens else "a photo of a cat", key="prompt")
+    negative_prompt = st.text_input("Negative prompt (empty: SDXL's zero embedding)", "", key="negative_prompt")
+    cols = st.columns(4)
+    sampler_name = cols[0].selectbox("Sampler", list(SAMPLERS), key="sampler")
+    steps = cols[1].number_input("Steps", 1, 1000, defaults.sample_step, key="steps")
+    guidance_scale = cols[2].number_input("Guidance scale", 0.0, 30.0, 5.0, 0.5, key="guidance_scale")
+    seed = cols[3].number_input("Seed", 0, 2**31 - 1, 42, key="seed")
+    cols = st.columns(4)
+    multiple = sampler.size_multiple
+    height = cols[0].number_input("Height", multiple, 4096, defaults.H, multiple, key="H")
+    width = cols[1].number_input("Width", multiple, 4096, defaults.W, multiple, key="W")
+    num_images = cols[2].number_input("Images", 1, 16, 1, key="num_images")
+    generate = st.button("Generate", type="primary", key="generate")
+
+    if embeddings and sampler.prompts_without_placeholders([prompt]):
+        st.warning(f"The prompt uses none of the learned words ({tokens}).")
+    results = st.session_state.setdefault("results", [])
+    columns = st.columns(4)
+    slots = [columns[i % 4].empty() for i in range(16)]  # image i: column i % 4, row i // 4
+    if not generate:
+        for i, result in enumerate(results):
+            show_image(slots[i], result, f"download-{i}")
+        return
+
+    results.clear()
+    bar = st.progress(0.0, text="Sampling ...")
+    metadata = {"prompt": prompt, "negative_prompt": negative_prompt, "sampler": sampler_name, "steps": steps,
+                "guidance_scale": guidance_scale, "size": f"{height}x{width}",
+                "embeddings": ", ".join(f"{e.token}={os.path.basename(e.source)}" for e in embeddings)}
+
+    def progress(done, total):
+        bar.progress(done / total, text=f"Sampling: step {done} of {total}")
+
+    def on_image(i, image):
+        result = {"image": image, "seed": seed + i, "file_name": f"sample_seed{seed + i}.png",
+                  "png": png_bytes(image, dict(metadata, seed=seed + i))}
+        results.append(result)
+        show_image(slots[i], result, f"download-{i}")
+
+    try:
+        with warnings.catch_warnings():  # the unused-placeholder warning is shown above
+            warnings.simplefilter("ignore")
+            sampler.generate(prompt, negative_prompt, sampler_name, int(steps), guidance_scale, int(height),
+                             int(width), int(seed), int(num_images), progress=progress, on_image=on_image)
+        bar.progress(1.0, text=f"Done: {len(results)} image(s)")
+    except USER_ERRORS as e:
+        bar.empty()
+        st.error(str(e))
+
+
+main()

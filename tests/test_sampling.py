@@ -1,0 +1,488 @@
+"""Sampling with learned words: placeholder tokens, the `SDXLSampler` pipeline against diffusers' schedulers
+on the tiny reference SDXL, determinism, the command line, the streamlit page (AppTest) and the page in a
+real headless Chromium.
+
+Each new engine or sampler compiles its graphs again (~15 s for the tiny UNet on a 2-core CPU): the tests
+share the session's `tiny_model` through one sampler, and the command line and page runs are few.
+"""
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gm.models.loading import load_config
+from gm.modules.diffusionmodules.discretizer import LegacyDDPMDiscretization
+from gm.sampling import SAMPLERS, SDXLSampler, SamplingError, build_engine, make_grid
+from gm.textual_inversion.embedding_io import EmbeddingFormatError, save_embedding
+from gm.textual_inversion.placeholder import add_placeholder_tokens, expand_placeholders, placeholder_tokens
+from gm.util import instantiate_from_config
+
+from reference import SCHEDULER, sdxl_conditioning, run_unet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(ROOT, "configs", "inference", "sd_xl_tiny.yaml")
+CLI = os.path.join(ROOT, "demo", "sampling_without_streamlit.py")
+APP = os.path.join(ROOT, "demo", "sampling.py")
+SIZE = 64  # pixels: latents 8 x 8
+PROMPT, NEGATIVE = "a photo of a red cube on a table", "blurry, low quality"
+
+
+def run_cli(*args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, CLI, *args], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def sampler(tiny_model):
+    """One sampler on the session's tiny engine (the reference's weights): its graphs compile once here."""
+    return SDXLSampler(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def embeddings(tmp_path_factory):
+    """Learned words for the tiny text encoders (widths 32, 64) in every format, and files that must fail."""
+    folder = tmp_path_factory.mktemp("embeddings")
+    rng = np.random.RandomState(0)
+    paths = {
+        "ckpt": save_embedding(str(folder / "toy" / "SD-XL-base-1.0_ti.ckpt"), rng.randn(2, 32), rng.randn(2, 64),
+                               "<toy>"),
+        "safetensors": save_embedding(str(folder / "style" / "style.safetensors"), rng.randn(1, 32),
+                                      rng.randn(1, 64), "<style>"),
+        "diffusers": save_embedding(str(folder / "thing"), rng.randn(3, 32), rng.randn(3, 64), "<thing>",
+                                    format="diffusers"),
+        "sdxl_widths": save_embedding(str(folder / "bad" / "full_sdxl.safetensors"), rng.randn(1, 768),
+                                      rng.randn(1, 1280), "<big>"),
+    }
+    from safetensors.numpy import save_file
+
+    paths["sd15"] = str(folder / "bad" / "sd15.safetensors")
+    save_file({"emb_params": rng.randn(1, 768).astype(np.float32)}, paths["sd15"])
+    paths["text"] = str(folder / "bad" / "notes.txt")
+    with open(paths["text"], "w") as f:
+        f.write("not an embedding")
+    return folder, paths
+
+
+# ------------------------------------------------------------------------------------------------ placeholders
+
+
+def test_placeholder_tokens_and_expansion():
+    assert placeholder_tokens("<toy>", 3) == ["<toy>", "<toy>_1", "<toy>_2"]
+    assert placeholder_tokens("<toy>", 1) == ["<toy>"]
+    with pytest.raises(ValueError):
+        placeholder_tokens("<toy>", 0)
+    with pytest.raises(ValueError):
+        placeholder_tokens("two words", 1)
+    counts = {"<cat>": 2, "<cat>2": 1, "sks": 3}
+    assert expand_placeholders("a <cat> and a <cat>2, by sks.", counts) == \
+        "a <cat> <cat>_1 and a <cat>2, by sks sks_1 sks_2."
+    assert expand_placeholders("A <CAT> on sksx and xsks", counts) == "A <cat> <cat>_1 on sksx and xsks"
+    assert expand_placeholders("(<cat>)", counts) == "((<cat> <cat>_1))"[1:-1]
+    assert expand_placeholders("no learned word", counts) == "no learned word"
+    assert expand_placeholders("<cat>", {}) == "<cat>"
+
+
+def test_add_placeholder_tokens_to_both_encoders_or_neither():
+    conditioner = instantiate_from_config(load_config(TINY_CONFIG).model.params.conditioner_config)
+    clip_l, clip_g = conditioner.text_embedders()
+    ids_l, ids_g = add_placeholder_tokens(conditioner, "<toy>", np.ones((2, 32)), 2 * np.ones((2, 64)))
+    assert ids_l == [49408, 49409] and ids_g == [49408, 49409]
+    np.testing.assert_array_equal(clip_g.token_embedding.get_new_embeddings(), 2 * np.ones((2, 64)))
+    assert list(clip_l.tokenizer(["<toy> <toy>_1"])[0][:4]) == [49406, 49408, 49409, 49407]
+
+    sizes = (len(clip_l.tokenizer), len(clip_g.tokenizer), clip_l.token_embedding.num_new_tokens)
+    for token, rows_g, match in [("<toy>", np.ones((2, 64)), "already in the vocabulary"),
+                                 ("cat", np.ones((1, 64)), "already in the vocabulary"),  # a word of CLIP's
+                                 ("<new>", np.ones((1, 63)), "width"),
+                                 ("<new>", np.ones((2, 64)), "same n")]:
+        with pytest.raises(ValueError, match=match):
+            add_placeholder_tokens(conditioner, token, np.ones((1, 32)) if token != "<toy>" else np.ones((2, 32)),
+                                   rows_g)
+        assert (len(clip_l.tokenizer), len(clip_g.tokenizer), clip_l.token_embedding.num_new_tokens) == sizes
+
+
+# ------------------------------------------------------------------------------------------------ parity
+
+
+def diffusers_latents(tiny, scheduler, x_unit, prompt, negative_prompt, guidance_scale):
+    """diffusers' SDXL denoising loop on the torch reference: its own conditioning (both encoders' penultimate
+    states, pooled bigG, time ids H, W, 0, 0, H, W; zeros for an empty negative prompt), CFG on eps."""
+    time_ids = np.array([[SIZE, SIZE, 0, 0, SIZE, SIZE]], np.float32)
+    batch = {"original_size_as_tuple": time_ids[:, :2], "crop_coords_top_left": time_ids[:, 2:4],
+             "target_size_as_tuple": time_ids[:, 4:]}
+    embeds, pooled, _ = sdxl_conditioning(tiny.text_encoder, tiny.text_encoder_2, *tiny.token_ids([prompt]), batch)
+    if negative_prompt:
+        uc_embeds, uc_pooled, _ = sdxl_conditioning(tiny.text_encoder, tiny.text_encoder_2,
+                                                    *tiny.token_ids([negative_prompt]), batch)
+    else:  # force_zeros_for_empty_prompt
+        uc_embeds, uc_pooled = np.zeros_like(embeds), np.zeros_like(pooled)
+    embeds, pooled = np.concatenate([uc_embeds, embeds]), np.concatenate([uc_pooled, pooled])
+    time_ids = np.concatenate([time_ids, time_ids])
+
+    latents = torch.from_numpy(x_unit) * (1 + scheduler.sigmas[0].item() ** 2) ** 0.5
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t).numpy()
+        eps = run_unet(tiny.unet, model_input, np.full(2, t.item(), np.float32), embeds, pooled, time_ids)
+        eps = eps[:1] + guidance_scale * (eps[1:] - eps[:1])
+        latents = scheduler.step(torch.from_numpy(eps), t, latents).prev_sample
+    return latents.numpy()
+
+
+def sgm_schedule_scheduler(cls, steps):
+    """diffusers' scheduler for SDXL at sgm's timesteps ("trailing" equals them when steps divide 1000), given
+    sgm's sigma table (float64-computed; diffusers' float32 one differs by ~1e-5 relative)."""
+    scheduler = cls(**dict(SCHEDULER, timestep_spacing="trailing"))
+    scheduler.set_timesteps(steps)
+    discretization = LegacyDDPMDiscretization()
+    np.testing.assert_array_equal(scheduler.timesteps.numpy(), discretization.timesteps(steps)[::-1])
+    np.testing.assert_allclose(scheduler.sigmas.numpy(), discretization(steps), rtol=2e-5)
+    scheduler.sigmas = torch.from_numpy(discretization(steps))
+    return scheduler
+
+
+@pytest.mark.parametrize("name,scheduler_cls,negative_prompt", [
+    ("EulerEDM", "EulerDiscreteScheduler", ""),
+    ("EulerAncestral", "EulerAncestralDiscreteScheduler", NEGATIVE),
+])
+def test_final_latents_match_diffusers(sampler, tiny_sdxl, monkeypatch, name, scheduler_cls, negative_prompt):
+    import diffusers
+    from diffusers.schedulers import scheduling_euler_ancestral_discrete
+
+    steps, seed, guidance_scale = 10, 7, 5.0
+    c, uc = sampler.encode_prompt(PROMPT, negative_prompt, SIZE, SIZE)
+    ours = sampler.sample_latents(c, uc, sampler.make_sampler(name, steps, guidance_scale), SIZE, SIZE, seed)
+
+    # the same draws: the initial noise, then each ancestral step's noise, from RandomState(seed)
+    rng = np.random.RandomState(seed)
+    x_unit = rng.standard_normal((1, 4, SIZE // 8, SIZE // 8)).astype(np.float32)
+
+    def randn_tensor(shape, **kwargs):
+        return torch.from_numpy(rng.standard_normal(tuple(shape)).astype(np.float32))
+
+    monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor", randn_tensor)
+    scheduler = sgm_schedule_scheduler(getattr(diffusers, scheduler_cls), steps)
+    expected = diffusers_latents(tiny_sdxl, scheduler, x_unit, PROMPT, negative_prompt, guidance_scale)
+    assert np.abs(expected).max() > 0.5
+    np.testing.assert_allclose(ours.asnumpy(), expected, rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ the pipeline
+
+
+def test_same_seed_same_images_and_image_j_uses_seed_plus_j(sampler):
+    args = dict(negative_prompt="", sampler="EulerAncestral", steps=3, guidance_scale=5.0, height=SIZE, width=SIZE)
+    calls = []
+    first = sampler.generate([PROMPT], seed=5, num_images=2, progress=lambda done, total: calls.append((done, total)),
+                             **args)
+    assert calls == [(i, 6) for i in range(1, 7)]
+    assert len(first) == 2 and first[0].shape == (SIZE, SIZE, 3) and first[0].dtype == np.uint8
+    again = sampler.generate(PROMPT, seed=5, num_images=2, **args)
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    np.testing.assert_array_equal(first[1], sampler.generate(PROMPT, seed=6, **args)[0])
+    assert np.abs(first[0].astype(int) - first[1]).mean() > 1  # another seed, another image
+
+
+def test_img2img_runs_the_last_strength_fraction(sampler):
+    image = np.random.RandomState(0).randint(0, 256, (SIZE + 16, SIZE, 3)).astype(np.uint8)  # cropped to size
+    totals = []
+    out = sampler.generate(PROMPT, sampler="EulerEDM", steps=9, height=SIZE, width=SIZE, seed=1, init_image=image,
+                           strength=0.5, progress=lambda done, total: totals.append(total))
+    assert out[0].shape == (SIZE, SIZE, 3)
+    assert set(totals) == {4}  # 5 of the 10 sigmas (9 and the final 0): 4 steps
+    again = sampler.generate(PROMPT, sampler="EulerEDM", steps=9, height=SIZE, width=SIZE, seed=1, init_image=image,
+                             strength=0.5)
+    np.testing.assert_array_equal(out[0], again[0])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(height=48), "multiples of 32"), (dict(width=0), "multiples of 32"), (dict(sampler="DDIM"), "unknown sampler"),
+    (dict(steps=0), "steps"), (dict(num_images=0), "num_images"), (dict(seed=-1), "seed"),
+    (dict(init_image="/nonexistent.png"), "cannot read the image"),
+])
+def test_bad_requests_fail_before_sampling(sampler, kwargs, match):
+    with pytest.raises(SamplingError, match=match):
+        sampler.generate(PROMPT, **dict(dict(height=SIZE, width=SIZE, steps=2), **kwargs))
+
+
+def test_sampler_names_match_the_command_line():
+    sys.path.insert(0, os.path.dirname(CLI))
+    from sampling_without_streamlit import SAMPLER_NAMES
+
+    assert SAMPLER_NAMES == tuple(SAMPLERS)
+
+
+def test_make_grid_places_images_row_by_row():
+    images = [np.full((2, 3, 3), k, np.uint8) for k in range(1, 5)]
+    grid = make_grid(images, 2, 2)
+    assert grid.shape == (4, 6, 3)
+    assert [grid[0, 0, 0], grid[0, 3, 0], grid[2, 0, 0], grid[2, 3, 0]] == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------------------------------------ embeddings
+
+
+@pytest.fixture(scope="module")
+def word_sampler():
+    """A sampler on an engine of its own (random weights): learned words change its text encoders."""
+    return SDXLSampler(build_engine(TINY_CONFIG))
+
+
+def crossattn(sampler, prompt):
+    return sampler.encode_prompt(prompt, "", SIZE, SIZE)[0]["crossattn"].asnumpy()
+
+
+def test_embeddings_in_every_format_change_the_conditioning(word_sampler, embeddings):
+    _, paths = embeddings
+    before = crossattn(word_sampler, "a photo of <toy> by <thing> in <style>")
+    loaded = [word_sampler.load_embedding(paths[f]) for f in ("ckpt", "safetensors", "diffusers")]
+    assert [(e.token, e.num_vectors) for e in loaded] == [("<toy>", 2), ("<style>", 1), ("<thing>", 3)]
+    assert word_sampler.placeholders == {"<toy>": 2, "<style>": 1, "<thing>": 3}
+    assert word_sampler.prompts_without_placeholders(["a <toy>", "a cat", "<STYLE> art"]) == ["a cat"]
+
+    plain = crossattn(word_sampler, "a photo of a cat")
+    with_words = crossattn(word_sampler, "a photo of <toy> by <thing> in <style>")
+    assert np.abs(with_words - before).max() > 1e-3
+    # reloading a token with new rows overwrites them in place (no recompile), and the old rows come back
+    toy = loaded[0]
+    word_sampler.add_embedding(type(toy)(toy.token, toy.clip_l + 1.0, toy.clip_g - 1.0, "edited"))
+    assert np.abs(crossattn(word_sampler, "a photo of <toy>") - with_words).max() > 1e-3
+    word_sampler.add_embedding(toy)
+    np.testing.assert_array_equal(crossattn(word_sampler, "a photo of <toy> by <thing> in <style>"), with_words)
+    np.testing.assert_array_equal(crossattn(word_sampler, "a photo of a cat"), plain)
+
+
+def test_bad_embeddings_change_nothing(word_sampler, embeddings):
+    _, paths = embeddings
+    word_sampler.load_embedding(paths["ckpt"])  # <toy>, 2 vectors
+    known = dict(word_sampler.placeholders)
+    sizes = [len(e.tokenizer) for e in word_sampler.engine.conditioner.text_embedders()]
+    with pytest.raises(EmbeddingFormatError, match="do not fit"):
+        word_sampler.load_embedding(paths["sdxl_widths"])
+    with pytest.raises(EmbeddingFormatError, match="SD 1.x"):
+        word_sampler.load_embedding(paths["sd15"])
+    with pytest.raises(EmbeddingFormatError, match="neither a safetensors file nor"):
+        word_sampler.load_embedding(paths["text"])
+    with pytest.raises(SamplingError, match="already in the vocabulary"):
+        word_sampler.load_embedding(paths["ckpt"], token="cat")
+    with pytest.raises(SamplingError, match="already loaded with 2 vectors"):
+        word_sampler.load_embedding(paths["diffusers"], token="<toy>")  # 3 vectors
+    assert word_sampler.placeholders == known
+    assert sizes == [len(e.tokenizer) for e in word_sampler.engine.conditioner.text_embedders()]
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def png_text(path):
+    with Image.open(path) as image:
+        return dict(image.text), image.size
+
+
+def test_cli_txt2img_with_three_embedding_formats(tmp_path, embeddings, tiny_sdxl, sampler):
+    _, paths = embeddings
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"a photo of <toy> by <thing> in <style>\n\n{PROMPT}\n")
+    out = tmp_path / "outputs"
+    result = run_cli("--config", TINY_CONFIG, "--weight", tiny_sdxl.single_file,
+                     "--textual_inversion_weight", paths["ckpt"], "--textual_inversion_weight", paths["safetensors"],
+                     "--textual_inversion_weight", paths["diffusers"], "--prompt_file", str(prompts),
+                     "--sampler", "EulerAncestral", "--sample_step", "3", "--H", str(SIZE), "--W", str(SIZE),
+                     "--num_cols", "2", "--seed", "11", "--save_path", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"warning: the prompt '{PROMPT}' uses none of the learned words" in result.stderr
+    assert str(out) in result.stdout
+    names = sorted(os.listdir(out))
+    assert names == ["00000_a-photo-of-toy-by-thing-in-style_grid.png", "00000_a-photo-of-toy-by-thing-in-style_seed11.png",
+                     "00000_a-photo-of-toy-by-thing-in-style_seed12.png", "00001_a-photo-of-a-red-cube-on-a-table_grid.png",
+                     "00001_a-photo-of-a-red-cube-on-a-table_seed11.png", "00001_a-photo-of-a-red-cube-on-a-table_seed12.png"]
+    text, size = png_text(out / names[2])
+    assert size == (SIZE, SIZE)
+    assert text["prompt"] == "a photo of <toy> by <thing> in <style>" and text["seed"] == "12"
+    assert (text["sampler"], text["steps"], text["guidance_scale"]) == ("EulerAncestral", "3", "5.0")
+    assert text["embeddings"] == "<toy>=SD-XL-base-1.0_ti.ckpt, <style>=style.safetensors, <thing>=thing"
+    grid_text, grid_size = png_text(out / names[0])
+    assert grid_size == (2 * SIZE, SIZE) and grid_text["seed"] == "11..12"
+    grid = np.asarray(Image.open(out / names[0]))
+    np.testing.assert_array_equal(grid[:, SIZE:], np.asarray(Image.open(out / names[2])))
+
+    # the same seed and arguments give the same images, here in another process from the same weights
+    ours = sampler.generate(PROMPT, sampler="EulerAncestral", steps=3, height=SIZE, width=SIZE, seed=11, num_images=2)
+    for j, name in enumerate(names[4:]):
+        assert np.abs(np.asarray(Image.open(out / name)).astype(int) - ours[j]).max() <= 1
+
+    # a second run adds files, never overwrites
+    again = run_cli("--config", TINY_CONFIG, "--prompt", "x", "--H", "48", "--W", str(SIZE), "--save_path", str(out))
+    assert again.returncode == 1 and sorted(os.listdir(out)) == names
+
+
+def test_cli_img2img_with_token_override(tmp_path, embeddings):
+    _, paths = embeddings
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (80, 96, 3)).astype(np.uint8)).save(init)
+    out = tmp_path / "outputs"
+    result = run_cli("--task", "img2img", "--img", str(init), "--strength", "0.5", "--config", TINY_CONFIG,
+                     "--textual_inversion_weight", paths["safetensors"], "--placeholder_token", "<mine>",
+                     "--prompt", "a <mine> house", "--negative_prompt", "ugly", "--sample_step", "4",
+                     "--H", str(SIZE), "--W", str(SIZE), "--save_path", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr
+    text, size = png_text(out / "00000_a-mine-house_seed42.png")
+    assert size == (SIZE, SIZE)
+    assert (text["task"], text["strength"], text["init_image"]) == ("img2img", "0.5", str(init))
+    assert text["embeddings"] == "<mine>=style.safetensors" and text["negative_prompt"] == "ugly"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--weight", "/nonexistent/sd_xl_base_1.0.safetensors"], "weights not found"),
+    ([], "needs the SDXL weights"),  # the full config, no --weight
+    (["--config", TINY_CONFIG, "--textual_inversion_weight", "{sd15}"], "SD 1.x embedding"),
+    (["--config", TINY_CONFIG, "--textual_inversion_weight", "{sdxl_widths}"], "do not fit this model's text encoders"),
+    (["--config", TINY_CONFIG, "--textual_inversion_weight", "{text}"], "neither a safetensors file nor"),
+    (["--config", TINY_CONFIG, "--textual_inversion_weight", "{ckpt}", "--textual_inversion_weight", "{ckpt}"],
+     "the same token"),
+    (["--config", TINY_CONFIG, "--H", "100"], "multiples of 32"),
+    (["--config", TINY_CONFIG, "--task", "img2img", "--img", "{text}"], "cannot read the image"),
+    (["--config", TINY_CONFIG, "--task", "img2img", "--img", "/nonexistent.png"], "cannot read the image"),
+])
+def test_cli_bad_input_one_message_exit_1(tmp_path, embeddings, capsys, args, message):
+    sys.path.insert(0, os.path.dirname(CLI))
+    from sampling_without_streamlit import main
+
+    _, paths = embeddings
+    out = tmp_path / "outputs"
+    size = [] if "--H" in args else ["--H", str(SIZE)]  # never the 1024 default: these must fail before sampling
+    args = [a.format(**paths) for a in args] + size + ["--W", str(SIZE), "--prompt", "a <toy>", "--save_path", str(out)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith("error: ") and message in err.splitlines()[-1]
+    assert not out.exists() or not os.listdir(out)
+
+
+def test_cli_flag_errors_and_help():
+    result = run_cli("--help", timeout=60)
+    assert result.returncode == 0
+    for flag in ("--task", "--img", "--strength", "--config", "--weight", "--textual_inversion_weight",
+                 "--placeholder_token", "--prompt", "--prompt_file", "--negative_prompt", "--sampler", "--sample_step",
+                 "--guidance_scale", "--seed", "--num_cols", "--num_rows", "--H", "--W", "--save_path",
+                 "--device_target", "--ms_mode", "--precision"):
+        assert flag in result.stdout
+    missing_weights = run_cli("--prompt", "x", "--weight", "/nonexistent.safetensors", timeout=120)
+    assert missing_weights.returncode == 1 and "Traceback" not in missing_weights.stderr
+    assert "weights not found" in missing_weights.stderr
+    for args, message in [([], "exactly one of --prompt and --prompt_file"),
+                          (["--prompt", "x", "--task", "img2img"], "needs --img"),
+                          (["--prompt", "x", "--strength", "2"], "--strength"),
+                          (["--prompt", "x", "--placeholder_token", "<a>"], "one per embedding"),
+                          (["--prompt_file", "/nonexistent.txt"], "cannot read --prompt_file")]:
+        result = run_cli(*args, timeout=60)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ the page
+
+
+def test_page_logic_with_apptest(tiny_sdxl, embeddings):
+    from streamlit.testing.v1 import AppTest
+
+    folder, paths = embeddings
+    at = AppTest.from_file(APP, default_timeout=600).run()
+    assert not at.exception
+    assert "needs the SDXL weights" in at.sidebar.error[0].value  # the full config without weights
+
+    at.text_input(key="config").set_value(TINY_CONFIG)
+    at.text_input(key="weight").set_value("/nonexistent.safetensors").run()
+    assert "weights not found" in at.sidebar.error[0].value and not at.exception
+    at.text_input(key="weight").set_value(tiny_sdxl.single_file)
+    at.text_input(key="embeddings_dir").set_value(str(folder)).run()
+    assert not at.exception and not at.error
+    assert at.multiselect(key="embeddings").options == [
+        "bad/full_sdxl.safetensors", "bad/sd15.safetensors", "style/style.safetensors",
+        "thing/learned_embeds.safetensors", "toy/SD-XL-base-1.0_ti.ckpt"]
+
+    at.multiselect(key="embeddings").set_value(
+        ["bad/full_sdxl.safetensors", "bad/sd15.safetensors", "toy/SD-XL-base-1.0_ti.ckpt"])
+    at.text_input(key="embedding_path").set_value(paths["text"]).run()
+    errors = " ".join(e.value for e in at.sidebar.error)
+    assert "do not fit" in errors and "SD 1.x" in errors and "neither a safetensors file nor" in errors
+    assert [s.value for s in at.sidebar.success] == ["<toy> (2 vectors) from SD-XL-base-1.0_ti.ckpt"]
+    at.text_area(key="prompt").set_value("a cat").run()
+    assert "uses none of the learned words" in at.warning[0].value
+
+    at.text_area(key="prompt").set_value("a photo of <toy>")
+    at.number_input(key="steps").set_value(2)
+    at.number_input(key="H").set_value(SIZE)
+    at.number_input(key="W").set_value(SIZE)
+    at.number_input(key="num_images").set_value(2)
+    at.button(key="generate").click().run()
+    assert not at.exception and not at.warning
+    assert [image.captions for image in at.image] == [["seed 42"], ["seed 43"]]
+    assert len(at.download_button) == 2
+    at.run()  # a rerun (any widget change) keeps the images
+    assert len(at.image) == 2 and len(at.download_button) == 2
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_page_in_headless_chromium(tiny_sdxl, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    port, log = free_port(), open(tmp_path / "streamlit.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", APP, "--server.headless", "true", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false", "--",
+         "--config", TINY_CONFIG, "--weight", tiny_sdxl.single_file, "--H", str(SIZE), "--W", str(SIZE),
+         "--sample_step", "2"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    if r.read() == b"ok":
+                        break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path="/usr/bin/chromium",
+                args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                      "--disable-component-update", "--disable-sync", "--no-first-run"])
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                page.set_default_timeout(60_000)
+                page.goto(f"http://127.0.0.1:{port}/")
+                page.get_by_role("button", name="Generate").click(timeout=120_000)
+                image = page.locator("[data-testid='stImage'] img").first
+                image.wait_for(state="visible", timeout=300_000)
+                page.get_by_text("Done: 1 image(s)").wait_for(timeout=60_000)
+                assert page.get_by_role("button", name="Download PNG").count() == 1
+                size = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+                assert size == [SIZE, SIZE]
+                page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
