@@ -30,8 +30,8 @@ from gm.data.dataset import DataError, EpochSampler, TextualInversionDataset
 from gm.data.templates import TemplateError, load_templates
 from gm.models.loading import create_model, load_config
 from gm.textual_inversion.checkpointing import (
-    STATE_DIR, ResumeError, embedding_name, find_train_state, load_train_state, save_learned_embeddings,
-    save_train_state,
+    STATE_DIR, ResumeError, embedding_name, embedding_paths, find_train_state, load_train_state, read_train_state,
+    save_learned_embeddings, save_train_state,
 )
 from gm.textual_inversion.latent_cache import TrainingLatents
 from gm.textual_inversion.loss_log import LossLog
@@ -94,68 +94,81 @@ def parse_args(argv=None):
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--total_step", type=int, default=3000, help="optimizer steps (default: %(default)s)")
-    g.add_argument("--train_batch_size", type=int, default=1, help="images per micro-batch per device")
+    g.add_argument("--train_batch_size", type=int, default=1,
+                   help="images per micro-batch per device (default: 1)")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1,
                    help="micro-batches averaged per optimizer step (default: 1)")
     g.add_argument("--learning_rate", type=float, default=5e-4, help="AdamW learning rate (default: %(default)s)")
     g.add_argument("--scale_lr", type=str2bool, default=False,
                    help="multiply the learning rate by the effective batch size (as diffusers does)")
-    g.add_argument("--lr_scheduler", choices=SCHEDULES, default="constant", help="(default: %(default)s)")
-    g.add_argument("--lr_warmup_steps", type=int, default=0, help="linear warm-up steps (default: 0)")
+    g.add_argument("--lr_scheduler", choices=SCHEDULES, default="constant",
+                   help="learning-rate schedule after the warm-up, the shapes of diffusers' get_scheduler: "
+                        "%(choices)s (default: %(default)s)")
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="steps of linear warm-up from 0 (default: 0; ignored by 'constant')")
     g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay (default: 1e-2)")
     g.add_argument("--max_grad_norm", type=float, default=1.0,
                    help="clip the gradient's global norm to this; 0 turns clipping off (default: 1.0)")
-    g.add_argument("--seed", type=int, default=42, help="seed of initialisation, data order and noise")
+    g.add_argument("--seed", type=int, default=42,
+                   help="seed of initialisation, data order, augmentation and noise (default: %(default)s)")
 
     g = p.add_argument_group("checkpoints, samples, resume")
-    g.add_argument("--save_interval", type=int, default=500, help="save embeddings and state every N steps")
-    g.add_argument("--max_num_ckpt", type=int, default=None, help="keep at most N step-numbered embeddings")
-    g.add_argument("--resume", default=None, help='"latest" (in --save_path) or a train_state/step_<n> folder')
+    g.add_argument("--save_interval", type=int, default=500,
+                   help="save the embeddings and the training state every N steps (default: %(default)s)")
+    g.add_argument("--max_num_ckpt", type=int, default=None, help="keep at most N step-numbered embedding pairs (default: all)")
+    g.add_argument("--resume", default=None,
+                   help='continue a run: "latest" (the newest state in --save_path), a run folder, or one of its '
+                        'train_state/step_<n> folders; the placeholder, vectors and model must match')
     g.add_argument("--infer_during_train", type=str2bool, default=False,
                    help="sample the validation prompt every --infer_interval steps and at the end")
-    g.add_argument("--infer_interval", type=int, default=500, help="steps between validation samples")
+    g.add_argument("--infer_interval", type=int, default=500, help="steps between validation samples (default: %(default)s)")
     g.add_argument("--validation_prompt", default=None,
                    help='prompt for validation samples (default by property, e.g. "a photo of <tok>")')
-    g.add_argument("--num_validation_images", type=int, default=4, help="images per validation grid")
-    g.add_argument("--validation_sample_step", type=int, default=25, help="sampler steps for validation")
+    g.add_argument("--num_validation_images", type=int, default=4, help="images per validation grid (default: %(default)s)")
+    g.add_argument("--validation_sample_step", type=int, default=25, help="sampler steps for validation (default: %(default)s)")
 
     g = p.add_argument_group("device")
-    g.add_argument("--device_target", choices=["Ascend", "GPU", "CPU"], default="Ascend")
+    g.add_argument("--device_target", choices=["Ascend", "GPU", "CPU"], default="Ascend",
+                   help="where to run (default: %(default)s)")
     g.add_argument("--ms_mode", type=int, choices=[0, 1], default=0, help="0: graph mode (default), 1: PyNative")
     g.add_argument("--is_parallel", type=str2bool, default=False,
                    help="data parallel across the workers started by msrun")
     return p.parse_args(argv)
 
 
-def check_args(args, config):
-    """Reject bad arguments before anything is built or written."""
+def check_args(args):
+    """Reject bad arguments before anything is built or written (the weights first: the most likely miss)."""
     for flag in ("num_vectors", "total_step", "gradient_accumulation_steps", "train_batch_size",
                  "save_interval", "infer_interval", "num_validation_images", "validation_sample_step"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.max_num_ckpt is not None and args.max_num_ckpt < 1:
         raise UsageError(f"--max_num_ckpt must be at least 1, got {args.max_num_ckpt}")
+    if args.lr_warmup_steps < 0:
+        raise UsageError(f"--lr_warmup_steps must be at least 0, got {args.lr_warmup_steps}")
     if not 0.0 <= args.flip_p <= 1.0:
         raise UsageError(f"--flip_p must be between 0 and 1, got {args.flip_p}")
     if args.learning_rate <= 0:
         raise UsageError(f"--learning_rate must be positive, got {args.learning_rate}")
+    for flag in ("seed", "max_grad_norm", "adam_weight_decay"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag} must not be negative, got {getattr(args, flag)}")
     # The UNet halves the latent twice (three levels) and the VAE divides by 8: sides must be multiples of 32.
     if args.resolution < 64 or args.resolution % 32:
         raise UsageError(f"--resolution {args.resolution}: SDXL takes multiples of 32 from 64 up (e.g. 1024).")
+    if args.precision == "bf16" and args.device_target == "CPU":
+        raise UsageError("--precision bf16 needs Ascend (MindSpore has no CPU kernels for it); use fp32 or fp16 on CPU.")
+    if args.weight:
+        weight_format(args.weight)  # a missing or unreadable file is reported now, not after minutes of setup
     if not os.path.isdir(args.data_path):
         raise UsageError(f"--data_path {args.data_path}: no such folder.")
     if args.template_file:
         load_templates(args.template_file)
-    if not args.placeholder_token.strip() or " " in args.placeholder_token:
+    if not args.placeholder_token.strip() or any(c.isspace() for c in args.placeholder_token):
         raise UsageError(f"--placeholder_token {args.placeholder_token!r}: must be one word without spaces.")
     run_files = [n for n in (STATE_DIR, "loss.csv", "args.yaml") if os.path.exists(os.path.join(args.save_path, n))]
     if run_files and not (args.resume or args.overwrite):
         raise UsageError(f"--save_path {args.save_path} holds another run's files ({', '.join(run_files)}): "
                          "pass --resume latest to continue it, --overwrite to start afresh, or another --save_path.")
-    if args.precision == "bf16" and args.device_target == "CPU":
-        raise UsageError("--precision bf16 needs Ascend (MindSpore has no CPU kernels for it); use fp32 on CPU.")
-    if args.weight:
-        weight_format(args.weight)  # a missing or unreadable file is reported now, not after minutes of setup
 
 
 def resolve_defaults(args, config):
@@ -173,7 +186,11 @@ def resolve_defaults(args, config):
 def setup_device(args):
     """MindSpore context; (rank, world size) of this process."""
     ms.set_context(mode=ms.GRAPH_MODE if args.ms_mode == 0 else ms.PYNATIVE_MODE)
-    ms.set_device(args.device_target)
+    try:
+        ms.set_device(args.device_target)
+    except RuntimeError as e:
+        raise UsageError(f"--device_target {args.device_target}: not usable with this MindSpore installation "
+                         f"({str(e).splitlines()[0]})") from None
     if not args.is_parallel:
         return 0, 1
     from mindspore.communication import get_group_size, get_rank, init
@@ -182,120 +199,203 @@ def setup_device(args):
     return get_rank(), get_group_size()
 
 
+def run_identity(args, config, world_size):
+    """What a training state must share with this run to be resumed by it."""
+    return {"placeholder_token": args.placeholder_token, "num_vectors": args.num_vectors,
+            "model": hashlib.sha256(OmegaConf.to_yaml(config.model).encode()).hexdigest()[:16],
+            "weight": os.path.abspath(args.weight) if args.weight else None,
+            "resolution": args.resolution, "seed": args.seed, "world_size": world_size}
+
+
+class Training:
+    """Everything a run trains with, built from the arguments: data, the frozen model with the placeholder
+    tokens added, cached latents, the sampler, and the compiled train step over the learned rows."""
+
+    def __init__(self, args, config, rank=0, world_size=1):
+        # ---- data: images and their prompts, where the placeholder stands for all its vectors
+        placeholder = {args.placeholder_token: args.num_vectors}
+        templates = load_templates(args.template_file) if args.template_file else None
+        self.dataset = TextualInversionDataset(
+            args.data_path, args.placeholder_token, args.resolution, args.learnable_property, templates,
+            placeholder_text=expand_placeholders(args.placeholder_token, placeholder), flip_p=args.flip_p,
+            seed=args.seed)
+
+        # ---- the frozen model, with the placeholder tokens added to both text encoders
+        ms.set_seed(args.seed)
+        self.model = create_model(config, args.weight, precision=args.precision, recompute=args.recompute)
+        init_rng = np.random.RandomState(args.seed)
+        rows = [initial_rows(embedder, args.initializer_token, args.num_vectors, init_rng)
+                for embedder in self.model.conditioner.text_embedders()]
+        add_placeholder_tokens(self.model.conditioner, args.placeholder_token, *rows)
+        self.tokens = placeholder_tokens(args.placeholder_token, args.num_vectors)
+        self.learned = self.model.conditioner.learned_embeddings()
+
+        # ---- latents of the training images, encoded once (the VAE encoder is then released)
+        variants = (False, True) if args.flip_p > 0 else (False,)
+        self.latents = TrainingLatents(self.model.first_stage_model, self.dataset, variants, cache=args.cache_latents,
+                                       progress=rank == 0)
+        self.sampler = EpochSampler(len(self.dataset), args.train_batch_size, args.seed, rank, world_size)
+
+        # ---- the train step over the learned rows only (compiled at its first call)
+        self.effective_batch = args.train_batch_size * args.gradient_accumulation_steps * world_size
+        self.base_lr = args.learning_rate * (self.effective_batch if args.scale_lr else 1)
+        self.optimizer = AdamW(self.learned, weight_decay=args.adam_weight_decay)
+        self.train_step = TextualInversionTrainStep(
+            TextualInversionLoss(self.model), self.learned, self.optimizer, args.gradient_accumulation_steps,
+            args.max_grad_norm, dynamic_loss_scale=args.precision == "fp16", world_size=world_size)
+        # what a training state holds besides the host side (step, data order)
+        self.state_params = self.learned + self.train_step.state_parameters()
+        self.args, self.rank = args, rank
+
+    def run_step(self, step, lr):
+        """One optimizer step (all its micro-batches); returns the mean loss of its micro-batches."""
+        losses = []
+        accumulation = self.args.gradient_accumulation_steps
+        for micro in range(accumulation):
+            # noise drawn from (seed, rank, step, micro-batch): reproducible on resume, different per rank
+            noise_rng = np.random.RandomState([self.args.seed, self.rank, step, micro])
+            inputs = draw_micro_batch(self.model, self.dataset, self.latents, self.sampler, noise_rng)
+            loss = self.train_step(Tensor(lr, ms.float32), Tensor(micro == accumulation - 1), *inputs)
+            losses.append(float(loss.asnumpy()))
+        return float(np.mean(losses))
+
+    def rows(self):
+        """The learned rows of both encoders as float32 arrays ([n, d1], [n, d2])."""
+        return tuple(p.asnumpy().astype(np.float32) for p in self.learned)
+
+
 def main(args):
     config = load_config(args.config)
     resolve_defaults(args, config)
-    check_args(args, config)
+    check_args(args)
     rank, world_size = setup_device(args)
     is_main = rank == 0
-    ms.set_seed(args.seed)
+    identity = run_identity(args, config, world_size)
+    schedule = {"lr_scheduler": args.lr_scheduler, "learning_rate": args.learning_rate, "scale_lr": args.scale_lr,
+                "lr_warmup_steps": args.lr_warmup_steps, "total_step": args.total_step}
+    resume_dir = find_train_state(args.save_path, args.resume) if args.resume else None
+    host = read_train_state(resume_dir, identity) if resume_dir else None
+    if world_size > 1:
+        barrier()  # every rank has checked the arguments before rank 0 writes anything
 
-    # ---- data: images and their prompts, where the placeholder stands for all its vectors
-    placeholder = {args.placeholder_token: args.num_vectors}
-    templates = load_templates(args.template_file) if args.template_file else None
-    dataset = TextualInversionDataset(
-        args.data_path, args.placeholder_token, args.resolution, args.learnable_property, templates,
-        placeholder_text=expand_placeholders(args.placeholder_token, placeholder), flip_p=args.flip_p, seed=args.seed)
-
-    # ---- the frozen model, with the placeholder tokens added to both text encoders
-    model = create_model(config, args.weight, precision=args.precision, recompute=args.recompute)
-    init_rng = np.random.RandomState(args.seed)
-    rows = [initial_rows(embedder, args.initializer_token, args.num_vectors, init_rng)
-            for embedder in model.conditioner.text_embedders()]
-    add_placeholder_tokens(model.conditioner, args.placeholder_token, *rows)
-    tokens = placeholder_tokens(args.placeholder_token, args.num_vectors)
-    learned = model.conditioner.learned_embeddings()
-
-    # ---- latents of the training images, encoded once
-    variants = (False, True) if args.flip_p > 0 else (False,)
-    latents = TrainingLatents(model.first_stage_model, dataset, variants, cache=args.cache_latents)
-    if args.cache_latents:
-        del model.first_stage_model.encoder  # its memory is not needed any more
-    sampler = EpochSampler(len(dataset), args.train_batch_size, args.seed, rank, world_size)
-
-    # ---- the compiled train step over the learned rows only
-    effective_batch = args.train_batch_size * args.gradient_accumulation_steps * world_size
-    base_lr = args.learning_rate * (effective_batch if args.scale_lr else 1)
-    optimizer = AdamW(learned, weight_decay=args.adam_weight_decay)
-    train_step = TextualInversionTrainStep(
-        TextualInversionLoss(model), learned, optimizer, args.gradient_accumulation_steps, args.max_grad_norm,
-        dynamic_loss_scale=args.precision == "fp16", world_size=world_size)
-    state_params = learned + train_step.state_parameters()
-
-    # ---- resume
-    identity = {"placeholder_token": args.placeholder_token, "num_vectors": args.num_vectors,
-                "model": hashlib.sha256(OmegaConf.to_yaml(config.model).encode()).hexdigest()[:16],
-                "weight": os.path.abspath(args.weight) if args.weight else None,
-                "resolution": args.resolution, "world_size": world_size}
+    run = Training(args, config, rank, world_size)
     start_step = 0
-    if args.resume:
-        host = load_train_state(find_train_state(args.save_path, args.resume), state_params, identity)
+    if host:
+        load_train_state(resume_dir, run.state_params)
+        try:
+            run.sampler.load_state_dict(host["sampler"])
+        except (KeyError, ValueError) as e:
+            raise ResumeError(f"{resume_dir}: the training images changed since it was saved ({e}).") from None
         start_step = host["step"]
-        sampler.load_state_dict(host["sampler"])
+        if host.get("schedule", schedule) != schedule and is_main:
+            print(f"warning: the learning-rate schedule differs from the resumed run's {host['schedule']}; "
+                  "the continuation will not match an uninterrupted run.", file=sys.stderr)
     elif args.overwrite and is_main:
         for name in (STATE_DIR, "samples"):
             shutil.rmtree(os.path.join(args.save_path, name), ignore_errors=True)
 
     if is_main:
         os.makedirs(args.save_path, exist_ok=True)
-        OmegaConf.save(OmegaConf.create({"args": vars(args), "config": config}), os.path.join(args.save_path, "args.yaml"))
+        resolved = {"world_size": world_size, "effective_batch_size": run.effective_batch,
+                    "learning_rate_used": run.base_lr, "tokens": run.tokens, "start_step": start_step}
+        OmegaConf.save(OmegaConf.create({"args": vars(args), "resolved": resolved, "config": config}),
+                       os.path.join(args.save_path, "args.yaml"))
         log = LossLog(args.save_path, start_step)
-        print_summary(args, dataset, tokens, learned, effective_batch, world_size, start_step)
+        print_summary(args, run, world_size, start_step)
 
     def save(step, final=False):
         """Write the embeddings and the training state (the noise RNG is a function of seed and step)."""
         if not is_main:
             return
-        rows_l, rows_g = (p.asnumpy() for p in learned)
+        rows_l, rows_g = run.rows()
         save_learned_embeddings(args.save_path, args.placeholder_token, rows_l, rows_g, step, args.max_num_ckpt)
         if final:
             save_learned_embeddings(args.save_path, args.placeholder_token, rows_l, rows_g)
-        save_train_state(args.save_path, step, state_params, {"identity": identity, "sampler": sampler.state_dict()})
+        save_train_state(args.save_path, step, run.state_params,
+                         {"identity": identity, "sampler": run.sampler.state_dict(), "schedule": schedule})
         log.plot()
 
-    # Ctrl-C (or SIGTERM) finishes the current step, saves, and exits cleanly.
-    stop = {"requested": False}
+    # Ctrl-C (or SIGTERM) finishes the current step, saves, and exits; a second one stops at once.
+    stop = {"signal": None}
 
     def request_stop(signum, frame):
-        stop["requested"] = True
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+        if is_main:
+            tqdm.write("Stopping after this step (press Ctrl-C again to stop at once, without saving)...")
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        step, timing = train_loop(args, run, start_step, save, stop, log if is_main else None, is_main)
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+    if stop["signal"] is not None and step < args.total_step:
+        save(step)
+        if is_main:
+            print(f"\nInterrupted at step {step}: saved the embeddings and the training state. "
+                  f"Continue with the same command and --resume latest.")
+        return 128 + stop["signal"]
+    save(step, final=True)
+    if world_size > 1:
+        # each rank's learned rows, to check they agree (data parallel keeps them identical)
+        print(f"rank {rank}/{world_size}: learned rows sha256 {rows_digest(run.rows())}", flush=True)
+    if is_main:
+        print_outputs(args, run, step, timing)
+    return 0
 
-    # ---- the loop
+
+def train_loop(args, run, start_step, save, stop, log, is_main):
+    """Optimizer steps from `start_step` to --total_step (or until a stop signal); returns (last step, timing)."""
+    progress = tqdm(total=args.total_step, initial=start_step, desc="Training", disable=not is_main,
+                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+    if is_main and start_step < args.total_step:
+        tqdm.write("Compiling the training graph (the first step takes longer)...")
+    timing = {"compile": None, "steps": []}  # compile: first step's seconds; steps: the seconds of the others
     step = start_step
-    progress = tqdm(range(start_step, args.total_step), initial=start_step, total=args.total_step,
-                    desc="Training", disable=not is_main)
-    for step in progress:
+    while step < args.total_step and stop["signal"] is None:
         started = time.time()
-        lr = learning_rate(args.lr_scheduler, base_lr, step, args.total_step, args.lr_warmup_steps)
-        losses = []
-        for micro in range(args.gradient_accumulation_steps):
-            # noise drawn from (seed, rank, step, micro-batch): reproducible on resume, different per rank
-            noise_rng = np.random.RandomState([args.seed, rank, step, micro])
-            inputs = draw_micro_batch(model, dataset, latents, sampler, noise_rng)
-            apply = micro == args.gradient_accumulation_steps - 1
-            loss = train_step(Tensor(lr, ms.float32), Tensor(apply), *inputs)
-            losses.append(float(loss.asnumpy()))
+        lr = learning_rate(args.lr_scheduler, run.base_lr, step, args.total_step, args.lr_warmup_steps)
+        loss = run.run_step(step, lr)
         step += 1
         seconds = time.time() - started
+        if timing["compile"] is None:
+            timing["compile"] = seconds
+            if is_main:
+                tqdm.write(f"Graph compiled in {seconds:.1f} s (first step, compile included).")
+        else:
+            timing["steps"].append(seconds)
         if is_main:
-            log.append(step, float(np.mean(losses)), lr, seconds)
-            progress.set_postfix(loss=f"{np.mean(losses):.4f}", lr=f"{lr:.2e}", s_per_step=f"{seconds:.2f}")
+            log.append(step, loss, lr, seconds)
+            progress.update(1)
+            postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
+            if timing["steps"]:
+                per_step = float(np.mean(timing["steps"][-50:]))
+                postfix.update(s_per_step=f"{per_step:.2f}", eta=_duration(per_step * (args.total_step - step)))
+            progress.set_postfix(postfix)
         if args.infer_during_train and is_main and (step % args.infer_interval == 0 or step == args.total_step):
-            sample_validation_grid(model, args, step)
-        if stop["requested"]:
-            save(step)
-            print(f"\nInterrupted: saved step {step}. Continue with --resume latest.")
-            return 130
+            sample_validation_grid(run.model, args, step)
         if step % args.save_interval == 0 and step != args.total_step:
             save(step)
     progress.close()
-    save(step, final=True)
-    if is_main:
-        skipped = int(train_step.skipped_steps.asnumpy())
-        print_outputs(args, step, skipped)
-    return 0
+    return step, timing
+
+
+def rows_digest(rows):
+    return hashlib.sha256(b"".join(np.ascontiguousarray(r, np.float32).tobytes() for r in rows)).hexdigest()[:16]
+
+
+def _duration(seconds):
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes:02d}:{seconds:02d}"
+
+
+def barrier():
+    from mindspore.mint.distributed import barrier as ms_barrier
+
+    ms_barrier()
 
 
 def draw_micro_batch(model, dataset, latents, sampler, rng):
@@ -320,16 +420,20 @@ def sample_validation_grid(model, args, step):
     save_grid(images, os.path.join(args.save_path, "samples", f"step_{step}.png"))
 
 
-def print_summary(args, dataset, tokens, learned, effective_batch, world_size, start_step):
+def print_summary(args, run, world_size, start_step):
+    tokens = run.tokens
     lines = [
         "",
         f"Textual inversion of {args.placeholder_token!r} ({args.learnable_property}) on {args.config}",
-        f"  images found      : {len(dataset)} in {args.data_path}",
-        f"  tokens added      : {len(tokens)} to each text encoder ({', '.join(tokens[:4])}{' ...' if len(tokens) > 4 else ''})",
-        f"  trainable params  : {sum(p.size for p in learned):,} ({' + '.join(str(tuple(p.shape)) for p in learned)})",
-        f"  effective batch   : {effective_batch} = {args.train_batch_size} per device x "
+        f"  images found      : {len(run.dataset)} in {args.data_path}",
+        f"  tokens added      : {len(tokens)} to each text encoder ({', '.join(tokens[:4])}"
+        f"{' ...' if len(tokens) > 4 else ''})"
+        f"{f', initialised from {args.initializer_token!r}' if args.initializer_token else ', random initial vectors'}",
+        f"  trainable params  : {sum(p.size for p in run.learned):,} "
+        f"({' + '.join(str(tuple(p.shape)) for p in run.learned)}); every model weight frozen",
+        f"  effective batch   : {run.effective_batch} = {args.train_batch_size} per device x "
         f"{args.gradient_accumulation_steps} accumulation x {world_size} device(s)",
-        f"  steps             : {start_step} -> {args.total_step} at {args.resolution}px, lr {args.learning_rate} "
+        f"  steps             : {start_step} -> {args.total_step} at {args.resolution}px, lr {run.base_lr:g} "
         f"({args.lr_scheduler}), {args.precision}",
         f"  outputs           : {args.save_path}",
         "",
@@ -337,16 +441,21 @@ def print_summary(args, dataset, tokens, learned, effective_batch, world_size, s
     print("\n".join(lines))
 
 
-def print_outputs(args, step, skipped):
-    ckpt = os.path.join(args.save_path, "SD-XL-base-1.0_ti.ckpt")
-    st = os.path.join(args.save_path, f"{embedding_name(args.placeholder_token)}.safetensors")
-    print(f"\nDone: {step} steps{f', {skipped} skipped (non-finite gradients)' if skipped else ''}.")
+def print_outputs(args, run, step, timing):
+    ckpt, safetensors_path = embedding_paths(args.save_path, args.placeholder_token)
+    skipped = int(run.train_step.skipped_steps.asnumpy())
+    print(f"\nDone: step {step}{f', {skipped} steps skipped (non-finite gradients)' if skipped else ''}.")
+    if timing["compile"] is not None:
+        speed = f", then {np.mean(timing['steps']):.2f} s/step" if timing["steps"] else ""
+        print(f"  time                  : graph compiled in {timing['compile']:.1f} s (first step){speed}")
     print(f"  embedding (MindSpore) : {ckpt}")
-    print(f"  embedding (SDXL community format, for kohya/A1111/ComfyUI): {st}")
+    print(f"  embedding (SDXL community format, for kohya/A1111/ComfyUI): {safetensors_path}")
     print(f"  loss log and curve    : {os.path.join(args.save_path, 'loss.csv')}, loss.png")
+    print(f"  training state        : {os.path.join(args.save_path, STATE_DIR)} (continue with --resume latest)")
     if args.infer_during_train:
         print(f"  samples               : {os.path.join(args.save_path, 'samples')}/")
-    print(f'Sample with: python demo/sampling_without_streamlit.py --config configs/inference/... '
+    weight = f" --weight {args.weight}" if args.weight else ""
+    print(f"Sample with: python demo/sampling_without_streamlit.py --config {args.config}{weight} "
           f'--textual_inversion_weight {ckpt} --prompt "{args.validation_prompt}"')
 
 
@@ -358,3 +467,6 @@ if __name__ == "__main__":
             ResumeError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("\nInterrupted; nothing saved since the last checkpoint.", file=sys.stderr)
+        sys.exit(130)

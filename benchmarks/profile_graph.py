@@ -30,6 +30,8 @@ def phase_times(events, classify):
     """{phase: kernel seconds}; unscoped ("Expand/...") kernels inherit the previous scoped kernel's scope."""
     last_scope, totals = {}, {}
     for _, duration, thread, name in events:
+        if "-op" not in name:
+            continue  # a scope's summary event, spanning the kernels it holds
         if name.startswith(("Default/", "Gradients/")):
             last_scope[thread] = name
         scope = last_scope.get(thread, name)

@@ -132,6 +132,7 @@ def main():
     if embeddings and sampler.prompts_without_placeholders([prompt]):
         st.warning(f"The prompt uses none of the learned words ({tokens}).")
     results = st.session_state.setdefault("results", [])
+    status = st.empty()  # the progress bar, above the images
     columns = st.columns(4)
     slots = [columns[i % 4].empty() for i in range(16)]  # image i: column i % 4, row i // 4
     if not generate:
@@ -140,7 +141,7 @@ def main():
         return
 
     results.clear()
-    bar = st.progress(0.0, text="Sampling ...")
+    bar = status.progress(0.0, text="Sampling ...")
     metadata = {"prompt": prompt, "negative_prompt": negative_prompt, "sampler": sampler_name, "steps": steps,
                 "guidance_scale": guidance_scale, "size": f"{height}x{width}",
                 "embeddings": ", ".join(f"{e.token}={os.path.basename(e.source)}" for e in embeddings)}

@@ -20,7 +20,8 @@ from gm.modules.diffusionmodules.discretizer import Img2ImgDiscretizationWrapper
 from gm.modules.diffusionmodules.openaimodel import Downsample
 from gm.modules.diffusionmodules.sampling_utils import img2img_noised_input, randn_like_fn
 from gm.textual_inversion.embedding_io import check_widths, load_embedding
-from gm.textual_inversion.placeholder import add_placeholder_tokens, expand_placeholders, placeholder_tokens
+from gm.textual_inversion.placeholder import (add_placeholder_tokens, expand_placeholders, find_placeholders,
+                                              placeholder_tokens)
 from gm.util import atomic_write, instantiate_from_config
 from gm.weights.loader import WEIGHTS_HELP, WeightFileError, weight_format
 
@@ -62,11 +63,16 @@ def build_engine(config_path, weight=None, precision="fp32"):
     return create_model(config, weight)
 
 
+def latent_factor(engine):
+    """Pixels per latent along H and W: the VAE's downsampling (8 for SDXL)."""
+    return 2 ** (engine.first_stage_model.encoder.num_resolutions - 1)
+
+
 def image_size_multiple(engine):
-    """H and W must be multiples of this: the VAE's downsampling factor times the UNet's (32 for SDXL)."""
-    vae = 2 ** (engine.first_stage_model.encoder.num_resolutions - 1)
+    """H and W must be multiples of this: the VAE's downsampling times the UNet's (8 x 4 = 32 for SDXL),
+    since the UNet concatenates each upsampled map with the skip of the same size."""
     unet = 2 ** sum(isinstance(cell, Downsample) for _, cell in engine.model.diffusion_model.cells_and_names())
-    return vae * unet
+    return latent_factor(engine) * unet
 
 
 def load_image(image, height, width):
@@ -169,10 +175,8 @@ class SDXLSampler:
     def __init__(self, engine, placeholders=None):
         self.engine = engine
         self.placeholders = dict(placeholders or {})
-        self.embeddings = {}  # token -> the LearnedEmbedding loaded for it here
         self.size_multiple = image_size_multiple(engine)
-        self.latent_channels = engine.first_stage_model.embed_dim
-        self.latent_factor = 2 ** (engine.first_stage_model.encoder.num_resolutions - 1)
+        self.latent_channels, self.latent_factor = engine.first_stage_model.embed_dim, latent_factor(engine)
         self.denoiser = BoundDenoiser(engine.denoiser, engine.model)
         self.encoder, self.decoder = LatentEncoder(engine), LatentDecoder(engine)
         self.conditioner = TextConditioner(engine.conditioner)
@@ -213,13 +217,12 @@ class SDXLSampler:
                 raise SamplingError(f"{embedding.source}: {e}") from None
             self.placeholders[token] = n
             self.conditioner = TextConditioner(self.engine.conditioner)  # recompiled with the new tokens
-        self.embeddings[token] = embedding
 
     def prompts_without_placeholders(self, prompts):
         """The prompts that use none of the loaded learned words (all of them count when none is loaded: [])."""
         if not self.placeholders:
             return []
-        return [p for p in prompts if expand_placeholders(p, self.placeholders) == p]
+        return [p for p in prompts if not find_placeholders(p, self.placeholders)]
 
     # ------------------------------------------------------------------------------------------ conditioning
 
@@ -268,6 +271,7 @@ class SDXLSampler:
         return sampler(self.denoiser.denoise, x, c, uc, noise_fn=noise_fn, on_step=on_step)
 
     def check_size(self, height, width):
+        """SamplingError unless the model can take images of height x width."""
         m = self.size_multiple
         if height < m or width < m or height % m or width % m:
             raise SamplingError(f"H and W must be positive multiples of {m} for this model (VAE and UNet "

@@ -21,28 +21,39 @@ def placeholder_tokens(token, num_vectors):
     return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
 
 
-def expand_placeholders(prompt, num_vectors):
-    """Replace each placeholder of `num_vectors` ({token: n}) in `prompt` by its n tokens joined by spaces.
-
-    Whole tokens only, matched case-insensitively as the tokenizers lower-case prompts: with placeholders
-    "<cat>" and "<cat>2", "a <cat>2" expands "<cat>2", never "<cat>" followed by "2".
-    """
-    if not num_vectors:
-        return prompt
-    by_lower = {token.lower(): token for token in num_vectors}
+def _placeholder_pattern(tokens):
+    """A regex of whole `tokens`, case-insensitive as the tokenizers lower-case prompts; longest first, so that
+    with "<cat>" and "<cat>2", "a <cat>2" matches "<cat>2", never "<cat>" followed by "2"."""
     alternatives = []
-    for token in sorted(num_vectors, key=len, reverse=True):  # longest first: a prefix never wins
+    for token in sorted(tokens, key=len, reverse=True):
         # a token that begins or ends with a word character must not sit inside a longer word there
         start = r"(?<!\w)" if re.match(r"\w", token) else ""
         end = r"(?!\w)" if re.search(r"\w$", token) else ""
         alternatives.append(start + re.escape(token) + end)
-    pattern = re.compile("|".join(alternatives), re.IGNORECASE)
+    return re.compile("|".join(alternatives), re.IGNORECASE)
+
+
+def expand_placeholders(prompt, num_vectors):
+    """Replace each placeholder of `num_vectors` ({token: n}) in `prompt` by its n tokens joined by spaces
+    (whole tokens only, see `_placeholder_pattern`)."""
+    if not num_vectors:
+        return prompt
+    by_lower = {token.lower(): token for token in num_vectors}
 
     def expand(match):
         token = by_lower[match.group(0).lower()]
         return " ".join(placeholder_tokens(token, num_vectors[token]))
 
-    return pattern.sub(expand, prompt)
+    return _placeholder_pattern(num_vectors).sub(expand, prompt)
+
+
+def find_placeholders(prompt, tokens):
+    """The placeholders of `tokens` that `prompt` uses, as given in `tokens`, in order of first use."""
+    if not tokens:
+        return []
+    by_lower = {token.lower(): token for token in tokens}
+    found = [by_lower[match.lower()] for match in _placeholder_pattern(tokens).findall(prompt)]
+    return list(dict.fromkeys(found))
 
 
 def add_placeholder_tokens(conditioner, token, rows_l, rows_g):

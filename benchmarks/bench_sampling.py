@@ -1,0 +1,167 @@
+"""Text-to-image sampling: seconds per image, ours (MindSpore graph mode) against diffusers, same weights.
+
+    python benchmarks/bench_sampling.py --config small [--resolution 512] [--steps 20]
+
+Ours is `gm.sampling.SDXLSampler.generate` (Euler, sgm's DDPM sigmas, classifier-free guidance with both halves in
+one UNet batch); the reference is diffusers' `StableDiffusionXLPipeline` with `EulerDiscreteScheduler`. Both: the
+same weights, size, steps, guidance 5.0 with the empty negative prompt (zero embeddings), fp32, the same thread
+count, each in its own process. One untimed image first (ours compiles its graphs then), then the median of
+--images images. Printed per side: seconds per image, its parts (prompt encoding and set-up, the denoising loop,
+VAE decode) and peak memory; the last line holds the ratio ours / reference.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import (  # noqa: E402
+    CONFIGS, config_path, emit, memory_gb, ratio, reference_weights, run_side, set_mindspore_threads,
+    set_torch_threads,
+)
+
+PROMPT = "a photo of an astronaut riding a horse"
+GUIDANCE = 5.0
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: 64 tiny, 512 small)")
+    p.add_argument("--steps", type=int, default=20, help="Euler steps (default: 20)")
+    p.add_argument("--images", type=int, default=2, help="timed images after the untimed first one (default: 2)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of both sides (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", default=None, help="diffusers folder of the weights (default: written once to a cache)")
+    p.add_argument("--side", choices=["ours", "reference"], default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.resolution is None:
+        args.resolution = 64 if args.config == "tiny" else 512
+    if args.resolution % 32:
+        p.error(f"--resolution {args.resolution}: use a multiple of 32")
+    return args
+
+
+class StepClock:
+    """Timestamps of one image: its start, each denoising step's end, its end; the parts derived from them."""
+
+    def __init__(self):
+        self.start, self.steps, self.end = time.perf_counter(), [], None
+
+    def step(self, *_):
+        self.steps.append(time.perf_counter())
+
+    def finish(self):
+        self.end = time.perf_counter()
+        return self
+
+    def parts(self):
+        """{"total", "setup" (prompt encoding, noise: before the first step), "denoise", "decode"} in seconds; the
+        first step's own time is taken as the median of the others."""
+        intervals = np.diff(self.steps)
+        step = float(np.median(intervals)) if len(intervals) else 0.0
+        setup = self.steps[0] - self.start - step
+        return {"total": self.end - self.start, "setup": setup, "denoise": self.steps[-1] - self.start - setup,
+                "decode": self.end - self.steps[-1], "per_step": step}
+
+
+def measure(generate, args):
+    """First image (untimed: compiles), then the median parts of `args.images` images."""
+    first = generate(args.seed).parts()
+    runs = [generate(args.seed + 1 + i).parts() for i in range(args.images)]
+    median = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
+    return {"first_image_seconds": first["total"], "seconds": median["total"], "parts": median,
+            "times": [r["total"] for r in runs], "peak_gb": memory_gb("VmHWM"), "threads": args.threads}
+
+
+def run_ours(args):
+    set_mindspore_threads(args.threads)
+    from gm.sampling import SDXLSampler, build_engine
+
+    sampler = SDXLSampler(build_engine(config_path(args.config), args.weights))
+    rss_model = memory_gb("VmRSS")
+
+    def generate(seed):
+        clock = StepClock()
+        sampler.generate(PROMPT, sampler="EulerEDM", steps=args.steps, guidance_scale=GUIDANCE,
+                         height=args.resolution, width=args.resolution, seed=seed, progress=clock.step)
+        return clock.finish()
+
+    result = measure(generate, args)
+    result["compile_seconds"] = result["first_image_seconds"] - result["seconds"]
+    emit(dict(result, side="ours", model_rss_gb=rss_model))
+
+
+def run_reference(args):
+    set_torch_threads(args.threads)
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(args.weights, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    rss_model = memory_gb("VmRSS")
+
+    def generate(seed):
+        clock = StepClock()
+
+        def on_step_end(pipeline, step, timestep, tensors):
+            clock.step()
+            return tensors
+
+        with torch.no_grad():
+            pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=GUIDANCE, height=args.resolution,
+                 width=args.resolution, generator=torch.Generator().manual_seed(seed), output_type="np",
+                 callback_on_step_end=on_step_end)
+        return clock.finish()
+
+    result = measure(generate, args)
+    result["compile_seconds"] = 0.0
+    emit(dict(result, side="reference", model_rss_gb=rss_model))
+
+
+def report(args, ours, ref):
+    print(f"\nSampling, config {args.config}, {args.resolution} px, {args.steps} Euler steps, guidance {GUIDANCE} "
+          f"(UNet batch 2), fp32, {args.threads} threads; median of {args.images} images after one untimed")
+    rows = [
+        ("s/image (median)", ours["seconds"], ref["seconds"], "{:.2f}"),
+        ("  prompt encoding + set-up", ours["parts"]["setup"], ref["parts"]["setup"], "{:.3f}"),
+        ("  denoising loop", ours["parts"]["denoise"], ref["parts"]["denoise"], "{:.2f}"),
+        ("    per step (UNet batch 2)", ours["parts"]["per_step"], ref["parts"]["per_step"], "{:.3f}"),
+        ("  VAE decode", ours["parts"]["decode"], ref["parts"]["decode"], "{:.3f}"),
+        ("first image, incl. graph compile (s)", ours["first_image_seconds"], ref["first_image_seconds"], "{:.1f}"),
+        ("peak resident memory (GB)", ours["peak_gb"], ref["peak_gb"], "{:.2f}"),
+        ("  of which after model load (GB)", ours["model_rss_gb"], ref["model_rss_gb"], "{:.2f}"),
+    ]
+    width = max(len(r[0]) for r in rows) + 2
+    print(f"{'':{width}}{'ours':>12}{'reference':>12}")
+    for name, a, b, fmt in rows:
+        print(f"{name:{width}}{fmt.format(a):>12}{fmt.format(b):>12}")
+    print(f"ratios ours/reference: time_per_image={ratio(ours['seconds'], ref['seconds']):.3f} "
+          f"peak_memory={ratio(ours['peak_gb'], ref['peak_gb']):.3f}")
+
+
+def side_argv(args):
+    return ["--config", args.config, "--resolution", str(args.resolution), "--steps", str(args.steps),
+            "--images", str(args.images), "--threads", str(args.threads), "--seed", str(args.seed),
+            "--weights", args.weights]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.side == "ours":
+        return run_ours(args)
+    if args.side == "reference":
+        return run_reference(args)
+    args.weights = reference_weights(args.config, args.seed, args.weights)
+    script = os.path.abspath(__file__)
+    ours = run_side(script, "ours", side_argv(args))
+    ref = run_side(script, "reference", side_argv(args))
+    report(args, ours, ref)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
