@@ -60,7 +60,7 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data and outputs")
     g.add_argument("--data_path", required=True, help="folder of 3-20 images (jpg, png, webp, bmp) of the concept")
@@ -132,7 +132,11 @@ def parse_args(argv=None):
     g.add_argument("--ms_mode", type=int, choices=[0, 1], default=0, help="0: graph mode (default), 1: PyNative")
     g.add_argument("--is_parallel", type=str2bool, default=False,
                    help="data parallel across the workers started by msrun")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def check_args(args):
@@ -375,7 +379,7 @@ def train_loop(args, run, start_step, save, stop, log, is_main):
                 postfix.update(s_per_step=f"{per_step:.2f}", eta=_duration(per_step * (args.total_step - step)))
             progress.set_postfix(postfix)
         if args.infer_during_train and is_main and (step % args.infer_interval == 0 or step == args.total_step):
-            sample_validation_grid(run.model, args, step)
+            sample_validation_grid(run, args, step)
         if step % args.save_interval == 0 and step != args.total_step:
             save(step)
     progress.close()
@@ -411,13 +415,20 @@ def draw_micro_batch(model, dataset, latents, sampler, rng):
     return (Tensor(moments, ms.float32), latent_noise, noise, sigma_rand) + model.conditioner.tokenize(batch)
 
 
-def sample_validation_grid(model, args, step):
-    from gm.sampling import save_grid, sample_images
+def sample_validation_grid(run, args, step):
+    """Sample the validation prompt with the current learned rows; save one grid as samples/step_<n>.png.
 
-    images = sample_images(model, [args.validation_prompt] * args.num_validation_images,
-                           sample_step=args.validation_sample_step, H=args.resolution, W=args.resolution,
-                           seed=args.seed, placeholders={args.placeholder_token: args.num_vectors})
-    save_grid(images, os.path.join(args.save_path, "samples", f"step_{step}.png"))
+    The sampling pipeline (built at the first call, then reused) shares the model, so it sees the rows as
+    they are now; it draws its own noise and leaves the training RNGs alone."""
+    from gm.sampling import SDXLSampler, make_grid, save_png
+
+    if getattr(run, "validation_sampler", None) is None:
+        run.validation_sampler = SDXLSampler(run.model, placeholders={args.placeholder_token: args.num_vectors})
+    images = run.validation_sampler.generate(
+        args.validation_prompt, steps=args.validation_sample_step, height=args.resolution, width=args.resolution,
+        seed=args.seed, num_images=args.num_validation_images)
+    save_png(os.path.join(args.save_path, "samples", f"step_{step}.png"), make_grid(images, 1, len(images)),
+             {"prompt": args.validation_prompt, "step": str(step), "seed": str(args.seed)})
 
 
 def print_summary(args, run, world_size, start_step):

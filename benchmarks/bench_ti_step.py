@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (  # noqa: E402
-    CONFIGS, config_path, emit, median_time, memory_gb, mindspore_matmul_peak, ratio, reference_architecture,
+    CONFIGS, config_path, emit, log, median_time, memory_gb, mindspore_matmul_peak, ratio, reference_architecture,
     reference_weights, run_side, set_mindspore_threads, set_torch_threads, torch_matmul_peak,
 )
 
@@ -90,6 +90,7 @@ def run_ours(args):
     model = create_model(load_config(config_path(args.config, training=True)), args.weights,
                          recompute=args.recompute)
     rss_model = memory_gb("VmRSS")
+    log("ours: model loaded")
     rng = np.random.RandomState(args.seed)
     rows = [initial_rows(e, INITIALIZER, args.num_vectors, rng) for e in model.conditioner.text_embedders()]
     add_placeholder_tokens(model.conditioner, PLACEHOLDER, *rows)
@@ -100,6 +101,7 @@ def run_ours(args):
     moments = model.first_stage_model.encode_moments(Tensor(training_image(args))).asnumpy()
     cache_seconds = time.perf_counter() - start
     del model.first_stage_model.encoder
+    log(f"ours: latents cached in {cache_seconds:.1f} s")
 
     optimizer = AdamW(learned, weight_decay=WEIGHT_DECAY)
     loss_net = TextualInversionLoss(model)
@@ -128,11 +130,14 @@ def run_ours(args):
     start = time.perf_counter()
     train_step.compile(lr, apply, *inputs())
     compile_seconds = time.perf_counter() - start
+    log(f"ours: step compiled in {compile_seconds:.1f} s")
     start = time.perf_counter()
     for _ in range(args.warmup):
         step()
     warmup_seconds = (time.perf_counter() - start) / max(1, args.warmup)
+    log(f"ours: warm-up step {warmup_seconds:.2f} s")
     seconds, times = median_time(step, args.steps)
+    log(f"ours: {args.steps} steps, median {seconds:.3f} s")
     result = {"side": "ours", "seconds": seconds, "times": times, "compile_seconds": compile_seconds,
               "first_step_seconds": warmup_seconds, "latent_cache_seconds": cache_seconds,
               "peak_gb": memory_gb("VmHWM"), "model_rss_gb": rss_model, "peak_gflops": peak_gflops,
@@ -178,6 +183,7 @@ def run_reference(args):
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
     noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     rss_model = memory_gb("VmRSS")
+    log("reference: model loaded")
 
     # the script's setup: placeholder tokens in both tokenizers, initialised from the initializer word
     tokens = [PLACEHOLDER] + [f"{PLACEHOLDER}_{i}" for i in range(1, args.num_vectors)]
@@ -264,8 +270,10 @@ def run_reference(args):
     for _ in range(args.warmup):
         step()
     warmup_seconds = (time.perf_counter() - start) / max(1, args.warmup)
+    log(f"reference: warm-up step {warmup_seconds:.2f} s")
     clock.clear()
     seconds, times = median_time(step, args.steps)
+    log(f"reference: {args.steps} steps, median {seconds:.3f} s")
     breakdown = {phase: clock.get(phase, 0.0) / args.steps for phase in PHASES}
     emit({"side": "reference", "seconds": seconds, "times": times, "compile_seconds": 0.0,
           "first_step_seconds": warmup_seconds, "peak_gb": memory_gb("VmHWM"), "model_rss_gb": rss_model,

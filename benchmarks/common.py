@@ -143,6 +143,12 @@ def memory_gb(field="VmHWM"):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def log(message):
+    """Progress of a side on stderr, with its resident memory now and at peak."""
+    print(f"[{os.getpid()}] {message} (RSS {memory_gb('VmRSS'):.2f} GB, peak {memory_gb():.2f} GB)", file=sys.stderr,
+          flush=True)
+
+
 def median_time(run, steps):
     """Median wall time of `steps` calls of run() (each must block until its work is done), and all the times."""
     times = []

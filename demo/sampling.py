@@ -45,8 +45,9 @@ def set_device(device_target):
     ms.set_device(device_target)
 
 
-@st.cache_resource(show_spinner="Loading the model (once; later runs reuse it) ...")
+@st.cache_resource(max_entries=1, show_spinner="Loading the model (once; later runs reuse it) ...")
 def load_sampler(config, weight):
+    """One model at a time: a new config or weights replace the cached model (SDXL takes 14 GB)."""
     return SDXLSampler(build_engine(config, weight or None))
 
 

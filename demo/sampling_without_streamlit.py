@@ -128,9 +128,6 @@ def main(argv=None):
             raise SamplingError(f"two embeddings use the same token ({', '.join(taken)}): "
                                 "give each its own with --placeholder_token")
         init_image = load_image(args.img, args.H, args.W) if args.task == "img2img" else None
-        os.makedirs(args.save_path, exist_ok=True)
-        if not os.access(args.save_path, os.W_OK):
-            raise PermissionError(f"--save_path {args.save_path} is not writable")
 
         ms.set_context(mode=args.ms_mode)
         ms.set_device(args.device_target)
@@ -139,6 +136,9 @@ def main(argv=None):
         for embedding in embeddings:
             sampler.add_embedding(embedding)
             print(f"Loaded {embedding.source}: {embedding.token} ({embedding.num_vectors} vectors)")
+        os.makedirs(args.save_path, exist_ok=True)
+        if not os.access(args.save_path, os.W_OK):
+            raise PermissionError(f"--save_path {args.save_path} is not writable")
 
         num_images = args.num_rows * args.num_cols
         common = {"negative_prompt": args.negative_prompt, "sampler": args.sampler, "steps": args.sample_step,

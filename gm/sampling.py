@@ -23,7 +23,6 @@ from gm.textual_inversion.embedding_io import check_widths, load_embedding
 from gm.textual_inversion.placeholder import (add_placeholder_tokens, expand_placeholders, find_placeholders,
                                               placeholder_tokens)
 from gm.util import atomic_write, instantiate_from_config
-from gm.weights.loader import WEIGHTS_HELP, WeightFileError, weight_format
 
 SAMPLERS = {  # name -> sampler class in gm.modules.diffusionmodules.sampling
     "EulerEDM": "EulerEDMSampler",
@@ -34,7 +33,6 @@ SAMPLERS = {  # name -> sampler class in gm.modules.diffusionmodules.sampling
     "LinearMultistep": "LinearMultistepSampler",
 }
 DISCRETIZATION = {"target": "gm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"}
-PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 class SamplingError(ValueError):
@@ -46,26 +44,14 @@ class PlaceholderWarning(UserWarning):
 
 
 def build_engine(config_path, weight=None, precision="fp32"):
-    """The DiffusionEngine of a config file with its weights, in inference mode.
-
-    Missing weights are reported before the model is built (the full SDXL takes 14 GB to build).
-    `precision` (fp32 / fp16 / bf16) is the UNet's compute dtype; the VAE stays fp32 (SDXL's VAE
-    overflows in fp16) and so do the text encoders.
-    """
-    config = load_config(config_path)
-    if weight:
-        weight_format(weight)  # raises WeightFileError for a missing or unknown file
-    elif config.model.params.get("requires_weights", True):
-        raise WeightFileError(f"{config_path} needs the SDXL weights, and none were given. {WEIGHTS_HELP}")
-    if precision not in PRECISIONS:
-        raise SamplingError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    config.model.params.network_config.params.dtype = PRECISIONS[precision]
-    return create_model(config, weight)
+    """The DiffusionEngine of a config file with its weights, in inference mode (`create_model` refuses a
+    config that needs weights before building anything)."""
+    return create_model(load_config(config_path), weight, precision=precision)
 
 
 def latent_factor(engine):
     """Pixels per latent along H and W: the VAE's downsampling (8 for SDXL)."""
-    return 2 ** (engine.first_stage_model.encoder.num_resolutions - 1)
+    return 2 ** (engine.first_stage_model.decoder.num_resolutions - 1)
 
 
 def image_size_multiple(engine):

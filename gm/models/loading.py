@@ -39,8 +39,8 @@ PRECISIONS = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
 
 
 def runtime_model_config(model_config, precision="fp32", recompute=False):
-    """The model config as a plain dict, with the compute dtype and recompute flag set on the UNet, the text
-    encoders and the VAE (parameters stay fp32 in every precision)."""
+    """The model config as a plain dict, with the compute dtype and recompute flag set on the UNet and the
+    text encoders. Parameters stay fp32 in every precision, and so does the VAE: SDXL's VAE overflows in fp16."""
     from gm.modules.encoders.modules import TextEmbedder
 
     if precision not in PRECISIONS:
@@ -49,7 +49,6 @@ def runtime_model_config(model_config, precision="fp32", recompute=False):
     params = config["params"]
     dtype = PRECISIONS[precision]
     params["network_config"].setdefault("params", {}).update(dtype=dtype, use_recompute=recompute)
-    params["first_stage_config"].setdefault("params", {}).update(dtype=dtype)
     for entry in params["conditioner_config"]["params"]["emb_models"]:
         if issubclass(get_obj_from_str(entry["target"]), TextEmbedder):
             entry.setdefault("params", {}).update(dtype=dtype, use_recompute=recompute)

@@ -1,0 +1,146 @@
+"""Bad input to train_textual_inversion.py, through the command line: each case gives one clear `error:` line
+naming the flag or file, a non-zero exit, no traceback, and nothing written (neither in --save_path nor in the
+working directory). The cases run as concurrent subprocesses (each only imports MindSpore and stops early)."""
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "train_textual_inversion.py")
+TINY = os.path.join(ROOT, "configs", "training", "sd_xl_tiny_textual_inversion.yaml")
+DATA = os.path.join(ROOT, "datasets", "synthetic_toy")
+
+
+def tiny(*extra, data=DATA, token="<toy>"):
+    return ["--config", TINY, "--data_path", data, "--placeholder_token", token, "--device_target", "CPU", *extra]
+
+
+# name -> (arguments, with {tmp} for the case's folder; words the error line must contain)
+CASES = {
+    "data_path_missing": (tiny(data="{tmp}/no_such_folder"), ["--data_path", "no_such_folder"]),
+    "data_path_empty": (tiny(data="{tmp}/empty"), ["no images", "empty"]),
+    "no_usable_image": (tiny(data="{tmp}/broken"), ["could be read", "broken"]),
+    "placeholder_in_vocabulary": (tiny(token="cat"), ["'cat'", "already in the vocabulary"]),
+    "initializer_not_one_word": (tiny("--initializer_token", "cat-toy"), ["--initializer_token", "single word"]),
+    "num_vectors_0": (tiny("--num_vectors", "0"), ["--num_vectors must be at least 1"]),
+    "total_step_0": (tiny("--total_step", "0"), ["--total_step must be at least 1"]),
+    "accumulation_0": (tiny("--gradient_accumulation_steps", "0"), ["--gradient_accumulation_steps must be at least 1"]),
+    "batch_size_0": (tiny("--train_batch_size", "0"), ["--train_batch_size must be at least 1"]),
+    "resolution_100": (tiny("--resolution", "100"), ["--resolution 100", "multiples of 32"]),
+    "bf16_on_cpu": (tiny("--precision", "bf16"), ["--precision bf16", "CPU"]),
+    "another_run_in_save_path": (tiny(), ["--save_path", "another run", "--resume latest", "--overwrite"]),
+    "resume_without_state": (tiny("--resume", "latest"), ["--resume latest", "no training state"]),
+    "resume_not_a_state": (tiny("--resume", "{tmp}/empty"), ["--resume", "not a training state"]),
+    "full_config_without_weights": (
+        ["--data_path", DATA, "--placeholder_token", "<toy>", "--device_target", "CPU"],
+        ["weights not found", "checkpoints/sd_xl_base_1.0_ms.ckpt", "huggingface.co"]),
+    "weight_file_missing": (
+        ["--data_path", DATA, "--placeholder_token", "<toy>", "--weight", "{tmp}/sd_xl_base_1.0.safetensors"],
+        ["weights not found", "sd_xl_base_1.0.safetensors"]),
+    # the seed's two example commands (mindone's textual-inversion README), on the full config by default
+    "seed_cat_toy_command": (
+        ["--data_path", "datasets/cat_toy", "--save_path", "runs/cat_toy", "--infer_during_train", "True",
+         "--gradient_accumulation_steps", "4", "--num_vectors", "10", "--total_step", "3000",
+         "--placeholder_token", "<cat-toy>", "--learnable_property", "object"],
+        ["weights not found", "checkpoints/sd_xl_base_1.0_ms.ckpt"]),
+    "seed_chinese_art_command": (
+        ["--data_path", "datasets/chinese_art", "--save_path", "runs/chinese_art", "--infer_during_train", "True",
+         "--gradient_accumulation_steps", "4", "--num_vectors", "2", "--total_step", "2000",
+         "--placeholder_token", "<chinese-art>", "--learnable_property", "style"],
+        ["weights not found", "checkpoints/sd_xl_base_1.0_ms.ckpt"]),
+}
+# the cases given a --save_path of their own: it must not exist afterwards (or be unchanged, for the one
+# holding another run)
+OWN_SAVE_PATH = [name for name, (argv, _) in CASES.items() if "--save_path" not in argv]
+
+
+def prepare(case_dir):
+    """The case's working directory: the repo's configs (for the default config path) and, like a user's
+    checkout, the seed's datasets folders (copies of the synthetic one), but no checkpoints/."""
+    os.makedirs(os.path.join(case_dir, "empty"))
+    broken = os.path.join(case_dir, "broken")
+    os.makedirs(broken)
+    with open(os.path.join(broken, "a.png"), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n not really a png")
+    with open(os.path.join(broken, "notes.md"), "w") as f:
+        f.write("not an image")
+    os.symlink(os.path.join(ROOT, "configs"), os.path.join(case_dir, "configs"))
+    os.makedirs(os.path.join(case_dir, "datasets"))
+    for name in ("cat_toy", "chinese_art"):
+        os.symlink(DATA, os.path.join(case_dir, "datasets", name))
+    save = os.path.join(case_dir, "out")
+    if os.path.basename(case_dir) == "another_run_in_save_path":
+        os.makedirs(os.path.join(save, "train_state"))
+        for name in ("loss.csv", "args.yaml"):
+            with open(os.path.join(save, name), "w") as f:
+                f.write("from an earlier run\n")
+    return save
+
+
+def snapshot(folder):
+    """{relative path: (size, mtime)} of everything under `folder`."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            stat = os.lstat(path)
+            found[os.path.relpath(path, folder)] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Run every case (four at a time); {name: (returncode, stderr, files before, files after)}."""
+    root = tmp_path_factory.mktemp("bad_input")
+
+    def run(name):
+        case_dir = str(root / name)
+        os.makedirs(case_dir)
+        save = prepare(case_dir)
+        argv, _ = CASES[name]
+        argv = [a.replace("{tmp}", case_dir) for a in argv]
+        if name in OWN_SAVE_PATH:
+            argv += ["--save_path", save]
+        before = snapshot(case_dir)
+        proc = subprocess.run([sys.executable, SCRIPT, *argv], cwd=case_dir, capture_output=True, text=True,
+                              timeout=300)
+        return name, (proc.returncode, proc.stdout, proc.stderr, before, snapshot(case_dir))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(pool.map(run, CASES))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_refused_clearly(results, name):
+    returncode, stdout, stderr, before, after = results[name]
+    _, words = CASES[name]
+    assert returncode != 0, stdout + stderr
+    assert "Traceback" not in stderr + stdout, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    for word in words:
+        assert word in errors[0], (word, errors[0])
+    assert after == before, "files were written or changed: " + str(set(after.items()) ^ set(before.items()))
+
+
+def test_unreadable_image_is_named_in_a_warning(results):
+    _, _, stderr, _, _ = results["no_usable_image"]
+    assert "skipping unreadable image" in stderr and "a.png" in stderr
+
+
+def test_help_explains_every_flag():
+    from train_textual_inversion import build_parser
+
+    flags = [action for action in build_parser()._actions if action.dest != "help"]
+    assert len(flags) > 30
+    for action in flags:
+        assert action.help and len(action.help) > 10, f"{action.option_strings} has no help text"
+    shown = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0
+    for action in flags:
+        assert action.option_strings[0] in shown.stdout
