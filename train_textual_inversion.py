@@ -8,8 +8,9 @@ SDXL tokenizers, and its rows in both CLIP text encoders are the only trainable 
 learned embedding (our .ckpt and the community .safetensors), a loss log and picture, sample grids and a
 training state to resume from, all under --save_path.
 
-The flow, top to bottom: arguments -> model -> placeholder tokens -> data and cached latents -> the compiled
-train step -> the loop (draw, step, log, sample, save).
+The flow, top to bottom: arguments (checked before anything is built or written) -> `Training`: data, the
+frozen model with the placeholder tokens, cached latents, the compiled train step -> resume -> the loop (draw,
+step, log, sample, save) -> the final files. Ctrl-C saves and stops after the current step.
 """
 import argparse
 import hashlib
@@ -28,6 +29,7 @@ from mindspore import Tensor
 
 from gm.data.dataset import DataError, EpochSampler, TextualInversionDataset
 from gm.data.templates import TemplateError, load_templates
+from gm.device import DEVICE_TARGETS, default_device_target, set_device
 from gm.models.loading import create_model, load_config
 from gm.textual_inversion.checkpointing import (
     STATE_DIR, ResumeError, embedding_name, embedding_paths, find_train_state, load_train_state, read_train_state,
@@ -45,6 +47,10 @@ from gm.weights.state_dict import WeightMismatchError
 
 DEFAULT_CONFIG = "configs/training/sd_xl_base_finetune_textual_inversion.yaml"
 DEFAULT_WEIGHT = "checkpoints/sd_xl_base_1.0_ms.ckpt"
+# flags whose default a config's `training:` section may set, and their defaults otherwise
+CONFIG_DEFAULTS = {"resolution": 1024, "total_step": 3000, "save_interval": 500, "infer_interval": 500}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+INTERRUPTED = 130  # the shell's code for Ctrl-C
 VALIDATION_PROMPTS = {"object": "a photo of {}", "style": "a painting in the style of {}", "face": "a photo of {}"}
 
 
@@ -70,7 +76,7 @@ def build_parser():
     g.add_argument("--template_file", default=None,
                    help="a text file of prompt templates, one per line, each with {} for the placeholder")
     g.add_argument("--resolution", type=int, default=None,
-                   help="training image size (default: the config's, 1024 for SDXL base)")
+                   help="training image size (default: the config's training.resolution, else 1024)")
     g.add_argument("--flip_p", type=float, default=0.5, help="probability of a horizontal flip (default: 0.5)")
     g.add_argument("--cache_latents", type=str2bool, default=True,
                    help="encode each image once before training and release the VAE encoder (default: True)")
@@ -93,7 +99,8 @@ def build_parser():
     g.add_argument("--num_vectors", type=int, default=1, help="vectors per encoder for the word (default: 1)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--total_step", type=int, default=3000, help="optimizer steps (default: %(default)s)")
+    g.add_argument("--total_step", type=int, default=None,
+                   help="optimizer steps (default: the config's training.total_step, else 3000)")
     g.add_argument("--train_batch_size", type=int, default=1,
                    help="images per micro-batch per device (default: 1)")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1,
@@ -112,23 +119,25 @@ def build_parser():
                    help="seed of initialisation, data order, augmentation and noise (default: %(default)s)")
 
     g = p.add_argument_group("checkpoints, samples, resume")
-    g.add_argument("--save_interval", type=int, default=500,
-                   help="save the embeddings and the training state every N steps (default: %(default)s)")
+    g.add_argument("--save_interval", type=int, default=None,
+                   help="save the embeddings and the training state every N steps (default: the config's "
+                        "training.save_interval, else 500)")
     g.add_argument("--max_num_ckpt", type=int, default=None, help="keep at most N step-numbered embedding pairs (default: all)")
     g.add_argument("--resume", default=None,
                    help='continue a run: "latest" (the newest state in --save_path), a run folder, or one of its '
                         'train_state/step_<n> folders; the placeholder, vectors and model must match')
     g.add_argument("--infer_during_train", type=str2bool, default=False,
                    help="sample the validation prompt every --infer_interval steps and at the end")
-    g.add_argument("--infer_interval", type=int, default=500, help="steps between validation samples (default: %(default)s)")
+    g.add_argument("--infer_interval", type=int, default=None,
+                   help="steps between validation samples (default: the config's training.infer_interval, else 500)")
     g.add_argument("--validation_prompt", default=None,
                    help='prompt for validation samples (default by property, e.g. "a photo of <tok>")')
     g.add_argument("--num_validation_images", type=int, default=4, help="images per validation grid (default: %(default)s)")
     g.add_argument("--validation_sample_step", type=int, default=25, help="sampler steps for validation (default: %(default)s)")
 
     g = p.add_argument_group("device")
-    g.add_argument("--device_target", choices=["Ascend", "GPU", "CPU"], default="Ascend",
-                   help="where to run (default: %(default)s)")
+    g.add_argument("--device_target", choices=DEVICE_TARGETS, default="auto",
+                   help="where to run; auto: Ascend when its toolkit is installed, else CPU (default: %(default)s)")
     g.add_argument("--ms_mode", type=int, choices=[0, 1], default=0, help="0: graph mode (default), 1: PyNative")
     g.add_argument("--is_parallel", type=str2bool, default=False,
                    help="data parallel across the workers started by msrun")
@@ -159,6 +168,8 @@ def check_args(args):
     # The UNet halves the latent twice (three levels) and the VAE divides by 8: sides must be multiples of 32.
     if args.resolution < 64 or args.resolution % 32:
         raise UsageError(f"--resolution {args.resolution}: SDXL takes multiples of 32 from 64 up (e.g. 1024).")
+    if args.device_target == "auto":
+        args.device_target = default_device_target()
     if args.precision == "bf16" and args.device_target == "CPU":
         raise UsageError("--precision bf16 needs Ascend (MindSpore has no CPU kernels for it); use fp32 or fp16 on CPU.")
     if args.weight:
@@ -177,8 +188,9 @@ def check_args(args):
 
 def resolve_defaults(args, config):
     """Fill defaults that depend on the config or on other flags."""
-    if args.resolution is None:
-        args.resolution = int(OmegaConf.select(config, "training.resolution", default=1024))
+    for flag, default in CONFIG_DEFAULTS.items():  # a small model's config may set shorter runs
+        if getattr(args, flag) is None:
+            setattr(args, flag, int(OmegaConf.select(config, f"training.{flag}", default=default)))
     if args.save_path is None:
         args.save_path = os.path.join("runs", embedding_name(args.placeholder_token))
     if args.weight is None and config.model.params.get("requires_weights", True):
@@ -189,9 +201,8 @@ def resolve_defaults(args, config):
 
 def setup_device(args):
     """MindSpore context; (rank, world size) of this process."""
-    ms.set_context(mode=ms.GRAPH_MODE if args.ms_mode == 0 else ms.PYNATIVE_MODE)
     try:
-        ms.set_device(args.device_target)
+        set_device(args.device_target, args.ms_mode)
     except RuntimeError as e:
         raise UsageError(f"--device_target {args.device_target}: not usable with this MindSpore installation "
                          f"({str(e).splitlines()[0]})") from None
@@ -227,6 +238,8 @@ class Training:
         # ---- the frozen model, with the placeholder tokens added to both text encoders
         ms.set_seed(args.seed)
         self.model = create_model(config, args.weight, precision=args.precision, recompute=args.recompute)
+        for param in self.model.get_parameters():
+            param.requires_grad = False  # every weight is frozen; the rows added below are the only trainables
         init_rng = np.random.RandomState(args.seed)
         rows = [initial_rows(embedder, args.initializer_token, args.num_vectors, init_rng)
                 for embedder in self.model.conditioner.text_embedders()]
@@ -249,7 +262,7 @@ class Training:
             args.max_grad_norm, dynamic_loss_scale=args.precision == "fp16", world_size=world_size)
         # what a training state holds besides the host side (step, data order)
         self.state_params = self.learned + self.train_step.state_parameters()
-        self.args, self.rank = args, rank
+        self.args, self.rank, self.world_size = args, rank, world_size
 
     def run_step(self, step, lr):
         """One optimizer step (all its micro-batches); returns the mean loss of its micro-batches."""
@@ -268,7 +281,22 @@ class Training:
         return tuple(p.asnumpy().astype(np.float32) for p in self.learned)
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(args):
+    """Train; returns the exit code (0, or INTERRUPTED after a Ctrl-C that saved a checkpoint)."""
+    # until the loop starts, and after it, a stop has nothing to save: it interrupts (KeyboardInterrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in STOP_SIGNALS}
+    try:
+        return train(args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def train(args):
     config = load_config(args.config)
     resolve_defaults(args, config)
     check_args(args)
@@ -319,7 +347,8 @@ def main(args):
                          {"identity": identity, "sampler": run.sampler.state_dict(), "schedule": schedule})
         log.plot()
 
-    # Ctrl-C (or SIGTERM) finishes the current step, saves, and exits; a second one stops at once.
+    # Ctrl-C finishes the current step, saves, and exits; a second one stops at once. MindSpore turns a SIGINT
+    # that arrives while a graph runs into a SIGTERM, so both mean Ctrl-C here.
     stop = {"signal": None}
 
     def request_stop(signum, frame):
@@ -329,18 +358,19 @@ def main(args):
         if is_main:
             tqdm.write("Stopping after this step (press Ctrl-C again to stop at once, without saving)...")
 
-    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, request_stop)
     try:
-        step, timing = train_loop(args, run, start_step, save, stop, log if is_main else None, is_main)
+        step, timing, stopped = train_loop(args, run, start_step, save, stop, log if is_main else None, is_main)
     finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-    if stop["signal"] is not None and step < args.total_step:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, interrupt)
+    if stopped:
         save(step)
         if is_main:
             print(f"\nInterrupted at step {step}: saved the embeddings and the training state. "
                   f"Continue with the same command and --resume latest.")
-        return 128 + stop["signal"]
+        return INTERRUPTED
     save(step, final=True)
     if world_size > 1:
         # each rank's learned rows, to check they agree (data parallel keeps them identical)
@@ -351,14 +381,19 @@ def main(args):
 
 
 def train_loop(args, run, start_step, save, stop, log, is_main):
-    """Optimizer steps from `start_step` to --total_step (or until a stop signal); returns (last step, timing)."""
+    """Optimizer steps from `start_step` to --total_step or until a stop signal; returns (last step, timing,
+    whether it stopped early)."""
     progress = tqdm(total=args.total_step, initial=start_step, desc="Training", disable=not is_main,
                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
     if is_main and start_step < args.total_step:
         tqdm.write("Compiling the training graph (the first step takes longer)...")
     timing = {"compile": None, "steps": []}  # compile: first step's seconds; steps: the seconds of the others
     step = start_step
-    while step < args.total_step and stop["signal"] is None:
+    stopped = False
+    while step < args.total_step:
+        if stop_requested(stop, run.world_size):
+            stopped = True
+            break
         started = time.time()
         lr = learning_rate(args.lr_scheduler, run.base_lr, step, args.total_step, args.lr_warmup_steps)
         loss = run.run_step(step, lr)
@@ -372,18 +407,30 @@ def train_loop(args, run, start_step, save, stop, log, is_main):
             timing["steps"].append(seconds)
         if is_main:
             log.append(step, loss, lr, seconds)
-            progress.update(1)
             postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
-            if timing["steps"]:
+            if timing["steps"]:  # speed and ETA from the steps after the compile (the last 50)
                 per_step = float(np.mean(timing["steps"][-50:]))
                 postfix.update(s_per_step=f"{per_step:.2f}", eta=_duration(per_step * (args.total_step - step)))
-            progress.set_postfix(postfix)
+            progress.set_postfix(postfix, refresh=False)
+            progress.update(1)
         if args.infer_during_train and is_main and (step % args.infer_interval == 0 or step == args.total_step):
             sample_validation_grid(run, args, step)
         if step % args.save_interval == 0 and step != args.total_step:
             save(step)
     progress.close()
-    return step, timing
+    return step, timing, stopped
+
+
+def stop_requested(stop, world_size):
+    """Whether any rank got a stop signal: all ranks must stop after the same step, or the others would wait
+    in the next step's all-reduce for ever."""
+    if world_size == 1:
+        return stop["signal"] is not None
+    from mindspore.mint.distributed import all_reduce
+
+    flag = Tensor([0.0 if stop["signal"] is None else 1.0], ms.float32)
+    all_reduce(flag)  # sum over ranks, in place
+    return float(flag.asnumpy()[0]) > 0
 
 
 def rows_digest(rows):
@@ -480,4 +527,4 @@ if __name__ == "__main__":
         sys.exit(2)
     except KeyboardInterrupt:
         print("\nInterrupted; nothing saved since the last checkpoint.", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(INTERRUPTED)

@@ -6,6 +6,12 @@ in one place:
   matmul formulation on x86 (see ../shared/notes/mindspore-on-cpu.md), so CPU uses im2col and
   Ascend/GPU use the native op;
 - attention: plain softmax(QK^T/sqrt(d))V everywhere, or the fused flash-attention kernel on Ascend.
+
+Matrix products go through `MatMul` / `BatchMatMul` with their transpose flags rather than `ops.matmul` on a
+transposed or broadcast operand: the latter materialises a transposed (or per-sample) copy of every weight in the
+forward pass, and a graph keeps those copies alive until the backward pass has used them. For a frozen SDXL that
+was more memory than the weights themselves, and on the CPU about half the time of a linear layer
+(benchmarks/README.md).
 """
 import math
 
@@ -14,6 +20,12 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import HeUniform, Uniform, initializer
+
+
+_matmul = ops.MatMul()
+_matmul_transpose_b = ops.MatMul(transpose_b=True)
+_batch_matmul = ops.BatchMatMul()
+_batch_matmul_transpose_b = ops.BatchMatMul(transpose_b=True)
 
 
 def on_cpu():
@@ -55,7 +67,7 @@ class Conv2d(nn.Cell):
         else:
             y = self._im2col_conv(x)
         if self.bias is not None:
-            y = y + self.bias.astype(y.dtype).reshape(1, -1, 1, 1)
+            y = ops.bias_add(y, self.bias.astype(y.dtype))
         return y
 
     def _im2col_conv(self, x):
@@ -63,11 +75,20 @@ class Conv2d(nn.Cell):
         k, s, p = self.kernel_size, self.stride, self.padding
         weight = self.weight.astype(x.dtype).reshape(self.out_channels, c * k * k)
         if k == 1 and s == 1 and p == 0:
-            return ops.matmul(weight, x.reshape(n, c, h * w)).reshape(n, self.out_channels, h, w)
+            if n == 1:
+                return _matmul(weight, x.reshape(c, h * w)).reshape(1, self.out_channels, h, w)
+            # as [c, n*h*w]: this moves x, not the weight
+            y = _matmul(weight, x.transpose(1, 0, 2, 3).reshape(c, n * h * w))
+            return y.reshape(self.out_channels, n, h, w).transpose(1, 0, 2, 3)
         h_out = (h + 2 * p - k) // s + 1
         w_out = (w + 2 * p - k) // s + 1
-        cols = ops.unfold(x, k, 1, p, s)  # [n, c*k*k, h_out*w_out]
-        return ops.matmul(weight, cols).reshape(n, self.out_channels, h_out, w_out)
+        # One 2-D product per sample: a batched product would broadcast (copy) the weight to every sample.
+        outputs = []
+        for i in range(n):
+            cols = ops.unfold(x if n == 1 else x[i:i + 1], k, 1, p, s)  # [1, c*k*k, h_out*w_out]
+            outputs.append(_matmul(weight, cols.reshape(c * k * k, h_out * w_out)))
+        y = outputs[0] if n == 1 else ops.stack(outputs)
+        return y.reshape(n, self.out_channels, h_out, w_out)
 
 
 class Linear(nn.Cell):
@@ -80,34 +101,46 @@ class Linear(nn.Cell):
         self.bias = Parameter(initializer(Uniform(bound), (out_features,), ms.float32), name="bias") if bias else None
 
     def construct(self, x):
-        y = ops.matmul(x, self.weight.astype(x.dtype).T)
+        shape = x.shape
+        y = _matmul_transpose_b(x.reshape(-1, shape[-1]), self.weight.astype(x.dtype))
         if self.bias is not None:
-            y = y + self.bias.astype(y.dtype)
-        return y
+            y = ops.bias_add(y, self.bias.astype(y.dtype))
+        return y.reshape(shape[:-1] + (y.shape[-1],))
 
 
 class GroupNorm(nn.Cell):
-    """GroupNorm over [N, C, ...], computed in fp32 for stability; params `weight`, `bias`."""
+    """GroupNorm over [N, C, ...], computed in fp32 for stability; params `weight`, `bias`.
+
+    Both norms run as MindSpore's LayerNorm kernel: written out with broadcasting ops (x - mean, * weight, ...),
+    each of those CPU kernels keeps a buffer of several times its output's size for the life of the graph.
+    """
 
     def __init__(self, num_groups, num_channels, eps=1e-6, affine=True):
         super().__init__()
         if num_channels % num_groups:
             raise ValueError(f"GroupNorm: {num_channels} channels are not divisible by {num_groups} groups")
-        self.num_groups, self.eps = num_groups, eps
+        self.num_groups = num_groups
         self.weight = Parameter(initializer("ones", (num_channels,), ms.float32), name="weight") if affine else None
         self.bias = Parameter(initializer("zeros", (num_channels,), ms.float32), name="bias") if affine else None
+        self.norm = ops.LayerNorm(begin_norm_axis=2, begin_params_axis=1, epsilon=eps)
 
     def construct(self, x):
         shape, dtype = x.shape, x.dtype
-        g = x.astype(ms.float32).reshape(shape[0], self.num_groups, -1)
-        mean = g.mean(-1, keep_dims=True)
-        var = ops.square(g - mean).mean(-1, keep_dims=True)
-        g = (g - mean) / ops.sqrt(var + self.eps)
-        y = g.reshape(shape)
+        n, c, spatial = shape[0], shape[1], 1
+        for d in shape[2:]:
+            spatial *= d
+        per_channel = (self.num_groups, c // self.num_groups, spatial)
+        group_size = per_channel[1] * spatial
+        # LayerNorm's kernel over each group (one fused op, forward and backward), with the per-channel affine
+        # spread over the group's positions as its [groups, group_size] scale and shift.
         if self.weight is not None:
-            affine_shape = (1, -1) + (1,) * (len(shape) - 2)
-            y = y * self.weight.reshape(affine_shape) + self.bias.reshape(affine_shape)
-        return y.astype(dtype)
+            gamma = ops.broadcast_to(self.weight.reshape(per_channel[:2] + (1,)), per_channel)
+            beta = ops.broadcast_to(self.bias.reshape(per_channel[:2] + (1,)), per_channel)
+        else:
+            gamma, beta = ops.ones(per_channel, ms.float32), ops.zeros(per_channel, ms.float32)
+        y, _, _ = self.norm(x.astype(ms.float32).reshape(n, self.num_groups, group_size),
+                            gamma.reshape(self.num_groups, group_size), beta.reshape(self.num_groups, group_size))
+        return y.reshape(shape).astype(dtype)
 
 
 class LayerNorm(nn.Cell):
@@ -115,17 +148,13 @@ class LayerNorm(nn.Cell):
 
     def __init__(self, normalized_shape, eps=1e-5):
         super().__init__()
-        self.eps = eps
         self.weight = Parameter(initializer("ones", (normalized_shape,), ms.float32), name="weight")
         self.bias = Parameter(initializer("zeros", (normalized_shape,), ms.float32), name="bias")
+        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
 
     def construct(self, x):
-        dtype = x.dtype
-        x = x.astype(ms.float32)
-        mean = x.mean(-1, keep_dims=True)
-        var = ops.square(x - mean).mean(-1, keep_dims=True)
-        y = (x - mean) / ops.sqrt(var + self.eps) * self.weight + self.bias
-        return y.astype(dtype)
+        y, _, _ = self.norm(x.astype(ms.float32), self.weight, self.bias)
+        return y.astype(x.dtype)
 
 
 def attention(q, k, v, num_heads, impl="vanilla", mask=None):
@@ -146,11 +175,11 @@ def attention(q, k, v, num_heads, impl="vanilla", mask=None):
             scalar_value=1.0 / math.sqrt(d), input_layout="BNSD",
         )
     else:
-        scores = ops.matmul(q, k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(d))
+        scores = _batch_matmul_transpose_b(q * (1.0 / math.sqrt(d)), k)
         if mask is not None:
             scores = scores + mask.astype(scores.dtype)
         probs = ops.softmax(scores.astype(ms.float32), -1).astype(v.dtype)
-        out = ops.matmul(probs, v)
+        out = _batch_matmul(probs, v)
     return out.transpose(0, 2, 1, 3).reshape(b, lq, inner)
 
 

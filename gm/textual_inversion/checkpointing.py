@@ -16,6 +16,7 @@ import re
 import shutil
 
 import mindspore as ms
+from mindspore import ops
 
 from gm.textual_inversion.embedding_io import save_embedding
 from gm.util import atomic_write
@@ -139,4 +140,6 @@ def load_train_state(state_dir, parameters):
         if param.name not in saved or tuple(saved[param.name].shape) != tuple(param.shape):
             raise ResumeError(f"{state_dir}: state.ckpt lacks {param.name} {tuple(param.shape)}.")
     for param in parameters:
-        param.set_data(ms.Tensor(saved[param.name].asnumpy(), param.dtype))
+        # in place: after a graph that updates `param` is compiled, set_data would give it a buffer the graph
+        # no longer uses (MindSpore 2.10), so a state loaded then would be silently ignored
+        ops.assign(param, ms.Tensor(saved[param.name].asnumpy(), param.dtype))

@@ -14,7 +14,7 @@ class TextualInversionLoss(nn.Cell):
     """Mean diffusion loss of a micro-batch (sgm's StandardDiffusionLoss on latents x scale_factor)."""
 
     def __init__(self, engine):
-        super().__init__()
+        super().__init__(auto_prefix=False)  # the engine's parameters keep their checkpoint names
         self.conditioner = engine.conditioner
         self.model = engine.model
         self.denoiser = engine.denoiser
@@ -35,7 +35,7 @@ class ScaledLoss(nn.Cell):
     """loss x loss_scale, so fp16 gradients do not underflow; the scale is undone before the update."""
 
     def __init__(self, loss_net, loss_scale):
-        super().__init__()
+        super().__init__(auto_prefix=False)
         self.loss_net = loss_net
         self.loss_scale = loss_scale
 
@@ -53,7 +53,8 @@ class TextualInversionTrainStep(nn.Cell):
 
     def __init__(self, loss_net, params, optimizer, accumulation_steps=1, max_grad_norm=0.0,
                  dynamic_loss_scale=False, init_loss_scale=2.0 ** 16, scale_window=2000, world_size=1):
-        super().__init__()
+        # no name prefixes: the rows keep their model names, the state its own (accum.<row>, exp_avg.<row> ...)
+        super().__init__(auto_prefix=False)
         self.params = ParameterTuple(params)
         self.optimizer = optimizer
         self.loss_scale = Parameter(Tensor(init_loss_scale if dynamic_loss_scale else 1.0, ms.float32),

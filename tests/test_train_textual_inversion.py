@@ -1,0 +1,592 @@
+"""Textual-inversion training end to end on the tiny SDXL, in graph mode.
+
+A train graph takes about 40 s of CPU to compile, so this module compiles few. One in-process `Training` (the
+trainer's own setup: 2 vectors from "toy", batch 1, 2 accumulation steps) is shared by the tests through a
+module fixture and reset between them. The command-line runs (A: batch 2, 8 steps; B: A resumed from step 4;
+Ctrl-C then --resume latest then kill -9, in fp16; msrun with 2 workers) start in background threads when the
+module starts and compile meanwhile on the other core; a test that reads a run waits for it. Where a run and
+the in-process step are compared, the in-process side is fed exactly what the run drew.
+"""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import safetensors.numpy
+from omegaconf import OmegaConf
+from PIL import Image
+from safetensors import safe_open
+
+import mindspore as ms
+from mindspore import Tensor, ops
+
+from gm.data.dataset import EpochSampler
+from gm.models.autoencoder import AutoencoderKL
+from gm.models.loading import load_config
+from gm.textual_inversion.checkpointing import (
+    MODEL_NAME, STATE_DIR, ResumeError, load_train_state, read_train_state, save_learned_embeddings,
+)
+from gm.textual_inversion.embedding_io import load_embedding
+from gm.textual_inversion.optim import learning_rate
+from train_textual_inversion import Training, check_args, draw_micro_batch, parse_args, resolve_defaults, rows_digest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "train_textual_inversion.py")
+TINY = os.path.join(ROOT, "configs", "training", "sd_xl_tiny_textual_inversion.yaml")
+DATA = os.path.join(ROOT, "datasets", "synthetic_toy")
+NUM_IMAGES = 8
+# Two vectors, started from the word "toy"; no clipping, so the gradients compared below are the raw ones.
+BASE = ["--config", TINY, "--data_path", DATA, "--device_target", "CPU", "--placeholder_token", "<toy>",
+        "--num_vectors", "2", "--initializer_token", "toy", "--max_grad_norm", "0"]
+LR = 5e-4  # the default --learning_rate, constant
+ROW_SHAPES = [(2, 32), (2, 64)]
+TIMEOUT = 900  # seconds for any one command-line run (a compile takes ~40 s; the machine may be shared)
+
+
+# ------------------------------------------------------------------------------------- command-line runs
+
+
+def env():
+    """The test's Python first on PATH: msrun starts its workers with the `python` it finds there."""
+    return dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+                PYTHONUNBUFFERED="1")
+
+
+class Runs:
+    """Background chains of command-line runs. Each chain runs in a thread; its processes are killed (by
+    their own process group) if the module ends first."""
+
+    def __init__(self, root):
+        self.root, self.threads, self.results, self.processes = root, {}, {}, []
+
+    def start(self, name, chain):
+        def target():
+            try:
+                self.results[name] = chain(self, os.path.join(self.root, name))
+            except BaseException as e:  # noqa: BLE001 - handed to the test that reads the chain
+                self.results[name] = e
+
+        self.threads[name] = threading.Thread(target=target, daemon=True)
+        self.threads[name].start()
+
+    def get(self, name):
+        self.threads[name].join(timeout=3 * TIMEOUT)
+        result = self.results.get(name, TimeoutError(f"chain {name} did not finish"))
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def popen(self, argv, cwd, log):
+        out = open(log, "w")
+        process = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env(),
+                                   start_new_session=True)
+        self.processes.append(process)
+        return process
+
+    def cli(self, args, folder, name):
+        """Run the trainer to completion in `folder`; (return code, its output)."""
+        os.makedirs(folder, exist_ok=True)
+        log = os.path.join(folder, f"{name}.log")
+        process = self.popen([sys.executable, SCRIPT, *args], folder, log)
+        process.wait(timeout=TIMEOUT)
+        with open(log) as f:
+            return process.returncode, f.read()
+
+    def stop_all(self):
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def loss_rows(save_path):
+    path = os.path.join(save_path, "loss.csv")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [line.strip().split(",") for line in f.readlines()[1:] if line.endswith("\n")]
+
+
+def wait_for_steps(process, save_path, steps):
+    deadline = time.time() + TIMEOUT
+    while len(loss_rows(save_path)) < steps:
+        assert process.poll() is None, f"the run ended (code {process.returncode}) before step {steps}"
+        assert time.time() < deadline, f"no step {steps} after {TIMEOUT} s"
+        time.sleep(0.2)
+
+
+def resume_chain(runs, root):
+    """A: batches of 2, 8 steps saving every 4 (keeping one numbered embedding); B: resumed from A's step 4."""
+    a, b = os.path.join(root, "A"), os.path.join(root, "B")
+    common = BASE + ["--train_batch_size", "2", "--total_step", "8", "--save_interval", "4"]
+    code_a, out_a = runs.cli(common + ["--max_num_ckpt", "1", "--save_path", a], root, "A")
+    assert code_a == 0, out_a
+    step_4 = os.path.join(a, STATE_DIR, "step_00000004")
+    code_b, out_b = runs.cli(common + ["--save_path", b, "--resume", step_4], root, "B")
+    return {"A": a, "out_A": out_a, "B": b, "code_B": code_b, "out_B": out_b}
+
+
+def signal_chain(runs, root):
+    """fp16. Ctrl-C after a few steps; then --resume latest with a state saved every step, killed (-9)."""
+    save = os.path.join(root, "run")
+    os.makedirs(root)
+    args = [sys.executable, SCRIPT, *BASE, "--precision", "fp16", "--total_step", "100000", "--save_path", save]
+    first = runs.popen(args + ["--save_interval", "100000"], root, os.path.join(root, "first.log"))
+    wait_for_steps(first, save, 3)
+    first.send_signal(signal.SIGINT)
+    first.wait(timeout=TIMEOUT)
+    interrupted = len(loss_rows(save))
+    with open(os.path.join(save, STATE_DIR, "latest")) as f:
+        latest_after_interrupt = f.read().strip()
+    # keep what the interrupted run left (the next run prunes old states)
+    kept = os.path.join(root, "after_interrupt")
+    shutil.copytree(save, kept)
+    second = runs.popen(args + ["--save_interval", "1", "--max_num_ckpt", "2", "--resume", "latest"], root,
+                        os.path.join(root, "second.log"))
+    wait_for_steps(second, save, interrupted + 4)
+    second.kill()  # SIGKILL: no handler runs
+    second.wait(timeout=60)
+    with open(os.path.join(root, "first.log")) as f1, open(os.path.join(root, "second.log")) as f2:
+        return {"save": save, "kept": kept, "code_first": first.returncode, "out_first": f1.read(), "interrupted": interrupted,
+                "latest_after_interrupt": latest_after_interrupt, "code_second": second.returncode,
+                "out_second": f2.read()}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parallel_chain(runs, root):
+    """msrun with 2 CPU workers, 2 steps, batch 1 each (an effective batch of 2)."""
+    os.makedirs(root)
+    logs, save = os.path.join(root, "logs"), os.path.join(root, "out")
+    argv = ["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}", "--join=True",
+            f"--log_dir={logs}", SCRIPT, *BASE, "--is_parallel", "True", "--total_step", "2", "--save_path", save]
+    process = runs.popen(argv, root, os.path.join(root, "msrun.out"))
+    process.wait(timeout=TIMEOUT)
+    worker_logs = []
+    for rank in range(2):
+        with open(os.path.join(logs, f"worker_{rank}.log")) as f:
+            worker_logs.append(f.read())
+    return {"root": root, "save": save, "code": process.returncode, "worker_logs": worker_logs}
+
+
+CHAINS = {"resume": resume_chain, "signals": signal_chain, "parallel": parallel_chain}
+FIXTURE_CHAINS = {"resume_runs": "resume", "signal_runs": "signals", "parallel_run": "parallel"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def runs(request, tmp_path_factory):
+    """Start, at once, the chains the selected tests of this module need."""
+    runs = Runs(str(tmp_path_factory.mktemp("cli_runs")))
+    needed = set()
+    for item in request.session.items:
+        if item.module is request.module:
+            needed.update(FIXTURE_CHAINS[name] for name in item.fixturenames if name in FIXTURE_CHAINS)
+    for name in sorted(needed):
+        runs.start(name, CHAINS[name])
+    yield runs
+    runs.stop_all()
+
+
+@pytest.fixture(scope="module")
+def resume_runs(runs):
+    return runs.get("resume")
+
+
+@pytest.fixture(scope="module")
+def signal_runs(runs):
+    return runs.get("signals")
+
+
+@pytest.fixture(scope="module")
+def parallel_run(runs):
+    return runs.get("parallel")
+
+
+
+# ------------------------------------------------------------------------------------- in-process training
+
+
+class Harness:
+    """The trainer's `Training` (gradient accumulation 2, batch 1) with its initial state, to start tests
+    from the same point."""
+
+    def __init__(self, training):
+        self.training = training
+        self.buffers = list(training.state_params) + list(training.train_step.accum)
+        self.initial = [p.asnumpy().copy() for p in self.buffers]
+
+    def reset(self):
+        # ops.assign, not set_data: after the train graph (which assigns these inside its `if apply_update`
+        # branch) is compiled, set_data gives the Parameter a new buffer the graph no longer sees (MindSpore 2.10)
+        for param, value in zip(self.buffers, self.initial):
+            ops.assign(param, Tensor(value.copy(), param.dtype))  # a copy: a Tensor may share its array's memory
+
+    def initial_rows(self):
+        return self.initial[:2]
+
+    def step(self, micro_batches, lr=LR):
+        """One optimizer step over the given micro-batch inputs; their losses."""
+        losses = []
+        for i, inputs in enumerate(micro_batches):
+            loss = self.training.train_step(Tensor(lr, ms.float32), Tensor(i == len(micro_batches) - 1), *inputs)
+            losses.append(float(loss.asnumpy()))
+        return losses
+
+    def state(self):
+        """(rows, exp_avg, exp_avg_sq) as lists of arrays per encoder."""
+        optimizer = self.training.optimizer
+        return ([p.asnumpy().copy() for p in self.training.learned], [m.asnumpy().copy() for m in optimizer.exp_avg],
+                [v.asnumpy().copy() for v in optimizer.exp_avg_sq])
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    args = parse_args(BASE + ["--gradient_accumulation_steps", "2",
+                              "--save_path", str(tmp_path_factory.mktemp("in_process"))])
+    config = load_config(args.config)
+    resolve_defaults(args, config)
+    check_args(args)
+    calls = []
+    original = AutoencoderKL.encode_moments
+
+    def counting(self, x):
+        calls.append(x.shape)
+        return original(self, x)
+
+    AutoencoderKL.encode_moments = counting  # stays until the module ends: training must never encode
+    try:
+        harness = Harness(Training(args, config))
+        harness.encoder_calls = calls
+        yield harness
+    finally:
+        AutoencoderKL.encode_moments = original
+
+
+def micro_batch(training, rank=0, world_size=1, seed_key=(0, 0), sampler=None):
+    """A micro-batch drawn as the trainer draws it (rank's data shard and noise stream)."""
+    if sampler is None:
+        sampler = EpochSampler(NUM_IMAGES, 1, 42, rank, world_size)
+    rng = np.random.RandomState([42, rank, *seed_key])
+    return draw_micro_batch(training.model, training.dataset, training.latents, sampler, rng)
+
+
+def relative_difference(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_only_the_two_new_rows_train(harness):
+    """Trainable: the two [2, d] rows, nothing else (no table gradient, no optimizer state for the tables);
+    after training steps every other weight, both 49,408-row tables included, is bit-identical."""
+    harness.reset()
+    training = harness.training
+    model, learned, step = training.model, training.learned, training.train_step
+    assert [p.name for p in learned] == ROW_NAMES
+    # building the train step renamed nothing: the model's parameters keep the checkpoint's names
+    assert all(name == p.name for name, p in model.parameters_and_names())
+    assert {p.name for p in training.state_params} == {*ROW_NAMES, *(f"exp_avg{sq}.{n}" for sq in ("", "_sq") for n in
+                                                                     ROW_NAMES), "adam_step", "loss_scale",
+                                                       "good_steps", "skipped_steps"}
+    assert [tuple(p.shape) for p in learned] == ROW_SHAPES
+    assert [p.name for p in model.trainable_params()] == [p.name for p in learned]
+    assert [p.name for p in step.trainable_params()] == [p.name for p in learned]
+    assert list(training.optimizer.params) == learned and list(step.params) == learned
+    state = training.optimizer.state_parameters() + list(step.accum)
+    assert sorted(tuple(p.shape) for p in state) == sorted(ROW_SHAPES * 3 + [()])  # m, v, accum, Adam's step
+    tables = [e.token_embedding.weight for e in model.conditioner.text_embedders()]
+    assert [tuple(t.shape) for t in tables] == [(49408, 32), (49408, 64)] and not any(t.requires_grad for t in tables)
+    frozen = {name: p.asnumpy().copy() for name, p in model.parameters_and_names() if p.name not in
+              {q.name for q in learned}}
+
+    # the gradient of one micro-batch (no update yet): rows-shaped and non-zero, in the accumulators
+    training.train_step(Tensor(LR, ms.float32), Tensor(False), *micro_batch(training))
+    assert [tuple(a.shape) for a in step.accum] == ROW_SHAPES
+    assert all((np.abs(a.asnumpy()).max(1) > 0).all() for a in step.accum)
+    harness.reset()
+
+    for i in range(3):
+        training.run_step(i, LR)
+    for name, param in model.parameters_and_names():
+        if name in frozen:
+            assert np.array_equal(param.asnumpy(), frozen[name]), f"{name} changed"
+    assert len(frozen) == len(list(model.parameters_and_names())) - 2
+    for rows, start in zip(training.rows(), harness.initial_rows()):
+        assert (np.abs(rows - start).max(1) > 0).all()  # every vector of both encoders moved
+
+
+def test_initializer_word_starts_every_vector(harness):
+    """--initializer_token toy: both vectors of both encoders start as the table row of "toy"."""
+    for embedder, start in zip(harness.training.model.conditioner.text_embedders(), harness.initial_rows()):
+        (toy,) = embedder.tokenizer.encode("toy")
+        row = embedder.token_embedding.weight.asnumpy()[toy]
+        assert np.array_equal(start, np.stack([row, row]))
+        assert np.abs(row).max() > 0
+
+
+def test_training_lowers_the_loss_on_fixed_draws(harness):
+    """The trainer's step on fixed (image, prompt, noise, timestep) draws lowers TextualInversionLoss on them.
+
+    Held-out draws (training on fresh noise, measuring on other fixed noise) do not show it on the tiny model's
+    random weights: its UNet output barely depends on the text (see the report), so the expected gradient is
+    indistinguishable from zero there. This test shows the update descends the loss it differentiates."""
+    training = harness.training
+    sampler = EpochSampler(NUM_IMAGES, 1, 42)
+    draws = [micro_batch(training, seed_key=(7, m), sampler=sampler) for m in range(2)]
+    harness.reset()
+    trajectory = [np.mean(harness.step(draws, lr=2e-3)) for _ in range(8)]  # each: the loss before that update
+    harness.reset()
+    assert trajectory[-1] < trajectory[0] - 1e-4, trajectory
+    assert all(later < earlier for earlier, later in zip(trajectory[1:], trajectory[2:])), trajectory
+
+
+def test_latents_are_encoded_once_and_the_encoder_released(harness):
+    """One VAE encoder call per (image, flip) before training, none after; the encoder is gone."""
+    training = harness.training
+    assert len(harness.encoder_calls) == NUM_IMAGES * 2  # flip_p 0.5: the image and its mirror
+    assert sorted(training.latents.cache) == sorted((i, f) for i in range(NUM_IMAGES) for f in (False, True))
+    assert not hasattr(training.model.first_stage_model, "encoder") and training.latents.autoencoder is None
+    assert not [n for n, _ in training.model.parameters_and_names() if n.startswith("first_stage_model.encoder.")]
+    training.run_step(0, LR)  # draws from the cache
+    assert len(harness.encoder_calls) == NUM_IMAGES * 2
+    harness.reset()
+
+
+def test_fp16_keeps_learned_rows_and_optimizer_state_fp32(tmp_path):
+    """--precision fp16: the frozen model computes in fp16, the rows and every optimizer buffer stay fp32, and a
+    dynamic loss scale is on (its skipping of non-finite steps: tests/test_train_optim.py)."""
+    args = parse_args(BASE + ["--precision", "fp16", "--cache_latents", "False", "--save_path", str(tmp_path)])
+    config = load_config(args.config)
+    resolve_defaults(args, config)
+    training = Training(args, config)
+    assert training.model.model.diffusion_model.dtype == ms.float16
+    assert [p.dtype for p in training.learned] == [ms.float32, ms.float32]
+    assert all(p.dtype == ms.float32 for p in training.train_step.state_parameters()[:5])  # m, v, Adam step
+    assert all(p.dtype == ms.float32 for p in training.train_step.accum)
+    assert float(training.train_step.loss_scale.asnumpy()) == 2.0 ** 16 and training.train_step.dynamic_loss_scale
+
+
+def test_numbered_embeddings_are_pruned(tmp_path):
+    rows = np.zeros((1, 32), np.float32), np.zeros((1, 64), np.float32)
+    save_learned_embeddings(str(tmp_path), "<toy>", *rows)
+    for step in (2, 4, 6):
+        save_learned_embeddings(str(tmp_path), "<toy>", *rows, step=step, max_num_ckpt=2)
+    assert sorted(os.listdir(tmp_path)) == sorted([f"{MODEL_NAME}_4_ti.ckpt", f"{MODEL_NAME}_6_ti.ckpt",
+                                                   f"{MODEL_NAME}_ti.ckpt", "toy.safetensors", "toy_4.safetensors",
+                                                   "toy_6.safetensors"])
+
+
+# ------------------------------------------------------------------------------------- command-line results
+
+
+def read_state(save_path, step):
+    return ms.load_checkpoint(os.path.join(save_path, STATE_DIR, f"step_{step:08d}", "state.ckpt"))
+
+
+ROW_NAMES = ["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.new_embeddings",
+             "conditioner.embedders.1.model.token_embedding.new_embeddings"]
+
+
+def state_rows(state):
+    return [state[name].asnumpy() for name in ROW_NAMES]
+
+
+def test_outputs(resume_runs, harness):
+    """The files of run A (8 steps, saved at 4 and 8, --max_num_ckpt 1) and what is in them."""
+    a, out = resume_runs["A"], resume_runs["out_A"]
+    assert sorted(os.listdir(a)) == sorted([f"{MODEL_NAME}_8_ti.ckpt", "toy_8.safetensors", f"{MODEL_NAME}_ti.ckpt",
+                                            "toy.safetensors", "loss.csv", "loss.png", "args.yaml", STATE_DIR])
+    assert sorted(os.listdir(os.path.join(a, STATE_DIR))) == ["latest", "step_00000004", "step_00000008"]
+    with open(os.path.join(a, STATE_DIR, "latest")) as f:
+        assert f.read().strip() == "step_00000008"
+
+    final = read_state(a, 8)
+    rows = state_rows(final)
+    for path in (f"{MODEL_NAME}_ti.ckpt", f"{MODEL_NAME}_8_ti.ckpt", "toy.safetensors", "toy_8.safetensors"):
+        embedding = load_embedding(os.path.join(a, path))
+        assert embedding.token == "<toy>" and embedding.num_vectors == 2
+        assert np.array_equal(embedding.clip_l, rows[0]) and np.array_equal(embedding.clip_g, rows[1])
+    community = safetensors.numpy.load_file(os.path.join(a, "toy.safetensors"))
+    assert {k: (v.shape, v.dtype) for k, v in community.items()} == {"clip_l": ((2, 32), np.float32),
+                                                                      "clip_g": ((2, 64), np.float32)}
+    with safe_open(os.path.join(a, "toy.safetensors"), framework="np") as f:
+        assert f.metadata()["token"] == "<toy>"
+
+    # started from "toy" (the in-process model is the same: same config and seed): 8 Adam steps of lr 5e-4
+    # move an entry by at most ~8 * 3.2 * lr, far less than a random start would differ (~0.05)
+    for found, start in zip(rows, harness.initial_rows()):
+        assert 0 < np.abs(found - start).max() < 8 * 3.2 * LR
+
+    with open(os.path.join(a, "loss.csv")) as f:
+        lines = f.read().splitlines()
+    assert lines[0] == "step,loss,lr,seconds"
+    table = np.array([[float(v) for v in line.split(",")] for line in lines[1:]])
+    assert table[:, 0].tolist() == list(range(1, 9)) and np.isfinite(table[:, 1]).all()
+    assert (table[:, 2] == LR).all() and (table[:, 3] > 0).all()
+    with open(os.path.join(a, "loss.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(os.path.join(a, "loss.png")).size[0] > 100
+
+    saved = OmegaConf.load(os.path.join(a, "args.yaml"))
+    assert saved.args.placeholder_token == "<toy>" and saved.args.num_vectors == 2
+    assert saved.args.initializer_token == "toy" and saved.args.resolution == 64  # resolved from the config
+    assert saved.args.weight is None and saved.args.save_path == a and saved.args.total_step == 8
+    assert saved.resolved.effective_batch_size == 2 and saved.resolved.tokens == ["<toy>", "<toy>_1"]
+    assert saved.config.model.target == "gm.models.diffusion.DiffusionEngine"
+
+    assert "images found      : 8" in out and "trainable params  : 192 ((2, 32) + (2, 64))" in out
+    assert out.count("Graph compiled in") == 1 and "then" in out.split("graph compiled in")[-1]
+
+
+def test_resume_is_exact(resume_runs):
+    """B, resumed from A's step-4 state, ends where A ended (rows, moments, losses of steps 5-8)."""
+    assert resume_runs["code_B"] == 0, resume_runs["out_B"]
+    a, b = read_state(resume_runs["A"], 8), read_state(resume_runs["B"], 8)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_allclose(b[name].asnumpy(), a[name].asnumpy(), rtol=0, atol=1e-6, err_msg=name)
+    start = read_state(resume_runs["A"], 4)
+    assert not np.array_equal(state_rows(start)[0], state_rows(a)[0])  # steps 5-8 did change the rows
+    # step, loss, lr of steps 5-8 (not the seconds)
+    assert [r[:3] for r in loss_rows(resume_runs["B"])] == [r[:3] for r in loss_rows(resume_runs["A"])[4:]]
+
+
+@pytest.mark.parametrize("change, key", [
+    (["--placeholder_token", "<other>"], "placeholder_token"),
+    (["--num_vectors", "3"], "num_vectors"),
+    (["--config", "{other_config}"], "model"),
+])
+def test_resume_refuses_another_run(resume_runs, tmp_path, change, key):
+    a = resume_runs["A"]
+    other_config = tmp_path / "other.yaml"
+    config = OmegaConf.load(TINY)
+    config.model.params.scale_factor = 0.18215
+    OmegaConf.save(config, other_config)
+    args = BASE + ["--total_step", "8", "--save_path", a, "--resume", "latest"]
+    for flag, value in zip(change[::2], change[1::2]):
+        args[args.index(flag) + 1] = value.replace("{other_config}", str(other_config))
+    before = {n: os.stat(os.path.join(root, n)).st_mtime_ns for root, _, names in os.walk(a) for n in names}
+    proc = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=TIMEOUT, env=env())
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot be resumed" in errors[0], proc.stderr
+    assert f"  {key}: saved" in proc.stderr
+    after = {n: os.stat(os.path.join(root, n)).st_mtime_ns for root, _, names in os.walk(a) for n in names}
+    assert after == before
+
+
+def test_ctrl_c_saves_and_resume_latest_continues(signal_runs):
+    """SIGINT after 3+ steps: exit 130, a message, a loadable state and embedding at that step (fp16 run: rows
+    and moments saved in fp32); --resume latest then continues from the next step."""
+    s, kept, save = signal_runs["interrupted"], signal_runs["kept"], signal_runs["save"]
+    assert signal_runs["code_first"] == 130, signal_runs["out_first"]
+    assert f"Interrupted at step {s}" in signal_runs["out_first"] and "--resume latest" in signal_runs["out_first"]
+    assert s >= 3 and signal_runs["latest_after_interrupt"] == f"step_{s:08d}"
+    state = read_state(kept, s)
+    rows = state_rows(state)
+    assert all(r.dtype == np.float32 for r in rows) and state["exp_avg." + ROW_NAMES[0]].asnumpy().dtype == np.float32
+    embedding = load_embedding(os.path.join(kept, f"{MODEL_NAME}_{s}_ti.ckpt"))
+    assert np.array_equal(embedding.clip_l, rows[0]) and np.array_equal(embedding.clip_g, rows[1])
+
+    out = signal_runs["out_second"]
+    assert f"steps             : {s} -> 100000" in out
+    steps = [int(r[0]) for r in loss_rows(save)]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= s + 4  # continued, no step twice or lost
+
+
+def test_kill_9_leaves_the_latest_state_complete(signal_runs, tmp_path):
+    """kill -9 while saving every step: train_state/latest names a whole state that loads."""
+    save, s = signal_runs["save"], signal_runs["interrupted"]
+    assert signal_runs["code_second"] == -signal.SIGKILL
+    with open(os.path.join(save, STATE_DIR, "latest")) as f:
+        latest = os.path.join(save, STATE_DIR, f.read().strip())
+    host = read_train_state(latest, {})
+    step = host["step"]
+    assert latest.endswith(f"step_{step:08d}") and step > s
+    saved = ms.load_checkpoint(os.path.join(latest, "state.ckpt"))
+    params = [ms.Parameter(Tensor(np.zeros(v.shape, v.asnumpy().dtype)), name=n) for n, v in saved.items()]
+    load_train_state(latest, params)  # the trainer's own loader accepts it
+    rows = state_rows(saved)
+    assert [r.shape for r in rows] == ROW_SHAPES and all(r.dtype == np.float32 for r in rows)
+    assert all(saved[n].asnumpy().dtype == np.float32 for n in saved if n.startswith(("exp_avg", "adam")))
+    embedding = load_embedding(os.path.join(save, f"{MODEL_NAME}_{step}_ti.ckpt"))
+    assert np.array_equal(embedding.clip_l, rows[0])
+    with pytest.raises(ResumeError, match="num_vectors"):
+        read_train_state(latest, dict(host["identity"], num_vectors=3))
+
+
+def test_gradient_accumulation_matches_one_big_batch(resume_runs, harness):
+    """k=2 micro-batches of 1 == one batch of 2: run A (--train_batch_size 2) against the in-process step with 2
+    accumulation steps, fed A's two images per step split in two (same images, prompts, noise and noise levels,
+    drawn as A drew them). After 4 optimizer steps Adam's moments (the mean gradient, its square) agree within
+    1e-5 (relative), the rows to float32 rounding."""
+    assert "effective batch   : 2 = 2 per device x 1 accumulation x 1 device(s)" in resume_runs["out_A"]
+    training = harness.training
+    sampler = EpochSampler(NUM_IMAGES, 2, 42)
+    harness.reset()
+    for step in range(4):
+        batch = draw_micro_batch(training.model, training.dataset, training.latents, sampler,
+                                 np.random.RandomState([42, 0, step, 0]))
+        moments = batch[0].asnumpy()
+        assert not np.array_equal(moments[0], moments[1])  # two images, so not the average of equal gradients
+        harness.step([[Tensor(t.asnumpy()[i:i + 1]) for t in batch] for i in range(2)])
+    rows, exp_avg, exp_avg_sq = harness.state()
+    harness.reset()
+    state = read_state(resume_runs["A"], 4)
+    for i, name in enumerate(ROW_NAMES):
+        assert relative_difference(exp_avg[i], state["exp_avg." + name].asnumpy()) <= 1e-5
+        assert relative_difference(exp_avg_sq[i], state["exp_avg_sq." + name].asnumpy()) <= 1e-5
+        found, start = state[name].asnumpy(), harness.initial_rows()[i]
+        rounding = 8 * np.spacing(np.abs(found).max())
+        assert np.abs(rows[i] - found).max() <= 1e-5 * np.abs(found - start).max() + rounding
+        assert np.abs(found - start).max() > 100 * rounding  # the rows did move
+
+
+def test_data_parallel_two_workers(parallel_run, harness):
+    """msrun, 2 CPU workers, 2 steps: both finish with the same rows, only rank 0 writes, and the update is
+    that of the two ranks' shards averaged: the in-process accumulation of rank 0's and rank 1's micro-batches
+    (same images, noise and levels as each worker drew) gives the same rows and Adam moments."""
+    assert parallel_run["code"] == 0, parallel_run["worker_logs"]
+    save = parallel_run["save"]
+    digests = []
+    for rank, log in enumerate(parallel_run["worker_logs"]):
+        lines = [line for line in log.splitlines() if f"rank {rank}/2: learned rows sha256" in line]
+        assert len(lines) == 1, log[-3000:]
+        digests.append(lines[0].split()[-1])
+    final = load_embedding(os.path.join(save, "toy.safetensors"))
+    assert digests[0] == digests[1] == rows_digest([final.clip_l, final.clip_g])
+
+    # rank 0 alone wrote: one set of files, no rank-named copies, one loss row per step, nothing in the cwd
+    assert sorted(os.listdir(parallel_run["root"])) == ["logs", "msrun.out", "out"]
+    assert sorted(os.listdir(save)) == sorted([f"{MODEL_NAME}_2_ti.ckpt", "toy_2.safetensors", f"{MODEL_NAME}_ti.ckpt",
+                                               "toy.safetensors", "loss.csv", "loss.png", "args.yaml", STATE_DIR])
+    assert [int(r[0]) for r in loss_rows(save)] == [1, 2]
+    assert "effective batch   : 2 = 1 per device x 1 accumulation x 2 device(s)" in parallel_run["worker_logs"][0]
+    assert "effective batch" not in parallel_run["worker_logs"][1]
+
+    # the same two steps in process: micro-batch 0 = rank 0's shard and noise, 1 = rank 1's. Each is the same
+    # batch-of-1 computation as on its rank, and halving is exact in binary floating point, so the averaged
+    # gradient (g0 + g1) / 2 of the ranks equals g0 / 2 + g1 / 2 of the accumulation bit for bit.
+    training = harness.training
+    samplers = [EpochSampler(NUM_IMAGES, 1, 42, rank, 2) for rank in range(2)]
+    harness.reset()
+    for step in range(2):
+        pair = [micro_batch(training, rank, 2, (step, 0), samplers[rank]) for rank in range(2)]
+        assert not np.array_equal(pair[0][0].asnumpy(), pair[1][0].asnumpy())  # the ranks drew different images
+        harness.step(pair, lr=learning_rate("constant", LR, step, 2))
+    rows, exp_avg, exp_avg_sq = harness.state()
+    harness.reset()
+    state = read_state(save, 2)
+    for i, name in enumerate(ROW_NAMES):
+        np.testing.assert_array_equal(state[name].asnumpy(), rows[i])
+        np.testing.assert_array_equal(state["exp_avg." + name].asnumpy(), exp_avg[i])
+        np.testing.assert_array_equal(state["exp_avg_sq." + name].asnumpy(), exp_avg_sq[i])
+    assert not np.array_equal(rows[0], harness.initial_rows()[0])
