@@ -10,7 +10,10 @@ after each step, and `--recompute` turns on its gradient checkpointing, which co
 Both run fp32 at the same resolution, batch and thread count, each in its own process (so each peak memory is its
 own). Printed: median seconds per step after warm-up, graph compile time, peak resident memory, model FLOP
 utilisation (UNet and text encoders forward + backward, counted from the shapes, against the fp32 matmul peak
-measured in the same run) and where one step's time goes. The last line holds the ratios ours / reference.
+measured in the same run) and where one step's time goes: the reference is timed inside its step (the UNet's
+backward ends when the gradients reach the text encoders' outputs); ours is one fused graph, so its parts are
+compiled and timed apart in one more process, and what the fused step costs beyond them is shown as the rest.
+The last line holds the ratios ours / reference.
 """
 import argparse
 import os
@@ -32,7 +35,7 @@ LEARNING_RATE, WEIGHT_DECAY = 5e-4, 1e-2
 PHASES = ("vae_encode", "text_fwd", "unet_fwd", "unet_bwd", "text_bwd", "optimizer", "other")
 PHASE_NAMES = {"vae_encode": "VAE encode", "text_fwd": "text encoders forward", "unet_fwd": "UNet forward + loss",
                "unet_bwd": "UNet backward", "text_bwd": "text encoders backward",
-               "optimizer": "optimizer (+ copy-back / clip)", "other": "other"}
+               "optimizer": "optimizer (+ copy-back)", "other": "rest (ours: step minus its parts)"}
 
 
 def parse_args(argv=None):
@@ -47,10 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--num_vectors", type=int, default=1, help="vectors of the learned word (default: 1)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of both sides (default: all)")
     p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
-                   help="skip the per-module breakdown (ours profiles one extra step for it)")
+                   help="skip the per-module breakdown (for ours it compiles each part in one more process)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default=None, help="diffusers folder of the weights (default: written once to a cache)")
-    p.add_argument("--side", choices=["ours", "reference"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=["ours", "ours-parts", "reference"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.resolution is None:
         args.resolution = 64 if args.config == "tiny" else 512
@@ -75,21 +78,21 @@ def size_conditioning(args):
 # ------------------------------------------------------------------------------------------------------ ours
 
 
-def run_ours(args):
-    set_mindspore_threads(args.threads)
+def build_ours(args):
+    """The trainer's set-up on our side: model, placeholder rows, cached latents, the compiled-to-be train step.
+
+    Returns (model, learned rows, train step, inputs() -> a fresh micro-batch, facts about the set-up)."""
     import mindspore as ms
     from mindspore import Tensor
 
-    from benchmarks.profile_graph import profile_breakdown
     from gm.models.loading import create_model, load_config
     from gm.textual_inversion.optim import AdamW
     from gm.textual_inversion.placeholder import add_placeholder_tokens, expand_placeholders, initial_rows
     from gm.textual_inversion.train_step import TextualInversionLoss, TextualInversionTrainStep
 
-    peak_gflops = mindspore_matmul_peak()
     model = create_model(load_config(config_path(args.config, training=True)), args.weights,
                          recompute=args.recompute)
-    rss_model = memory_gb("VmRSS")
+    facts = {"model_rss_gb": memory_gb("VmRSS")}
     log("ours: model loaded")
     rng = np.random.RandomState(args.seed)
     rows = [initial_rows(e, INITIALIZER, args.num_vectors, rng) for e in model.conditioner.text_embedders()]
@@ -99,20 +102,16 @@ def run_ours(args):
     # latent caching, as the trainer does: the image is encoded once, then the VAE encoder is released
     start = time.perf_counter()
     moments = model.first_stage_model.encode_moments(Tensor(training_image(args))).asnumpy()
-    cache_seconds = time.perf_counter() - start
+    facts["latent_cache_seconds"] = time.perf_counter() - start
     del model.first_stage_model.encoder
-    log(f"ours: latents cached in {cache_seconds:.1f} s")
+    log(f"ours: latents cached in {facts['latent_cache_seconds']:.1f} s")
 
     optimizer = AdamW(learned, weight_decay=WEIGHT_DECAY)
-    loss_net = TextualInversionLoss(model)
-    train_step = TextualInversionTrainStep(loss_net, learned, optimizer, max_grad_norm=1.0)
-    # A child cell of the step, so that the profiler names its ops by cell path (only the scopes change)
-    train_step.loss_net = loss_net
+    train_step = TextualInversionTrainStep(TextualInversionLoss(model), learned, optimizer, max_grad_norm=1.0)
     batch = dict(size_conditioning(args), txt=[expand_placeholders(PROMPT.format(PLACEHOLDER),
                                                                     {PLACEHOLDER: args.num_vectors})] * args.batch)
     cond = model.conditioner.tokenize(batch)
     latent_shape = (args.batch, moments.shape[1] // 2) + moments.shape[2:]
-    lr, apply = Tensor(LEARNING_RATE, ms.float32), Tensor(True)
     draws = iter(range(10 ** 6))
 
     def inputs():
@@ -121,6 +120,18 @@ def run_ours(args):
         latent_noise = Tensor(noise_rng.standard_normal(latent_shape), ms.float32)
         noise, sigma_rand = model.loss_fn.draw_inputs(latent_shape, noise_rng)
         return (Tensor(moments), latent_noise, noise, sigma_rand) + cond
+
+    return model, learned, train_step, inputs, facts
+
+
+def run_ours(args):
+    set_mindspore_threads(args.threads)
+    import mindspore as ms
+    from mindspore import Tensor
+
+    peak_gflops = mindspore_matmul_peak()
+    _, _, train_step, inputs, facts = build_ours(args)
+    lr, apply = Tensor(LEARNING_RATE, ms.float32), Tensor(True)
 
     def step():
         loss = float(train_step(lr, apply, *inputs()).asnumpy())
@@ -138,25 +149,113 @@ def run_ours(args):
     log(f"ours: warm-up step {warmup_seconds:.2f} s")
     seconds, times = median_time(step, args.steps)
     log(f"ours: {args.steps} steps, median {seconds:.3f} s")
-    result = {"side": "ours", "seconds": seconds, "times": times, "compile_seconds": compile_seconds,
-              "first_step_seconds": warmup_seconds, "latent_cache_seconds": cache_seconds,
-              "peak_gb": memory_gb("VmHWM"), "model_rss_gb": rss_model, "peak_gflops": peak_gflops,
-              "threads": args.threads}
-    if args.breakdown:
-        result["breakdown"] = profile_breakdown(step, seconds, classify_ours, PHASES)
-    emit(result)
+    emit(dict(facts, side="ours", seconds=seconds, times=times, compile_seconds=compile_seconds,
+              first_step_seconds=warmup_seconds, peak_gb=memory_gb("VmHWM"), peak_gflops=peak_gflops,
+              threads=args.threads))
 
 
-def classify_ours(scope):
-    """The phase of an op of our step, from its scope (the cell path; backward ops under "Gradients/")."""
-    backward = scope.startswith("Gradients/")
-    if "optimizer-AdamW" in scope:
-        return "optimizer"
-    if "diffusion_model-UNetModel" in scope:
-        return "unet_bwd" if backward else "unet_fwd"
-    if "conditioner-GeneralConditioner" in scope:
-        return "text_bwd" if backward else "text_fwd"
-    return "other"
+def wait(outputs):
+    """Block until a graph's outputs (a Tensor or nested tuples of them) are computed, by reading them."""
+    if isinstance(outputs, (tuple, list)):
+        for output in outputs:
+            wait(output)
+    else:
+        outputs.asnumpy()
+
+
+def run_ours_parts(args):
+    """Our step's parts, each compiled as a graph of its own and timed like the step: the text encoders forward,
+    the UNet loss from given conditioning, that loss with its gradient for the conditioning, the text encoders'
+    forward and backward from given gradients, and the optimizer update."""
+    set_mindspore_threads(args.threads)
+    import mindspore as ms
+    from mindspore import Tensor, nn, ops
+
+    model, learned, train_step, inputs, _ = build_ours(args)
+
+    class TextForward(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.conditioner = model.conditioner
+
+        def construct(self, *cond):
+            return self.conditioner(*cond)
+
+    class UNetLoss(nn.Cell):
+        """`TextualInversionLoss` after its conditioner: the loss given (context, vector)."""
+
+        def __init__(self):
+            super().__init__()
+            self.model, self.denoiser, self.loss_fn = model.model, model.denoiser, model.loss_fn
+            self.scale_factor = model.scale_factor
+
+        def construct(self, moments, latent_noise, noise, sigma_rand, context, vector):
+            channels = moments.shape[1] // 2
+            std = ops.exp(0.5 * ops.clamp(moments[:, channels:], -30.0, 20.0))
+            latents = (moments[:, :channels] + std * latent_noise) * self.scale_factor
+            return self.loss_fn(self.model, self.denoiser, latents, context, vector, noise, sigma_rand).mean()
+
+    class UNetGrad(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.loss = UNetLoss()
+            self.grad = ms.grad(self.loss, grad_position=(4, 5))
+
+        def construct(self, *args):
+            return self.grad(*args)
+
+    class Projection(nn.Cell):
+        """<conditioning, given gradients>: its gradient for the learned rows is the text encoders' backward."""
+
+        def __init__(self):
+            super().__init__()
+            self.conditioner = model.conditioner
+
+        def construct(self, grad_context, grad_vector, *cond):
+            context, vector = self.conditioner(*cond)
+            return (context * grad_context).sum() + (vector * grad_vector).sum()
+
+    class TextGrad(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.projection = Projection()
+            self.grad = ms.grad(self.projection, None, learned)
+
+        def construct(self, *args):
+            return self.grad(*args)
+
+    class OptimizerStep(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.optimizer = train_step.optimizer
+
+        def construct(self, lr, *grads):
+            return self.optimizer(grads, lr)
+
+    def timed(name, cell, make_args):
+        cell.compile(*make_args())
+
+        def run():
+            wait(cell(*make_args()))
+
+        run()
+        seconds, _ = median_time(run, args.steps)
+        log(f"ours parts: {name} {seconds:.3f} s")
+        return seconds
+
+    sample = inputs()
+    context, vector = TextForward()(*sample[4:])
+    grads = UNetGrad()(*sample[:4], context, vector)
+    text_forward = timed("text encoders forward", TextForward(), lambda: inputs()[4:])
+    unet_forward = timed("UNet loss", UNetLoss(), lambda: inputs()[:4] + (context, vector))
+    unet_grad = timed("UNet loss and gradient", UNetGrad(), lambda: inputs()[:4] + (context, vector))
+    text_grad = timed("text encoders forward and backward", TextGrad(), lambda: tuple(grads) + inputs()[4:])
+    update = timed("optimizer", OptimizerStep(),
+                   lambda: (Tensor(LEARNING_RATE, ms.float32),) + tuple(Tensor(np.ones(p.shape, np.float32) * 1e-3)
+                                                                      for p in learned))
+    emit({"side": "ours-parts", "text_fwd": text_forward, "unet_fwd": unet_forward,
+          "unet_bwd": unet_grad - unet_forward, "text_bwd": text_grad - text_forward, "optimizer": update,
+          "unet_grad": unet_grad, "text_grad": text_grad})
 
 
 # ------------------------------------------------------------------------------------------------ reference
@@ -378,12 +477,19 @@ def main(argv=None):
     args = parse_args(argv)
     if args.side == "ours":
         return run_ours(args)
+    if args.side == "ours-parts":
+        return run_ours_parts(args)
     if args.side == "reference":
         return run_reference(args)
     args.weights = reference_weights(args.config, args.seed, args.weights)
     flops = step_flops(args)
     script = os.path.abspath(__file__)
     ours = run_side(script, "ours", side_argv(args))
+    if args.breakdown:
+        parts = run_side(script, "ours-parts", side_argv(args))
+        ours["breakdown"] = {phase: parts.get(phase, 0.0) for phase in PHASES}
+        # what the fused step costs beyond its parts compiled apart (negative: fusing saved time)
+        ours["breakdown"]["other"] = ours["seconds"] - parts["unet_grad"] - parts["text_grad"] - parts["optimizer"]
     ref = run_side(script, "reference", side_argv(args))
     report(args, ours, ref, flops)
     return 0

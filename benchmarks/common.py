@@ -159,7 +159,7 @@ def median_time(run, steps):
     return float(np.median(times)), times
 
 
-def torch_matmul_peak(size=2048, repeats=5):
+def torch_matmul_peak(size=4096, repeats=3):
     """The best fp32 GFLOP/s of a square torch matmul (the machine's peak, quoted for model FLOP utilisation)."""
     import torch
 
@@ -169,7 +169,7 @@ def torch_matmul_peak(size=2048, repeats=5):
     return 2 * size ** 3 / best / 1e9
 
 
-def mindspore_matmul_peak(size=2048, repeats=5):
+def mindspore_matmul_peak(size=4096, repeats=3):
     """The best fp32 GFLOP/s of a square MindSpore matmul in a compiled graph."""
     import mindspore as ms
     from mindspore import Tensor, nn, ops

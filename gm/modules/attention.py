@@ -3,9 +3,9 @@
 Parameter names follow sgm's `sgm/modules/attention.py`, so the original checkpoint's keys
 (`...transformer_blocks.0.attn1.to_q.weight`, `...ff.net.0.proj.weight`, ...) load as they are.
 """
-from mindspore import nn, ops
+from mindspore import nn
 
-from gm.modules.layers import GroupNorm, LayerNorm, Linear, attention, default_attention_impl, zero_module
+from gm.modules.layers import GroupNorm, LayerNorm, Linear, attention, default_attention_impl, gelu, zero_module
 
 
 class GEGLU(nn.Cell):
@@ -18,7 +18,7 @@ class GEGLU(nn.Cell):
 
     def construct(self, x):
         h = self.proj(x)
-        return h[..., : self.dim_out] * ops.gelu(h[..., self.dim_out :], approximate="none")
+        return h[..., : self.dim_out] * gelu(h[..., self.dim_out :])
 
 
 class FeedForward(nn.Cell):

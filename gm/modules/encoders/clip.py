@@ -18,7 +18,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from gm.modules.encoders.tokenizer import CONTEXT_LENGTH, EOS_TOKEN_ID, VOCAB_SIZE
-from gm.modules.layers import LayerNorm, Linear, attention, default_attention_impl
+from gm.modules.layers import LayerNorm, Linear, attention, default_attention_impl, gelu
 
 
 class Embedding(nn.Cell):
@@ -235,7 +235,7 @@ class MLP(nn.Cell):
         self.c_proj = Linear(hidden, width)
 
     def construct(self, x):
-        return self.c_proj(ops.gelu(self.c_fc(x), approximate="none"))
+        return self.c_proj(gelu(self.c_fc(x)))
 
 
 class ResidualAttentionBlock(nn.Cell):
