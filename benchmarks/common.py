@@ -171,7 +171,6 @@ def torch_matmul_peak(size=4096, repeats=3):
 
 def mindspore_matmul_peak(size=4096, repeats=3):
     """The best fp32 GFLOP/s of a square MindSpore matmul in a compiled graph."""
-    import mindspore as ms
     from mindspore import Tensor, nn, ops
 
     class MatMul(nn.Cell):

@@ -102,6 +102,21 @@ def test_diffusers_fp16_variant_and_sharded_files(root, tiny_sdxl, tiny_model, t
     assert params.keys() == expected.keys() and all(np.array_equal(params[k], expected[k]) for k in expected)
 
 
+def test_bf16_single_file_loads_exactly(root, tiny_sdxl, tiny_model, tmp_path):
+    """Merged and community SDXL files are often bf16, which numpy cannot hold: each tensor must come back as
+    float32 equal to the bf16 value (checked against torch's own bf16 -> fp32 conversion)."""
+    from safetensors.torch import save_file as save_torch
+
+    expected = params_of(tiny_model)
+    path = str(tmp_path / "sd_xl_tiny_bf16.safetensors")
+    save_torch({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in expected.items()}, path)
+    params = params_of(create_model(load_config(os.path.join(root, TINY)), weight=path))
+    assert params.keys() == expected.keys()
+    for key, value in params.items():
+        widened = torch.from_numpy(expected[key]).to(torch.bfloat16).float().numpy()
+        assert np.array_equal(value, widened), key
+
+
 def test_converted_ckpt_written_atomically_in_its_dtype(converted):
     for dtype, path in converted.items():
         assert os.listdir(os.path.dirname(path)) == ["tiny.ckpt"]  # no temporary file left behind

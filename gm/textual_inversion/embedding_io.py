@@ -11,7 +11,6 @@ Formats:
 All are written in float32 and atomically (a temporary file in the same folder, then os.replace).
 """
 import dataclasses
-import json
 import os
 import struct
 
@@ -22,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 import mindspore as ms
 
 from gm.util import atomic_write
+from gm.weights.loader import safetensors_tensor
 
 DIFFUSERS_FILES = ("learned_embeds.safetensors", "learned_embeds_2.safetensors")
 FORMATS = ("ckpt", "safetensors", "diffusers")
@@ -122,28 +122,12 @@ def _sniff(path):
     return None
 
 
-def _bf16_tensor(path, name):
-    """A bfloat16 tensor as float32 (numpy has no bfloat16): widen the raw bits."""
-    with open(path, "rb") as f:
-        header_size = struct.unpack("<Q", f.read(8))[0]
-        entry = json.loads(f.read(header_size))[name]
-        begin, end = entry["data_offsets"]
-        f.seek(8 + header_size + begin)
-        bits = np.frombuffer(f.read(end - begin), dtype="<u2").astype(np.uint32) << 16
-    return bits.view(np.float32).reshape(entry["shape"])
-
-
 def _read_safetensors(path):
     """({name: array}, metadata) of a safetensors file."""
     try:
         with safe_open(path, framework="np") as f:
             metadata = f.metadata() or {}
-            tensors = {}
-            for name in f.keys():
-                if f.get_slice(name).get_dtype() == "BF16":
-                    tensors[name] = _bf16_tensor(path, name)
-                else:
-                    tensors[name] = f.get_tensor(name)
+            tensors = {name: safetensors_tensor(f, path, name) for name in f.keys()}
     except SafetensorError as e:
         raise EmbeddingFormatError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
     return tensors, metadata

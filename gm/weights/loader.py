@@ -101,6 +101,20 @@ def _safe_open(path):
         raise WeightFileError(f"{path}: cannot be read as safetensors ({e}).") from None
 
 
+def safetensors_tensor(f, path, name):
+    """Tensor `name` of the open safetensors file `f` (at `path`) as a numpy array. bfloat16, which numpy
+    cannot hold, comes back as float32, exactly: a bfloat16 is the upper half of a float32's bits."""
+    if f.get_slice(name).get_dtype() != "BF16":
+        return f.get_tensor(name)
+    with open(path, "rb") as raw:
+        header_size = struct.unpack("<Q", raw.read(8))[0]
+        entry = json.loads(raw.read(header_size))[name]
+        begin, end = entry["data_offsets"]
+        raw.seek(8 + header_size + begin)
+        bits = np.frombuffer(raw.read(end - begin), dtype="<u2").astype(np.uint32) << 16
+    return bits.view(np.float32).reshape(entry["shape"])
+
+
 # ----------------------------------------------------------------------------------------------- formats
 
 
@@ -139,7 +153,7 @@ def _diffusers_mapped(folder, shapes_only):
                 read_safetensors_header(file)  # whole-file check first
                 with _safe_open(file) as f:
                     for name in f.keys():
-                        state[name] = f.get_tensor(name)
+                        state[name] = safetensors_tensor(f, file, name)
         try:
             mapped = to_sgm(state)
         except KeyError as e:
@@ -219,7 +233,7 @@ def load_weights(model, path):
     if fmt == "safetensors":
         with _safe_open(path) as f:
             for name in expected:
-                assign(name, f.get_tensor(name))
+                assign(name, safetensors_tensor(f, path, name))
     elif fmt == "ckpt":
         for name in expected:
             assign(name, ckpt.pop(name).asnumpy())
@@ -236,7 +250,7 @@ def read_state_dict(path):
     if fmt == "safetensors":
         read_safetensors_header(path)
         with _safe_open(path) as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: safetensors_tensor(f, path, k) for k in f.keys()}
     elif fmt == "ckpt":
         state = {k: v.asnumpy() for k, v in _load_ckpt(path).items()}
     else:

@@ -5,7 +5,6 @@ same way everywhere and nothing is dropped silently.
 """
 import numpy as np
 
-import mindspore as ms
 from mindspore import Tensor
 
 

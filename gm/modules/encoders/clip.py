@@ -74,11 +74,14 @@ class TokenEmbedding(Embedding):
         return self.new_embeddings.asnumpy().astype(np.float32)
 
     def set_new_embeddings(self, rows):
-        """Overwrite the added rows in place (same shape [n, d])."""
+        """Overwrite the added rows in place (same shape [n, d]).
+
+        Written into the Parameter's own buffer (`ops.assign`), which graphs compiled before keep reading;
+        `set_data` would give it a new buffer that such a graph may no longer see."""
         rows = np.asarray(rows, np.float32)
         if rows.shape != (self.num_new_tokens, self.weight.shape[1]):
             raise ValueError(f"expected rows of shape {(self.num_new_tokens, self.weight.shape[1])}, got {rows.shape}")
-        self.new_embeddings.set_data(Tensor(rows, self.new_embeddings.dtype))
+        ops.assign(self.new_embeddings, Tensor(rows, self.new_embeddings.dtype))
 
     def construct(self, ids):
         """ids [B, L] int -> float32 [B, L, d]."""
