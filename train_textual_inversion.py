@@ -90,7 +90,8 @@ def build_parser():
     g.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="compute precision of the frozen model; learned rows and optimizer stay fp32")
     g.add_argument("--recompute", type=str2bool, default=False,
-                   help="recompute UNet and text-encoder blocks in the backward pass to save memory")
+                   help="recompute UNet and text-encoder blocks in the backward pass to save memory (Ascend; on CPU "
+                        "MindSpore 2.10 keeps the activations anyway, so it only costs time: benchmarks/README.md)")
 
     g = p.add_argument_group("the new word")
     g.add_argument("--placeholder_token", required=True, help='the new word, e.g. "<cat-toy>"')
@@ -513,7 +514,8 @@ def print_outputs(args, run, step, timing):
     if args.infer_during_train:
         print(f"  samples               : {os.path.join(args.save_path, 'samples')}/")
     weight = f" --weight {args.weight}" if args.weight else ""
-    print(f"Sample with: python demo/sampling_without_streamlit.py --config {args.config}{weight} "
+    size = f" --H {args.resolution} --W {args.resolution}" if args.resolution != 1024 else ""  # the sampler's default
+    print(f"Sample with: python demo/sampling_without_streamlit.py --config {args.config}{weight}{size} "
           f'--textual_inversion_weight {ckpt} --prompt "{args.validation_prompt}"')
 
 

@@ -9,9 +9,8 @@ in one place:
 
 Matrix products go through `MatMul` / `BatchMatMul` with their transpose flags rather than `ops.matmul` on a
 transposed or broadcast operand: the latter materialises a transposed (or per-sample) copy of every weight in the
-forward pass, and a graph keeps those copies alive until the backward pass has used them. For a frozen SDXL that
-was more memory than the weights themselves, and on the CPU about half the time of a linear layer
-(benchmarks/README.md).
+forward pass, and a graph keeps those copies alive until the backward pass has used them: for a frozen SDXL, more
+memory than the weights themselves.
 """
 import math
 
