@@ -21,6 +21,8 @@ from diffusers import DDPMScheduler, EulerAncestralDiscreteScheduler, EulerDiscr
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from reference import SCHEDULER as SDXL_SCHEDULER  # diffusers' SDXL base scheduler config
+
 from gm.modules.diffusionmodules import sampling
 from gm.modules.diffusionmodules.denoiser import BoundDenoiser, Denoiser, DiscreteDenoiser
 from gm.modules.diffusionmodules.denoiser_scaling import EDMScaling, EpsScaling, VScaling, VScalingWithEDMcNoise
@@ -36,8 +38,6 @@ LEGACY = {"target": PKG + "discretizer.LegacyDDPMDiscretization",
           "params": {"linear_start": 0.00085, "linear_end": 0.012, "num_timesteps": 1000}}
 EDM = {"target": PKG + "discretizer.EDMDiscretization"}
 EPS_SCALING = {"target": PKG + "denoiser_scaling.EpsScaling"}
-SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      timestep_spacing="leading", steps_offset=1)
 SIGMA_RTOL = 2e-5  # float32 (diffusers) vs float64 (sgm) betas
 
 
