@@ -169,57 +169,40 @@ def run_ours_parts(args):
     forward and backward from given gradients, and the optimizer update."""
     set_mindspore_threads(args.threads)
     import mindspore as ms
-    from mindspore import Tensor, nn, ops
+    from mindspore import Tensor, nn
+
+    from gm.textual_inversion.train_step import TextualInversionLoss
 
     model, learned, train_step, inputs, _ = build_ours(args)
-
-    class TextForward(nn.Cell):
-        def __init__(self):
-            super().__init__()
-            self.conditioner = model.conditioner
-
-        def construct(self, *cond):
-            return self.conditioner(*cond)
 
     class UNetLoss(nn.Cell):
         """`TextualInversionLoss` after its conditioner: the loss given (context, vector)."""
 
         def __init__(self):
-            super().__init__()
-            self.model, self.denoiser, self.loss_fn = model.model, model.denoiser, model.loss_fn
-            self.scale_factor = model.scale_factor
-
-        def construct(self, moments, latent_noise, noise, sigma_rand, context, vector):
-            channels = moments.shape[1] // 2
-            std = ops.exp(0.5 * ops.clamp(moments[:, channels:], -30.0, 20.0))
-            latents = (moments[:, :channels] + std * latent_noise) * self.scale_factor
-            return self.loss_fn(self.model, self.denoiser, latents, context, vector, noise, sigma_rand).mean()
-
-    class UNetGrad(nn.Cell):
-        def __init__(self):
-            super().__init__()
-            self.loss = UNetLoss()
-            self.grad = ms.grad(self.loss, grad_position=(4, 5))
+            super().__init__(auto_prefix=False)
+            self.loss = TextualInversionLoss(model)
 
         def construct(self, *args):
-            return self.grad(*args)
+            return self.loss.loss_given_conditioning(*args)
 
     class Projection(nn.Cell):
         """<conditioning, given gradients>: its gradient for the learned rows is the text encoders' backward."""
 
         def __init__(self):
-            super().__init__()
+            super().__init__(auto_prefix=False)
             self.conditioner = model.conditioner
 
         def construct(self, grad_context, grad_vector, *cond):
             context, vector = self.conditioner(*cond)
             return (context * grad_context).sum() + (vector * grad_vector).sum()
 
-    class TextGrad(nn.Cell):
-        def __init__(self):
-            super().__init__()
-            self.projection = Projection()
-            self.grad = ms.grad(self.projection, None, learned)
+    class Gradient(nn.Cell):
+        """The gradient of `cell` for its inputs at `grad_position`, or for `weights`, as a graph of its own."""
+
+        def __init__(self, cell, grad_position=None, weights=None):
+            super().__init__(auto_prefix=False)
+            self.cell = cell
+            self.grad = ms.grad(cell, grad_position, weights)
 
         def construct(self, *args):
             return self.grad(*args)
@@ -243,13 +226,15 @@ def run_ours_parts(args):
         log(f"ours parts: {name} {seconds:.3f} s")
         return seconds
 
+    unet_gradient = Gradient(UNetLoss(), grad_position=(4, 5))
     sample = inputs()
-    context, vector = TextForward()(*sample[4:])
-    grads = UNetGrad()(*sample[:4], context, vector)
-    text_forward = timed("text encoders forward", TextForward(), lambda: inputs()[4:])
+    context, vector = model.conditioner(*sample[4:])
+    grads = unet_gradient(*sample[:4], context, vector)
+    text_forward = timed("text encoders forward", model.conditioner, lambda: inputs()[4:])
     unet_forward = timed("UNet loss", UNetLoss(), lambda: inputs()[:4] + (context, vector))
-    unet_grad = timed("UNet loss and gradient", UNetGrad(), lambda: inputs()[:4] + (context, vector))
-    text_grad = timed("text encoders forward and backward", TextGrad(), lambda: tuple(grads) + inputs()[4:])
+    unet_grad = timed("UNet loss and gradient", unet_gradient, lambda: inputs()[:4] + (context, vector))
+    text_grad = timed("text encoders forward and backward", Gradient(Projection(), weights=learned),
+                      lambda: tuple(grads) + inputs()[4:])
     update = timed("optimizer", OptimizerStep(),
                    lambda: (Tensor(LEARNING_RATE, ms.float32),) + tuple(Tensor(np.ones(p.shape, np.float32) * 1e-3)
                                                                       for p in learned))

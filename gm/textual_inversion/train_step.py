@@ -25,6 +25,10 @@ class TextualInversionLoss(nn.Cell):
         """moments [B, 2C, h, w]: cached VAE posterior (mean, log-variance); latent_noise, noise: N(0, I) draws
         shaped [B, C, h, w]; sigma_rand: the sigma sampler's draw; cond_inputs: `conditioner.tokenize(batch)`."""
         context, vector = self.conditioner(*cond_inputs)
+        return self.loss_given_conditioning(moments, latent_noise, noise, sigma_rand, context, vector)
+
+    def loss_given_conditioning(self, moments, latent_noise, noise, sigma_rand, context, vector):
+        """The same loss once the conditioner has run: `context` [B, L, D] (crossattn), `vector` [B, V]."""
         channels = moments.shape[1] // 2
         std = ops.exp(0.5 * ops.clamp(moments[:, channels:], -30.0, 20.0))
         latents = (moments[:, :channels] + std * latent_noise) * self.scale_factor

@@ -9,6 +9,7 @@ One code path for training, sampling and tools:
 `read_shapes` answers from file headers alone (no tensor data read), so a 7 GB checkpoint can be checked
 against a config in seconds; `load_weights` streams tensors one component at a time into the model.
 """
+import functools
 import json
 import os
 import struct
@@ -101,18 +102,25 @@ def _safe_open(path):
         raise WeightFileError(f"{path}: cannot be read as safetensors ({e}).") from None
 
 
+@functools.lru_cache(maxsize=4)
+def _data_layout(path, mtime_ns):
+    """(byte offset of the data, {name: header entry}) of a safetensors file, parsed once per file version."""
+    with open(path, "rb") as raw:
+        header_size = struct.unpack("<Q", raw.read(8))[0]
+        return 8 + header_size, json.loads(raw.read(header_size))
+
+
 def safetensors_tensor(f, path, name):
     """Tensor `name` of the open safetensors file `f` (at `path`) as a numpy array. bfloat16, which numpy
     cannot hold, comes back as float32, exactly: a bfloat16 is the upper half of a float32's bits."""
     if f.get_slice(name).get_dtype() != "BF16":
         return f.get_tensor(name)
+    data_start, header = _data_layout(path, os.stat(path).st_mtime_ns)
+    begin, end = header[name]["data_offsets"]
     with open(path, "rb") as raw:
-        header_size = struct.unpack("<Q", raw.read(8))[0]
-        entry = json.loads(raw.read(header_size))[name]
-        begin, end = entry["data_offsets"]
-        raw.seek(8 + header_size + begin)
+        raw.seek(data_start + begin)
         bits = np.frombuffer(raw.read(end - begin), dtype="<u2").astype(np.uint32) << 16
-    return bits.view(np.float32).reshape(entry["shape"])
+    return bits.view(np.float32).reshape(header[name]["shape"])
 
 
 # ----------------------------------------------------------------------------------------------- formats
