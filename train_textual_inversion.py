@@ -85,8 +85,9 @@ def build_parser():
     g = p.add_argument_group("model")
     g.add_argument("--config", default=DEFAULT_CONFIG, help="model config (default: %(default)s)")
     g.add_argument("--weight", default=None,
-                   help=f"SDXL weights: our .ckpt, the original .safetensors or a diffusers folder (default for "
-                        f"the SDXL config: {DEFAULT_WEIGHT}; a small config without weights starts from random ones)")
+                   help=f"SDXL weights: our .ckpt, the original .safetensors or a diffusers folder (default: the "
+                        f"config's training.weight, else {DEFAULT_WEIGHT} for the SDXL config; a small config without "
+                        f"either starts from random weights)")
     g.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="compute precision of the frozen model; learned rows and optimizer stay fp32")
     g.add_argument("--recompute", type=str2bool, default=False,
@@ -194,6 +195,8 @@ def resolve_defaults(args, config):
             setattr(args, flag, int(OmegaConf.select(config, f"training.{flag}", default=default)))
     if args.save_path is None:
         args.save_path = os.path.join("runs", embedding_name(args.placeholder_token))
+    if args.weight is None:  # the tiny quick-start config names its shipped pretrained file
+        args.weight = OmegaConf.select(config, "training.weight", default=None)
     if args.weight is None and config.model.params.get("requires_weights", True):
         args.weight = DEFAULT_WEIGHT
     if args.validation_prompt is None:

@@ -1,6 +1,8 @@
 """SDXL VAE: numerical parity with diffusers' AutoencoderKL (tiny, random weights, loaded from its diffusers
 folder through our key mapping) and the full SDXL VAE's parameter names and shapes."""
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from reference import FULL, build
-from gm.modules.diffusionmodules.model import AttnBlock
+from gm.modules.diffusionmodules.model import AttnBlock, pad_right_bottom
 from gm.util import instantiate_from_config
 from gm.weights.diffusers_vae import vae_diffusers_to_sgm
 from gm.weights.state_dict import load_state_dict_into, model_shapes
@@ -93,3 +95,35 @@ def test_full_sdxl_vae_names_and_shapes(root):
         ref = build("vae", FULL)
     mapped = {k: tuple(v.shape) for k, v in vae_diffusers_to_sgm(ref.state_dict()).items()}
     assert mapped == ours
+
+
+DOWNSAMPLE_TRAINING = """
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+from gm.modules.diffusionmodules.model import Downsample
+from gm.modules.layers import Conv2d
+
+ms.set_context(mode=ms.GRAPH_MODE)
+ms.set_device("CPU")
+conv, down = Conv2d(64, 64, 3, padding=1), Downsample(64, True)
+loss = nn.WithLossCell(nn.SequentialCell([conv, down]), nn.MSELoss())
+step = nn.TrainOneStepCell(loss, nn.SGD(list(conv.get_parameters()), 1e-3))  # the gradient passes the pad
+rng = np.random.default_rng(0)
+for i in range(20):
+    step(Tensor(rng.standard_normal((2, 64, 8, 8)), ms.float32), Tensor(np.zeros((2, 64, 4, 4)), ms.float32))
+print("trained", i + 1)
+"""
+
+
+def test_downsample_trains_in_graph_mode_past_the_pad_gradient_freeze(root):
+    """The encoder's asymmetric pad is written as concatenations: with `ops.pad`, this graph's 9th call never
+    returned (MindSpore 2.10's CPU pad-gradient kernel), which froze VAE training. Run apart, with a timeout."""
+    result = subprocess.run([sys.executable, "-c", DOWNSAMPLE_TRAINING], cwd=root, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "trained 20" in result.stdout, result.stderr[-2000:]
+
+
+def test_right_bottom_pad_matches_numpy():
+    x = np.random.default_rng(0).standard_normal((2, 3, 5, 4)).astype(np.float32)
+    np.testing.assert_array_equal(pad_right_bottom(Tensor(x)).asnumpy(), np.pad(x, ((0, 0), (0, 0), (0, 1), (0, 1))))

@@ -14,8 +14,15 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-def background(rng, size):
-    kind = rng.choice(["plain", "gradient", "stripes", "checks", "dots"])
+BACKGROUNDS = ("plain", "gradient", "stripes", "checks", "dots")
+COLORS = {"red": (210, 30, 40), "yellow": (250, 210, 20), "blue": (30, 70, 200), "green": (40, 160, 60),
+          "orange": (240, 130, 20), "purple": (130, 40, 170), "white": (240, 240, 240), "black": (25, 25, 25)}
+SHAPES = ("star", "circle", "square", "triangle")
+
+
+def background(rng, size, kind=None):
+    """A size x size RGB background of `kind` (one of BACKGROUNDS; drawn at random if None) in random colours."""
+    kind = kind or rng.choice(BACKGROUNDS)
     base = tuple(int(c) for c in rng.integers(60, 230, 3))
     other = tuple(int(c) for c in rng.integers(60, 230, 3))
     image = Image.new("RGB", (size, size), base)
@@ -41,23 +48,41 @@ def background(rng, size):
     return image
 
 
-def draw_toy(image, rng):
+def polygon(shape, cx, cy, radius, angle):
+    """The corners of a star (ten, alternating radius and 0.45 radius), square or triangle around (cx, cy)."""
+    if shape == "star":
+        radii = [radius if k % 2 == 0 else radius * 0.45 for k in range(10)]
+    else:
+        radii = [radius] * (4 if shape == "square" else 3)
+    step = 2 * math.pi / len(radii)
+    return [(cx + r * math.cos(angle + k * step), cy + r * math.sin(angle + k * step)) for k, r in enumerate(radii)]
+
+
+def draw_object(image, rng, shape, color, ring=None, dot=None):
+    """Draw one object at a random place, size and rotation: a `shape` filled with `color` (RGB), inside a ring
+    of colour `ring` and with a dot of colour `dot` at its centre when those are given."""
     size = image.width
     draw = ImageDraw.Draw(image)
     radius = size * rng.uniform(0.22, 0.34)
     cx, cy = (size * rng.uniform(0.35, 0.65) for _ in range(2))
     angle = rng.uniform(0, 2 * math.pi)
-    ring = radius * 1.15
-    draw.ellipse([cx - ring, cy - ring, cx + ring, cy + ring], outline=(250, 210, 20), width=max(2, size // 40))
-    star = []
-    for k in range(10):  # a five-pointed star
-        r = radius if k % 2 == 0 else radius * 0.45
-        a = angle + k * math.pi / 5
-        star.append((cx + r * math.cos(a), cy + r * math.sin(a)))
-    draw.polygon(star, fill=(210, 30, 40), outline=(90, 10, 20))
-    cap = radius * 0.3
-    draw.ellipse([cx - cap, cy - cap, cx + cap, cy + cap], fill=(30, 70, 200))
+    if ring is not None:
+        r = radius * 1.15
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=ring, width=max(2, size // 40))
+    outline = tuple(int(c * 0.43) for c in color)
+    if shape == "circle":
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=color, outline=outline)
+    else:
+        draw.polygon(polygon(shape, cx, cy, radius, angle), fill=color, outline=outline)
+    if dot is not None:
+        r = radius * 0.3
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=dot)
     return image
+
+
+def draw_toy(image, rng):
+    """The dataset's toy: a red star in a yellow ring with a blue cap."""
+    return draw_object(image, rng, "star", COLORS["red"], ring=COLORS["yellow"], dot=COLORS["blue"])
 
 
 def main(argv=None):

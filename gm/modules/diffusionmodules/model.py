@@ -33,6 +33,17 @@ class Upsample(nn.Cell):
         return x
 
 
+def pad_right_bottom(x):
+    """x with one zero column on the right and one zero row at the bottom, as sgm's `pad(x, (0, 1, 0, 1))`.
+
+    Written as concatenations because MindSpore 2.10's CPU kernel for the gradient of `ops.pad` never returns on
+    some calls of a compiled graph (its 9th to 17th, by input size), which froze VAE training at the encoder.
+    """
+    n, c, h, w = x.shape
+    x = ops.concat((x, ops.zeros((n, c, h, 1), x.dtype)), 3)
+    return ops.concat((x, ops.zeros((n, c, 1, w + 1), x.dtype)), 2)
+
+
 class Downsample(nn.Cell):
     """Stride-2 3x3 conv after padding right and bottom only (sgm's asymmetric pad), or 2x2 average pooling."""
 
@@ -44,7 +55,7 @@ class Downsample(nn.Cell):
 
     def construct(self, x):
         if self.with_conv:
-            return self.conv(ops.pad(x, (0, 1, 0, 1)))
+            return self.conv(pad_right_bottom(x))
         return ops.avg_pool2d(x, 2, 2)
 
 

@@ -1,0 +1,69 @@
+"""The tool that pretrains the quick start's tiny SDXL (tools/pretrain_tiny_sdxl.py): its world of captioned
+shapes, the latent rescaling it folds into the VAE, and a short end-to-end run whose checkpoint loads as an
+original single file."""
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+
+from mindspore import Tensor
+
+from gm.models.loading import create_model, load_config
+from gm.weights.loader import read_safetensors_header
+from tools.make_synthetic_dataset import COLORS, SHAPES
+from tools.pretrain_tiny_sdxl import TOY, fold_latent_scale, scene, to_model_pixels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "inference", "sd_xl_tiny.yaml")
+
+
+def test_world_captions_name_what_is_drawn_and_never_the_toy():
+    rng = np.random.default_rng(0)
+    toy = "{1} {0} in a {2} ring with a {3} dot".format(*TOY)
+    shapes, colors = set(), set()
+    for _ in range(400):
+        pixels, caption = scene(rng, 64)
+        assert pixels.shape == (64, 64, 3) and pixels.dtype == np.uint8
+        assert toy not in caption
+        match = re.search(rf"({'|'.join(COLORS)}) ({'|'.join(SHAPES)})", caption)
+        assert match, caption
+        colors.add(match.group(1))
+        shapes.add(match.group(2))
+        # the named colour is in the picture: some pixel lies within 40 of it in every channel
+        rgb = np.array(COLORS[match.group(1)])
+        assert (np.abs(pixels.astype(int) - rgb).max(-1) < 40).any(), caption
+    assert shapes == set(SHAPES) and colors == set(COLORS)
+
+
+def test_folding_the_latent_scale_changes_the_latent_not_the_reconstruction():
+    model = create_model(load_config(TINY))
+    vae = model.first_stage_model
+    rng = np.random.default_rng(1)
+    images = Tensor(to_model_pixels([scene(rng, 64)[0] for _ in range(4)]))
+    moments = vae.encode_moments(images).asnumpy()
+    reconstruction = vae.decode(Tensor(moments[:, :4])).asnumpy()
+    s = fold_latent_scale(vae, moments, model.scale_factor)
+    folded = vae.encode_moments(images).asnumpy()
+    np.testing.assert_allclose(folded[:, :4], moments[:, :4] * s, rtol=1e-4, atol=1e-5 * s)
+    np.testing.assert_allclose(folded[:, 4:], moments[:, 4:] + 2 * np.log(s), atol=1e-4)
+    assert abs(folded[:, :4].std() * model.scale_factor - 1.0) < 1e-3
+    np.testing.assert_allclose(vae.decode(Tensor(folded[:, :4])).asnumpy(), reconstruction, atol=1e-4)
+
+
+def test_short_run_writes_a_loadable_single_file(tmp_path):
+    output = str(tmp_path / "tiny_shapes.safetensors")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "pretrain_tiny_sdxl.py"), "--output", output, "--vae_steps", "3",
+         "--vae_batch", "2", "--pool", "16", "--unet_steps", "3", "--unet_batch", "4", "--sample_steps", "2"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "latent x 0.13025 has std 1.000" in proc.stdout
+    header = read_safetensors_header(output)
+    assert {dtype for dtype, _ in header.values()} == {"F16"}
+    create_model(load_config(TINY), weight=output)  # every name and shape of the config, nothing else
+    for suffix in ("_loss.png", "_samples.png"):
+        assert os.path.getsize(output.replace(".safetensors", suffix)) > 1000
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        os.path.basename(output.replace(".safetensors", s)) for s in (".safetensors", "_loss.png", "_samples.png"))

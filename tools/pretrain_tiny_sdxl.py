@@ -1,0 +1,297 @@
+"""Pretrain the tiny SDXL on a small world of captioned shapes, so that the CPU quick start has a model that draws.
+
+    python tools/pretrain_tiny_sdxl.py --output checkpoints/sd_xl_tiny_shapes.safetensors
+
+The shipped checkpoint was made by this command (an hour on 2 CPU cores: VAE 16 min, encoding the pool 8 min,
+UNet 33 min). Its world: one object per picture, a star, circle, square or triangle in one of eight named colours,
+sometimes inside a coloured ring, sometimes with a coloured dot at its centre, on a plain, gradient, striped,
+checkered or dotted background, captioned from the textual-inversion object templates ("a photo of a red star in a
+yellow ring with a blue dot on a striped background"). The one combination it never shows is the toy of
+`datasets/synthetic_toy` (a red star in a yellow ring with a blue dot): the quick start has to learn a new word for
+it.
+
+1. The VAE learns to reconstruct such pictures (mean squared error plus a small KL term); its latent is then
+   rescaled, by folding a factor into `quant_conv` and `post_quant_conv`, so that latent x scale_factor has unit
+   variance, as SDXL's has.
+2. The UNet learns the config's diffusion loss on the latents of a fixed pool of pictures under their captions;
+   a tenth of the captions are dropped (their embeddings zeroed, sgm's `ucg_rate`) for classifier-free guidance.
+The text encoders keep their seeded initial weights and stay frozen, as SDXL's pretrained CLIP encoders do in
+its training: random encoders still give every caption its own embedding. Both stages train in graph mode with
+Adam. The UNet stage uses the textual-inversion trainer's loss cell, so it learns exactly the loss the quick start
+then minimises. Written as one original-format single file (fp16, sgm's names), with the loss curves
+(<output stem>_loss.png) and a grid of samples of the world's captions (<output stem>_samples.png) beside it.
+
+The shipped model draws blurred shapes and backgrounds of its world but follows the captions only weakly (in its
+samples grid, one row per caption, the rows differ little): more UNet steps are the next thing to try.
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from gm.data.templates import OBJECT_TEMPLATES  # noqa: E402
+from tools.make_synthetic_dataset import BACKGROUNDS, COLORS, SHAPES, background, draw_object  # noqa: E402
+
+BACKGROUND_WORDS = {"plain": "plain", "gradient": "gradient", "stripes": "striped", "checks": "checkered",
+                    "dots": "dotted"}
+TOY = ("star", "red", "yellow", "blue")  # (shape, colour, ring, dot) of datasets/synthetic_toy: never shown
+DRAW_SIZE = 256  # pictures are drawn large and resized down, as the training images are
+SAMPLE_CAPTIONS = ("a photo of a red star", "a photo of a blue circle in a yellow ring",
+                   "a photo of a green square with a red dot", "a photo of a yellow triangle on a striped background",
+                   "a photo of a white star in a red ring", "a photo of a purple circle on a checkered background")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/training/sd_xl_tiny_textual_inversion.yaml",
+                   help="model config with its training loss (default: %(default)s)")
+    p.add_argument("--output", default="checkpoints/sd_xl_tiny_shapes.safetensors",
+                   help="the single-file checkpoint to write (default: %(default)s)")
+    p.add_argument("--resolution", type=int, default=64, help="picture side in pixels (default: %(default)s)")
+    p.add_argument("--vae_steps", type=int, default=1200, help="VAE training steps (default: %(default)s)")
+    p.add_argument("--vae_batch", type=int, default=8, help="VAE batch size (default: %(default)s)")
+    p.add_argument("--vae_crop", type=int, default=32,
+                   help="the VAE trains on random crops of this side (it is convolutional; a quarter of the cost "
+                        "of whole 64 px pictures) (default: %(default)s)")
+    p.add_argument("--vae_lr", type=float, default=1e-3, help="VAE learning rate (default: %(default)s)")
+    p.add_argument("--kl_weight", type=float, default=1e-4, help="weight of the VAE's KL term (default: %(default)s)")
+    p.add_argument("--pool", type=int, default=4000, help="captioned pictures the UNet learns from (default: %(default)s)")
+    p.add_argument("--unet_steps", type=int, default=2400, help="UNet training steps (default: %(default)s)")
+    p.add_argument("--unet_batch", type=int, default=24, help="UNet batch size (default: %(default)s)")
+    p.add_argument("--unet_lr", type=float, default=5e-4, help="UNet learning rate (default: %(default)s)")
+    p.add_argument("--caption_dropout", type=float, default=0.1,
+                   help="fraction of captions dropped for classifier-free guidance (default: %(default)s)")
+    p.add_argument("--sample_steps", type=int, default=30,
+                   help="Euler steps of the sample grid written at the end (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------- the world
+
+
+def scene(rng, resolution):
+    """One captioned picture of the world: (uint8 [R, R, 3], caption)."""
+    while True:
+        shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+        ring = rng.choice(list(COLORS)) if rng.random() < 0.5 else None
+        dot = rng.choice(list(COLORS)) if rng.random() < 0.5 else None
+        if (shape, color, ring, dot) != TOY and ring != color and dot != color:
+            break
+    kind = rng.choice(BACKGROUNDS)
+    image = background(rng, DRAW_SIZE, kind)
+    draw_object(image, rng, shape, COLORS[color], COLORS[ring] if ring else None, COLORS[dot] if dot else None)
+    words = f"{color} {shape}" + (f" in a {ring} ring" if ring else "") + (f" with a {dot} dot" if dot else "")
+    if rng.random() < 0.5:
+        words += f" on a {BACKGROUND_WORDS[kind]} background"
+    caption = OBJECT_TEMPLATES[rng.integers(len(OBJECT_TEMPLATES))].format(words)
+    pixels = np.asarray(image.resize((resolution, resolution), Image.Resampling.BICUBIC))
+    return pixels, caption
+
+
+def to_model_pixels(images):
+    """uint8 [B, R, R, 3] -> float32 [B, 3, R, R] in [-1, 1]."""
+    return (np.stack(images).astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)
+
+
+# ------------------------------------------------------------------------------------------------ the stages
+
+
+def train(loss_net, params, draw, steps, learning_rate, desc):
+    """Train `params` on `loss_net(*draw())` for `steps` Adam steps (MindSpore's TrainOneStepCell, one graph) with a
+    cosine-decayed learning rate after a short warm-up; returns the losses."""
+    from mindspore import nn
+
+    from gm.textual_inversion.optim import learning_rate as schedule
+
+    lrs = [schedule("cosine", learning_rate, i, steps, warmup_steps=min(100, steps // 10)) for i in range(steps)]
+    step = nn.TrainOneStepCell(loss_net, nn.Adam(params, learning_rate=lrs))
+    step.set_train()
+    losses = []
+    bar = tqdm(range(steps), desc=desc)
+    for i in bar:
+        losses.append(float(step(*draw()).asnumpy()))
+        if not np.isfinite(losses[-1]):
+            raise FloatingPointError(f"{desc}: the loss became {losses[-1]} at step {i}")
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    return losses
+
+
+def trainable(cell):
+    """All of a cell's parameters, made trainable (the engine is built for inference, text encoders frozen)."""
+    params = list(cell.get_parameters())
+    for param in params:
+        param.requires_grad = True
+    return params
+
+
+def vae_loss_net(vae, kl_weight):
+    from mindspore import nn, ops
+
+    class VAELoss(nn.Cell):
+        """Mean squared reconstruction error through a posterior sample, plus kl_weight x KL(posterior || N(0, I))
+        summed over the latent and averaged over the batch, relative to the number of pixels."""
+
+        def __init__(self):
+            super().__init__(auto_prefix=False)
+            self.vae = vae
+
+        def construct(self, images, noise):
+            moments = self.vae.encode_moments(images)
+            channels = moments.shape[1] // 2
+            mean, logvar = moments[:, :channels], ops.clamp(moments[:, channels:], -30.0, 20.0)
+            recon = self.vae.decode(mean + ops.exp(0.5 * logvar) * noise)
+            kl = 0.5 * (ops.square(mean) + ops.exp(logvar) - 1.0 - logvar).sum() / images.size
+            return ops.square(recon - images).mean() + kl_weight * kl
+
+    return VAELoss()
+
+
+def train_vae(model, args, rng):
+    from mindspore import Tensor
+
+    vae = model.first_stage_model
+    latent = args.vae_crop // 8
+
+    def crop(pixels):
+        top, left = rng.integers(0, args.resolution - args.vae_crop + 1, 2) // 8 * 8
+        return pixels[top:top + args.vae_crop, left:left + args.vae_crop]
+
+    def draw():
+        images = to_model_pixels([crop(scene(rng, args.resolution)[0]) for _ in range(args.vae_batch)])
+        noise = rng.standard_normal((args.vae_batch, vae.embed_dim, latent, latent)).astype(np.float32)
+        return Tensor(images), Tensor(noise)
+
+    return train(vae_loss_net(vae, args.kl_weight), trainable(vae), draw, args.vae_steps, args.vae_lr, "VAE")
+
+
+def encode_pool(vae, pool_images, batch=64):
+    """Posterior moments [N, 2C, h, w] of every picture of the pool."""
+    from mindspore import Tensor
+
+    return np.concatenate([vae.encode_moments(Tensor(to_model_pixels(pool_images[i:i + batch]))).asnumpy()
+                           for i in range(0, len(pool_images), batch)])
+
+
+def fold_latent_scale(vae, moments, scale_factor):
+    """Rescale the VAE's latent so that latent x scale_factor has unit standard deviation over the pool: the
+    encoder's means (and standard deviations) are multiplied by s, the decoder's input by 1/s. Returns s."""
+    from mindspore import Tensor
+
+    channels = moments.shape[1] // 2
+    s = 1.0 / (scale_factor * float(moments[:, :channels].std()))
+    weight, bias = vae.quant_conv.weight.asnumpy(), vae.quant_conv.bias.asnumpy()
+    weight[:channels] *= s
+    bias[:channels] *= s
+    bias[channels:] += 2.0 * np.log(s)  # log-variances
+    vae.quant_conv.weight.set_data(Tensor(weight))
+    vae.quant_conv.bias.set_data(Tensor(bias))
+    vae.post_quant_conv.weight.set_data(Tensor(vae.post_quant_conv.weight.asnumpy() / s))
+    return s
+
+
+def train_unet(model, moments, captions, args, rng):
+    from mindspore import Tensor
+
+    from gm.textual_inversion.train_step import TextualInversionLoss
+
+    text_columns = [i for i, e in enumerate(model.conditioner.embedders) if e.input_key == "txt"]
+    r, b = args.resolution, args.unet_batch
+    sizes = {"original_size_as_tuple": np.array([[r, r]] * b, np.float32),
+             "crop_coords_top_left": np.zeros((b, 2), np.float32),
+             "target_size_as_tuple": np.array([[r, r]] * b, np.float32)}
+    latent_shape = (b, moments.shape[1] // 2) + moments.shape[2:]
+    noise_rng = np.random.RandomState(args.seed)  # the loss's sigma sampler draws from a RandomState
+
+    def draw():
+        index = rng.integers(len(captions), size=b)
+        cond = model.conditioner.tokenize(dict(sizes, txt=[captions[i] for i in index]))
+        keep = cond[-1].asnumpy()
+        dropped = rng.random(b) < args.caption_dropout
+        keep[np.ix_(dropped, text_columns)] = 0.0
+        latent_noise = Tensor(rng.standard_normal(latent_shape).astype(np.float32))
+        noise, sigma_rand = model.loss_fn.draw_inputs(latent_shape, noise_rng)
+        return (Tensor(moments[index]), latent_noise, noise, sigma_rand) + cond[:-1] + (Tensor(keep),)
+
+    return train(TextualInversionLoss(model), trainable(model.model), draw, args.unet_steps, args.unet_lr, "UNet")
+
+
+# ------------------------------------------------------------------------------------------------ the output
+
+
+def save_checkpoint(model, path):
+    """Every parameter under its sgm name, fp16, in one safetensors file (the original SDXL single-file form)."""
+    from safetensors.numpy import save_file
+
+    from gm.util import atomic_write
+
+    state = {name: p.asnumpy().astype(np.float16) for name, p in model.parameters_and_names()}
+    atomic_write(path, lambda tmp: save_file(state, tmp), ".safetensors")
+
+
+def save_samples(model, path, resolution, steps, seed):
+    from gm.sampling import SDXLSampler, make_grid, save_png
+
+    sampler = SDXLSampler(model)
+    images = sampler.generate(list(SAMPLE_CAPTIONS), sampler="EulerEDM", steps=steps, guidance_scale=5.0,
+                              height=resolution, width=resolution, seed=seed, num_images=4)
+    save_png(path, make_grid(images, len(SAMPLE_CAPTIONS), 4))
+
+
+def plot_losses(curves, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gm.util import atomic_write
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5))
+    for ax, (name, losses) in zip(np.atleast_1d(axes), curves.items()):
+        window = max(1, len(losses) // 50)
+        ax.plot(np.convolve(losses, np.ones(window) / window, mode="valid"))
+        ax.set(title=f"{name} loss (running mean of {window})", xlabel="step", yscale="log")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), ".png")
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import mindspore as ms
+
+    from gm.device import set_device
+    from gm.models.loading import create_model, load_config
+
+    set_device("CPU")
+    ms.set_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    start = time.perf_counter()
+    model = create_model(load_config(args.config))
+    curves = {"VAE": train_vae(model, args, rng)}
+
+    pool = [scene(rng, args.resolution) for _ in tqdm(range(args.pool), desc="drawing the pool")]
+    vae = model.first_stage_model
+    moments = encode_pool(vae, [image for image, _ in pool])
+    s = fold_latent_scale(vae, moments, model.scale_factor)
+    moments = encode_pool(vae, [image for image, _ in pool])
+    print(f"latent rescaled by {s:.4f}: latent x {model.scale_factor} has std "
+          f"{moments[:, :moments.shape[1] // 2].std() * model.scale_factor:.3f}")
+    curves["UNet"] = train_unet(model, moments, [caption for _, caption in pool], args, rng)
+
+    save_checkpoint(model, args.output)
+    stem = os.path.splitext(args.output)[0]
+    plot_losses(curves, stem + "_loss.png")
+    save_samples(model, stem + "_samples.png", args.resolution, args.sample_steps, args.seed)
+    print(f"wrote {args.output}, {stem}_loss.png and {stem}_samples.png in {(time.perf_counter() - start) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
