@@ -47,6 +47,7 @@ from gm.weights.state_dict import WeightMismatchError
 
 DEFAULT_CONFIG = "configs/training/sd_xl_base_finetune_textual_inversion.yaml"
 DEFAULT_WEIGHT = "checkpoints/sd_xl_base_1.0_ms.ckpt"
+PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
 # flags whose default a config's `training:` section may set, and their defaults otherwise
 CONFIG_DEFAULTS = {"resolution": 1024, "total_step": 3000, "save_interval": 500, "infer_interval": 500}
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -195,8 +196,9 @@ def resolve_defaults(args, config):
             setattr(args, flag, int(OmegaConf.select(config, f"training.{flag}", default=default)))
     if args.save_path is None:
         args.save_path = os.path.join("runs", embedding_name(args.placeholder_token))
-    if args.weight is None:  # the tiny quick-start config names its shipped pretrained file
-        args.weight = OmegaConf.select(config, "training.weight", default=None)
+    if args.weight is None and OmegaConf.select(config, "training.weight"):
+        # the tiny quick-start config names its shipped pretrained file, relative to the project's top folder
+        args.weight = os.path.relpath(os.path.join(PROJECT_ROOT, config.training.weight))
     if args.weight is None and config.model.params.get("requires_weights", True):
         args.weight = DEFAULT_WEIGHT
     if args.validation_prompt is None:

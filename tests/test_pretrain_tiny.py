@@ -56,7 +56,8 @@ def test_short_run_writes_a_loadable_single_file(tmp_path):
     output = str(tmp_path / "tiny_shapes.safetensors")
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "pretrain_tiny_sdxl.py"), "--output", output, "--vae_steps", "3",
-         "--vae_batch", "2", "--pool", "16", "--unet_steps", "3", "--unet_batch", "4", "--sample_steps", "2"],
+         "--vae_batch", "2", "--pool", "16", "--unet_steps", "3", "--unet_batch", "4", "--unet_weighting", "v",
+         "--sample_steps", "2"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "latent x 0.13025 has std 1.000" in proc.stdout

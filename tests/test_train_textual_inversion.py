@@ -30,12 +30,14 @@ from mindspore import Tensor, ops
 from gm.data.dataset import EpochSampler
 from gm.models.autoencoder import AutoencoderKL
 from gm.models.loading import load_config
+from gm.sampling import SDXLSampler
 from gm.textual_inversion.checkpointing import (
     MODEL_NAME, STATE_DIR, ResumeError, load_train_state, read_train_state, save_learned_embeddings,
 )
 from gm.textual_inversion.embedding_io import load_embedding
 from gm.textual_inversion.optim import learning_rate
 from gm.textual_inversion.train_step import TextualInversionLoss
+from tools.make_synthetic_dataset import COLORS
 from train_textual_inversion import Training, check_args, draw_micro_batch, parse_args, resolve_defaults, rows_digest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -334,26 +336,38 @@ def test_initializer_word_starts_every_vector(harness):
         assert np.abs(row).max() > 0
 
 
-def test_training_lowers_the_loss_on_held_out_draws(harness):
+def toy_colour_fractions(images):
+    """Per colour of the toy (red, yellow, blue): the fraction of pixels within 60 of it in every channel."""
+    pixels = np.stack(images).reshape(-1, 1, 3).astype(int)
+    toy = np.array([COLORS[name] for name in ("red", "yellow", "blue")])
+    return (np.abs(pixels - toy).max(-1) < 60).mean(0)
+
+
+def test_training_learns_the_toy(harness):
     """On the shipped pretrained tiny SDXL (it has seen shapes, never the toy), the trainer's step on fresh draws
-    lowers the loss measured on fixed held-out (image, prompt, noise, timestep) draws, against the initial
-    embedding: the learned word describes the toy better than "toy" did."""
+    lowers the loss on fixed held-out (image, prompt, noise, timestep) draws against the initial embedding, and
+    the samples of "a photo of <toy>" turn red, the colour of the toy's star (they start as blue and green blobs).
+    Measured here: held-out loss 0.1962 -> 0.1929; red 1.7% -> 4.4% of the pixels, blue 10.5% -> 0.2%."""
     training = harness.training
     loss = TextualInversionLoss(training.model)
     held_out = [micro_batch(training, seed_key=(1000, k), sampler=EpochSampler(NUM_IMAGES, NUM_IMAGES, 1000 + k))
                 for k in range(4)]  # 32 draws, each image 4 times
+    sampler = SDXLSampler(training.model, placeholders={"<toy>": 2})
 
-    def held_out_loss():
-        return np.mean([float(loss(*draw).asnumpy()) for draw in held_out])
+    def measure():
+        images = sampler.generate("a photo of <toy>", steps=20, height=64, width=64, seed=0, num_images=8)
+        return np.mean([float(loss(*draw).asnumpy()) for draw in held_out]), toy_colour_fractions(images)
 
     harness.reset()
-    before = held_out_loss()
+    loss_before, colours_before = measure()
     data = EpochSampler(NUM_IMAGES, 1, 7)
     for step in range(60):
         harness.step([micro_batch(training, seed_key=(step, m), sampler=data) for m in range(2)], lr=5e-3)
-    after = held_out_loss()
+    loss_after, colours_after = measure()
     harness.reset()
-    assert after < before - 1e-3, (before, after)
+    assert loss_after < loss_before - 1e-3, (loss_before, loss_after)
+    (red_before, _, blue_before), (red_after, _, blue_after) = colours_before, colours_after
+    assert red_after > 2 * red_before and blue_after < blue_before / 2, (colours_before, colours_after)
 
 
 def test_latents_are_encoded_once_and_the_encoder_released(harness):
@@ -446,7 +460,8 @@ def test_outputs(resume_runs, harness):
     saved = OmegaConf.load(os.path.join(a, "args.yaml"))
     assert saved.args.placeholder_token == "<toy>" and saved.args.num_vectors == 2
     assert saved.args.initializer_token == "toy" and saved.args.resolution == 64  # resolved from the config
-    assert saved.args.weight is None and saved.args.save_path == a and saved.args.total_step == 8
+    assert saved.args.weight.endswith(os.path.join("checkpoints", "sd_xl_tiny_shapes.safetensors"))  # the config's
+    assert saved.args.save_path == a and saved.args.total_step == 8
     assert saved.resolved.effective_batch_size == 2 and saved.resolved.tokens == ["<toy>", "<toy>_1"]
     assert saved.config.model.target == "gm.models.diffusion.DiffusionEngine"
 

@@ -2,8 +2,14 @@
 
     python tools/pretrain_tiny_sdxl.py --output checkpoints/sd_xl_tiny_shapes.safetensors
 
-The shipped checkpoint was made by this command (an hour on 2 CPU cores: VAE 16 min, encoding the pool 8 min,
-UNet 33 min). Its world: one object per picture, a star, circle, square or triangle in one of eight named colours,
+The shipped checkpoint was made by that command (an hour on 2 CPU cores: VAE 16 min, encoding the pool 8 min, UNet
+33 min), then by a second UNet stage from its output (30 min) with the v weighting, which made the UNet follow
+its captions (with the eps weighting alone, its samples hardly depended on them):
+
+    python tools/pretrain_tiny_sdxl.py --init_weight checkpoints/sd_xl_tiny_shapes.safetensors --vae_steps 0 \
+        --unet_steps 1800 --unet_weighting v --unet_lr 3e-4 --output checkpoints/sd_xl_tiny_shapes.safetensors
+
+Its world: one object per picture, a star, circle, square or triangle in one of eight named colours,
 sometimes inside a coloured ring, sometimes with a coloured dot at its centre, on a plain, gradient, striped,
 checkered or dotted background, captioned from the textual-inversion object templates ("a photo of a red star in a
 yellow ring with a blue dot on a striped background"). The one combination it never shows is the toy of
@@ -13,16 +19,14 @@ it.
 1. The VAE learns to reconstruct such pictures (mean squared error plus a small KL term); its latent is then
    rescaled, by folding a factor into `quant_conv` and `post_quant_conv`, so that latent x scale_factor has unit
    variance, as SDXL's has.
-2. The UNet learns the config's diffusion loss on the latents of a fixed pool of pictures under their captions;
-   a tenth of the captions are dropped (their embeddings zeroed, sgm's `ucg_rate`) for classifier-free guidance.
+2. The UNet learns the config's diffusion loss (with `--unet_weighting v`, that loss plus the error of the
+   denoised latent) on the latents of a fixed pool of pictures under their captions; a tenth of the captions are
+   dropped (their embeddings zeroed, sgm's `ucg_rate`) for classifier-free guidance.
 The text encoders keep their seeded initial weights and stay frozen, as SDXL's pretrained CLIP encoders do in
 its training: random encoders still give every caption its own embedding. Both stages train in graph mode with
-Adam. The UNet stage uses the textual-inversion trainer's loss cell, so it learns exactly the loss the quick start
-then minimises. Written as one original-format single file (fp16, sgm's names), with the loss curves
+Adam. The UNet stage uses the textual-inversion trainer's loss cell, so it learns the loss the quick start then
+minimises (exactly that loss with the eps weighting). Written as one original-format single file (fp16, sgm's names), with the loss curves
 (<output stem>_loss.png) and a grid of samples of the world's captions (<output stem>_samples.png) beside it.
-
-The shipped model draws blurred shapes and backgrounds of its world but follows the captions only weakly (in its
-samples grid, one row per caption, the rows differ little): more UNet steps are the next thing to try.
 """
 import argparse
 import os
@@ -65,6 +69,12 @@ def parse_args(argv=None):
     p.add_argument("--unet_steps", type=int, default=2400, help="UNet training steps (default: %(default)s)")
     p.add_argument("--unet_batch", type=int, default=24, help="UNet batch size (default: %(default)s)")
     p.add_argument("--unet_lr", type=float, default=5e-4, help="UNet learning rate (default: %(default)s)")
+    p.add_argument("--unet_weighting", choices=["eps", "v"], default="eps",
+                   help="the UNet's loss weighting: eps, the config's (noise-prediction error), or v (that plus the "
+                        "error of the denoised latent, which weighs the noisiest steps, where the caption decides "
+                        "what is drawn, far more) (default: %(default)s)")
+    p.add_argument("--init_weight", default=None,
+                   help="start from this checkpoint instead of random weights (with --vae_steps 0, its VAE is kept)")
     p.add_argument("--caption_dropout", type=float, default=0.1,
                    help="fraction of captions dropped for classifier-free guidance (default: %(default)s)")
     p.add_argument("--sample_steps", type=int, default=30,
@@ -219,6 +229,10 @@ def train_unet(model, moments, captions, args, rng):
         noise, sigma_rand = model.loss_fn.draw_inputs(latent_shape, noise_rng)
         return (Tensor(moments[index]), latent_noise, noise, sigma_rand) + cond[:-1] + (Tensor(keep),)
 
+    if args.unet_weighting == "v":
+        from gm.modules.diffusionmodules.denoiser_weighting import VWeighting
+
+        model.loss_fn.loss_weighting = VWeighting()
     return train(TextualInversionLoss(model), trainable(model.model), draw, args.unet_steps, args.unet_lr, "UNet")
 
 
@@ -273,14 +287,16 @@ def main(argv=None):
     ms.set_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     start = time.perf_counter()
-    model = create_model(load_config(args.config))
-    curves = {"VAE": train_vae(model, args, rng)}
+    model = create_model(load_config(args.config), args.init_weight)
+    curves = {"VAE": train_vae(model, args, rng)} if args.vae_steps else {}
 
     pool = [scene(rng, args.resolution) for _ in tqdm(range(args.pool), desc="drawing the pool")]
     vae = model.first_stage_model
     moments = encode_pool(vae, [image for image, _ in pool])
     s = fold_latent_scale(vae, moments, model.scale_factor)
-    moments = encode_pool(vae, [image for image, _ in pool])
+    channels = moments.shape[1] // 2
+    moments[:, :channels] *= s  # what the folded encoder now gives
+    moments[:, channels:] += 2.0 * np.log(s)
     print(f"latent rescaled by {s:.4f}: latent x {model.scale_factor} has std "
           f"{moments[:, :moments.shape[1] // 2].std() * model.scale_factor:.3f}")
     curves["UNet"] = train_unet(model, moments, [caption for _, caption in pool], args, rng)
