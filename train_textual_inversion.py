@@ -10,10 +10,13 @@ training state to resume from, all under --save_path.
 
 The flow, top to bottom: arguments (checked before anything is built or written) -> `Training`: data, the
 frozen model with the placeholder tokens, cached latents, the compiled train step -> resume -> the loop (draw,
-step, log, sample, save) -> the final files. Ctrl-C saves and stops after the current step.
+step, log, sample, save) -> the final files. Ctrl-C saves and stops after the current step. One training at a
+time per --save_path: the run holds a lock there until it ends.
 """
 import argparse
+import contextlib
 import hashlib
+import math
 import os
 import shutil
 import signal
@@ -29,11 +32,11 @@ from mindspore import Tensor
 
 from gm.data.dataset import DataError, EpochSampler, TextualInversionDataset
 from gm.data.templates import TemplateError, load_templates
-from gm.device import DEVICE_TARGETS, default_device_target, set_device
+from gm.device import add_device_arguments, resolve_device, set_device
 from gm.models.loading import create_model, load_config
 from gm.textual_inversion.checkpointing import (
-    STATE_DIR, ResumeError, embedding_name, embedding_paths, find_train_state, load_train_state, read_train_state,
-    save_learned_embeddings, save_train_state,
+    STATE_DIR, ResumeError, RunFolderInUse, embedding_name, embedding_paths, find_train_state, latest_train_state,
+    load_train_state, read_train_state, run_folder_lock, save_learned_embeddings, save_train_state,
 )
 from gm.textual_inversion.latent_cache import TrainingLatents
 from gm.textual_inversion.loss_log import LossLog
@@ -59,6 +62,10 @@ class UsageError(ValueError):
     """A bad command-line argument; the message names the flag."""
 
 
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (a full disk, a diverged embedding); the message says what was kept."""
+
+
 def str2bool(value):
     if value.lower() in ("true", "1", "yes"):
         return True
@@ -71,7 +78,8 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data and outputs")
     g.add_argument("--data_path", required=True, help="folder of 3-20 images (jpg, png, webp, bmp) of the concept")
-    g.add_argument("--save_path", default=None, help="where outputs go (default: runs/<placeholder name>)")
+    g.add_argument("--save_path", default=None,
+                   help="where outputs go, one training at a time (default: runs/<placeholder name>)")
     g.add_argument("--learnable_property", choices=["object", "style", "face"], default="object",
                    help="what the word stands for; picks the prompt templates (default: %(default)s)")
     g.add_argument("--template_file", default=None,
@@ -89,8 +97,6 @@ def build_parser():
                    help=f"SDXL weights: our .ckpt, the original .safetensors or a diffusers folder (default: the "
                         f"config's training.weight, else {DEFAULT_WEIGHT} for the SDXL config; a small config without "
                         f"either starts from random weights)")
-    g.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
-                   help="compute precision of the frozen model; learned rows and optimizer stay fp32")
     g.add_argument("--recompute", type=str2bool, default=False,
                    help="recompute UNet and text-encoder blocks in the backward pass to save memory (Ascend; on CPU "
                         "MindSpore 2.10 keeps the activations anyway, so it only costs time: benchmarks/README.md)")
@@ -138,10 +144,7 @@ def build_parser():
     g.add_argument("--num_validation_images", type=int, default=4, help="images per validation grid (default: %(default)s)")
     g.add_argument("--validation_sample_step", type=int, default=25, help="sampler steps for validation (default: %(default)s)")
 
-    g = p.add_argument_group("device")
-    g.add_argument("--device_target", choices=DEVICE_TARGETS, default="auto",
-                   help="where to run; auto: Ascend when its toolkit is installed, else CPU (default: %(default)s)")
-    g.add_argument("--ms_mode", type=int, choices=[0, 1], default=0, help="0: graph mode (default), 1: PyNative")
+    g = add_device_arguments(p)  # --device_target, --ms_mode, --precision: the same for every command
     g.add_argument("--is_parallel", type=str2bool, default=False,
                    help="data parallel across the workers started by msrun")
     return p
@@ -153,6 +156,9 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Reject bad arguments before anything is built or written (the weights first: the most likely miss)."""
+    for flag, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):  # NaN passes every range check below
+            raise UsageError(f"--{flag} must be a finite number, got {value}")
     for flag in ("num_vectors", "total_step", "gradient_accumulation_steps", "train_batch_size",
                  "save_interval", "infer_interval", "num_validation_images", "validation_sample_step"):
         if getattr(args, flag) < 1:
@@ -171,10 +177,10 @@ def check_args(args):
     # The UNet halves the latent twice (three levels) and the VAE divides by 8: sides must be multiples of 32.
     if args.resolution < 64 or args.resolution % 32:
         raise UsageError(f"--resolution {args.resolution}: SDXL takes multiples of 32 from 64 up (e.g. 1024).")
-    if args.device_target == "auto":
-        args.device_target = default_device_target()
-    if args.precision == "bf16" and args.device_target == "CPU":
-        raise UsageError("--precision bf16 needs Ascend (MindSpore has no CPU kernels for it); use fp32 or fp16 on CPU.")
+    try:
+        args.device_target, args.precision = resolve_device(args.device_target, args.precision)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if args.weight:
         weight_format(args.weight)  # a missing or unreadable file is reported now, not after minutes of setup
     if not os.path.isdir(args.data_path):
@@ -183,10 +189,24 @@ def check_args(args):
         load_templates(args.template_file)
     if not args.placeholder_token.strip() or any(c.isspace() for c in args.placeholder_token):
         raise UsageError(f"--placeholder_token {args.placeholder_token!r}: must be one word without spaces.")
+    check_writable(args.save_path)
     run_files = [n for n in (STATE_DIR, "loss.csv", "args.yaml") if os.path.exists(os.path.join(args.save_path, n))]
     if run_files and not (args.resume or args.overwrite):
         raise UsageError(f"--save_path {args.save_path} holds another run's files ({', '.join(run_files)}): "
                          "pass --resume latest to continue it, --overwrite to start afresh, or another --save_path.")
+
+
+def check_writable(save_path):
+    """--save_path must be a folder this process can create or write in (checked on its nearest existing
+    ancestor, without writing anything)."""
+    existing = os.path.abspath(save_path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"--save_path {save_path}: {existing} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--save_path {save_path}: cannot write in {existing} (a read-only file system, or no "
+                         "permission); choose another --save_path.")
 
 
 def resolve_defaults(args, config):
@@ -209,9 +229,8 @@ def setup_device(args):
     """MindSpore context; (rank, world size) of this process."""
     try:
         set_device(args.device_target, args.ms_mode)
-    except RuntimeError as e:
-        raise UsageError(f"--device_target {args.device_target}: not usable with this MindSpore installation "
-                         f"({str(e).splitlines()[0]})") from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if not args.is_parallel:
         return 0, 1
     from mindspore.communication import get_group_size, get_rank, init
@@ -261,7 +280,7 @@ class Training:
 
         # ---- the train step over the learned rows only (compiled at its first call)
         self.effective_batch = args.train_batch_size * args.gradient_accumulation_steps * world_size
-        self.base_lr = args.learning_rate * (self.effective_batch if args.scale_lr else 1)
+        self.base_lr = base_learning_rate(args.learning_rate, args.scale_lr, self.effective_batch)
         self.optimizer = AdamW(self.learned, weight_decay=args.adam_weight_decay)
         self.train_step = TextualInversionTrainStep(
             TextualInversionLoss(self.model), self.learned, self.optimizer, args.gradient_accumulation_steps,
@@ -307,10 +326,19 @@ def train(args):
     resolve_defaults(args, config)
     check_args(args)
     rank, world_size = setup_device(args)
+    # rank 0 alone writes the run folder, and holds its lock for the whole run: a second training there refuses
+    with run_folder_lock(args.save_path) if rank == 0 else contextlib.nullcontext():
+        identity = run_identity(args, config, world_size)
+        schedule = {"lr_scheduler": args.lr_scheduler, "learning_rate": args.learning_rate, "scale_lr": args.scale_lr,
+                    "lr_warmup_steps": args.lr_warmup_steps, "total_step": args.total_step}
+        run, start_step = start_run(args, config, rank, world_size, identity, schedule)
+        with stop_on_write_error(args.save_path):
+            return train_and_save(args, config, run, start_step, identity, schedule)
+
+
+def start_run(args, config, rank, world_size, identity, schedule):
+    """The built `Training`, resumed when --resume says so; (run, its first step)."""
     is_main = rank == 0
-    identity = run_identity(args, config, world_size)
-    schedule = {"lr_scheduler": args.lr_scheduler, "learning_rate": args.learning_rate, "scale_lr": args.scale_lr,
-                "lr_warmup_steps": args.lr_warmup_steps, "total_step": args.total_step}
     resume_dir = find_train_state(args.save_path, args.resume) if args.resume else None
     host = read_train_state(resume_dir, identity) if resume_dir else None
     if world_size > 1:
@@ -325,15 +353,55 @@ def train(args):
         except (KeyError, ValueError) as e:
             raise ResumeError(f"{resume_dir}: the training images changed since it was saved ({e}).") from None
         start_step = host["step"]
-        if host.get("schedule", schedule) != schedule and is_main:
-            print(f"warning: the learning-rate schedule differs from the resumed run's {host['schedule']}; "
-                  "the continuation will not match an uninterrupted run.", file=sys.stderr)
+        saved_schedule = host.get("schedule", schedule)
+        if is_main and schedule_changed(saved_schedule, schedule, start_step, run.effective_batch):
+            print(f"warning: the learning-rate schedule differs from the resumed run's {saved_schedule} in the "
+                  f"steps already taken; the continuation will not match an uninterrupted run.", file=sys.stderr)
     elif args.overwrite and is_main:
         for name in (STATE_DIR, "samples"):
             shutil.rmtree(os.path.join(args.save_path, name), ignore_errors=True)
+    return run, start_step
 
+
+def base_learning_rate(learning_rate, scale_lr, effective_batch):
+    return learning_rate * (effective_batch if scale_lr else 1)
+
+
+def schedule_changed(saved, schedule, steps, effective_batch):
+    """Whether the schedule flags `schedule` give any of optimizer steps 0 .. steps-1 another learning rate than
+    the `saved` ones did: only then does a resumed run differ from one started with these flags (e.g. a longer
+    --total_step changes nothing under 'constant', but the past rates of 'linear')."""
+    def rates(flags):
+        base = base_learning_rate(flags["learning_rate"], flags["scale_lr"], effective_batch)
+        return [learning_rate(flags["lr_scheduler"], base, step, flags["total_step"], flags["lr_warmup_steps"])
+                for step in range(steps)]
+
+    return rates(saved) != rates(schedule)
+
+
+@contextlib.contextmanager
+def stop_on_write_error(save_path):
+    """A write that fails (a full disk, a vanished folder) stops the run with one line that names the last
+    complete training state; the files written before stay."""
+    try:
+        yield
+    except OSError as e:
+        raise TrainingStopped(f"{e.strerror or e} ({e.filename or save_path}): the run stopped; "
+                              f"{resume_hint(save_path)}.") from None
+
+
+def resume_hint(save_path):
+    state = latest_train_state(save_path)
+    if state is None:
+        return "no training state was saved"
+    return f"the last complete training state is {state} (--resume latest continues from it)"
+
+
+def train_and_save(args, config, run, start_step, identity, schedule):
+    """The loop and every file it writes; returns the exit code."""
+    rank, world_size = run.rank, run.world_size
+    is_main = rank == 0
     if is_main:
-        os.makedirs(args.save_path, exist_ok=True)
         resolved = {"world_size": world_size, "effective_batch_size": run.effective_batch,
                     "learning_rate_used": run.base_lr, "tokens": run.tokens, "start_step": start_step}
         OmegaConf.save(OmegaConf.create({"args": vars(args), "resolved": resolved, "config": config}),
@@ -396,34 +464,38 @@ def train_loop(args, run, start_step, save, stop, log, is_main):
     timing = {"compile": None, "steps": []}  # compile: first step's seconds; steps: the seconds of the others
     step = start_step
     stopped = False
-    while step < args.total_step:
-        if stop_requested(stop, run.world_size):
-            stopped = True
-            break
-        started = time.time()
-        lr = learning_rate(args.lr_scheduler, run.base_lr, step, args.total_step, args.lr_warmup_steps)
-        loss = run.run_step(step, lr)
-        step += 1
-        seconds = time.time() - started
-        if timing["compile"] is None:
-            timing["compile"] = seconds
+    with progress:  # closed before an error is printed, too
+        while step < args.total_step:
+            if stop_requested(stop, run.world_size):
+                stopped = True
+                break
+            started = time.time()
+            lr = learning_rate(args.lr_scheduler, run.base_lr, step, args.total_step, args.lr_warmup_steps)
+            loss = run.run_step(step, lr)
+            step += 1
+            if not all(np.isfinite(rows).all() for rows in run.rows()):
+                raise TrainingStopped(
+                    f"at step {step} the learned embedding became NaN or infinite (learning rate {lr:g}), so the run "
+                    f"stopped before writing it; {resume_hint(args.save_path)}. Try a lower --learning_rate.")
+            seconds = time.time() - started
+            if timing["compile"] is None:
+                timing["compile"] = seconds
+                if is_main:
+                    tqdm.write(f"Graph compiled in {seconds:.1f} s (first step, compile included).")
+            else:
+                timing["steps"].append(seconds)
             if is_main:
-                tqdm.write(f"Graph compiled in {seconds:.1f} s (first step, compile included).")
-        else:
-            timing["steps"].append(seconds)
-        if is_main:
-            log.append(step, loss, lr, seconds)
-            postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
-            if timing["steps"]:  # speed and ETA from the steps after the compile (the last 50)
-                per_step = float(np.mean(timing["steps"][-50:]))
-                postfix.update(s_per_step=f"{per_step:.2f}", eta=_duration(per_step * (args.total_step - step)))
-            progress.set_postfix(postfix, refresh=False)
-            progress.update(1)
-        if args.infer_during_train and is_main and (step % args.infer_interval == 0 or step == args.total_step):
-            sample_validation_grid(run, args, step)
-        if step % args.save_interval == 0 and step != args.total_step:
-            save(step)
-    progress.close()
+                log.append(step, loss, lr, seconds)
+                postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
+                if timing["steps"]:  # speed and ETA from the steps after the compile (the last 50)
+                    per_step = float(np.mean(timing["steps"][-50:]))
+                    postfix.update(s_per_step=f"{per_step:.2f}", eta=_duration(per_step * (args.total_step - step)))
+                progress.set_postfix(postfix, refresh=False)
+                progress.update(1)
+            if args.infer_during_train and is_main and (step % args.infer_interval == 0 or step == args.total_step):
+                sample_validation_grid(run, args, step)
+            if step % args.save_interval == 0 and step != args.total_step:
+                save(step)
     return step, timing, stopped
 
 
@@ -529,9 +601,12 @@ if __name__ == "__main__":
     try:
         sys.exit(main(arguments))
     except (UsageError, DataError, TemplateError, PlaceholderError, WeightFileError, WeightMismatchError,
-            ResumeError) as error:
+            ResumeError, RunFolderInUse) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("\nInterrupted; nothing saved since the last checkpoint.", file=sys.stderr)
         sys.exit(INTERRUPTED)

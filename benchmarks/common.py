@@ -18,6 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {  # name -> (inference config, textual-inversion training config), relative to the repository root
     "tiny": ("configs/inference/sd_xl_tiny.yaml", "configs/training/sd_xl_tiny_textual_inversion.yaml"),
     "small": ("configs/inference/sd_xl_small.yaml", "configs/training/sd_xl_small_textual_inversion.yaml"),
+    # the real SDXL base 1.0 architecture, on zero weights (a sparse diffusers folder: no disk, the real memory)
+    "full": ("configs/inference/sd_xl_base.yaml", "configs/training/sd_xl_base_finetune_textual_inversion.yaml"),
 }
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "sdxl-ti-bench")
 RESULT_PREFIX = "BENCH_RESULT "  # a side's JSON result line on its stdout
@@ -99,15 +101,52 @@ def write_tokenizer(folder, pad_token):
                    "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, f)
 
 
+def write_zero_safetensors(path, shapes, dtype="F16"):
+    """A safetensors file of these {name: shape}, all zeros, that costs no disk: the header is written and the
+    file extended to its full size as a sparse file (its data section is a hole, which reads as zeros)."""
+    import struct
+
+    itemsize = {"F16": 2, "F32": 4}[dtype]
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = int(np.prod(shape)) * itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+
+
+def save_component(module, folder, zero_weights):
+    """Write one reference module as its library's folder: config and weights (seeded random as initialised, or
+    zeros in a sparse fp16 file for a model too large to initialise and write here)."""
+    if not zero_weights:
+        module.save_pretrained(folder, safe_serialization=True)
+        return
+    os.makedirs(folder)
+    if hasattr(module, "save_config"):  # diffusers
+        module.save_config(folder)
+        stem = "diffusion_pytorch_model"
+    else:  # transformers
+        module.config.save_pretrained(folder)
+        stem = "model"
+    write_zero_safetensors(os.path.join(folder, f"{stem}.safetensors"),
+                           {k: tuple(v.shape) for k, v in module.state_dict().items()})
+
+
 def reference_weights(name, seed=0, folder=None):
-    """The diffusers folder of config `name` with seeded random weights, written on first use (fp32 safetensors,
-    tokenizers, scheduler, model_index.json) under ~/.cache/sdxl-ti-bench/, then reused."""
+    """The diffusers folder of config `name`, written on first use (safetensors, tokenizers, scheduler,
+    model_index.json) under ~/.cache/sdxl-ti-bench/, then reused: seeded random fp32 weights, or for the
+    full-size model zero weights in sparse files (the real layout, memory and arithmetic at no disk cost)."""
     import torch
     from diffusers import EulerDiscreteScheduler
 
     from gm.models.loading import load_config
 
-    folder = folder or os.path.join(CACHE, f"{name}-seed{seed}")
+    zero_weights = name == "full"
+    folder = folder or os.path.join(CACHE, f"{name}-zero" if zero_weights else f"{name}-seed{seed}")
     if os.path.exists(os.path.join(folder, "model_index.json")):
         return folder
     tmp = folder + ".partial"
@@ -118,8 +157,9 @@ def reference_weights(name, seed=0, folder=None):
              "scheduler": ["diffusers", "EulerDiscreteScheduler"],
              "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"]}
     for component, kwargs in reference_architecture(load_config(config_path(name)).model).items():
-        module = build_reference(component, kwargs)
-        module.save_pretrained(os.path.join(tmp, component), safe_serialization=True)
+        with torch.device("meta" if zero_weights else "cpu"):
+            module = build_reference(component, kwargs)
+        save_component(module, os.path.join(tmp, component), zero_weights)
         index[component] = ["diffusers" if component in ("unet", "vae") else "transformers", type(module).__name__]
         del module
     write_tokenizer(os.path.join(tmp, "tokenizer"), "<|endoftext|>")
@@ -186,12 +226,14 @@ def mindspore_matmul_peak(size=4096, repeats=3):
 
 
 def set_mindspore_threads(threads):
-    """Graph mode on the CPU with `threads` kernel threads (MindSpore's default is 25, whatever the core count)."""
+    """Graph mode on the device every command chooses (`gm.device`: Ascend where its toolkit is, else the CPU),
+    on the CPU with `threads` kernel threads (MindSpore's default is 25, whatever the core count)."""
     import mindspore as ms
 
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device("CPU")
-    ms.device_context.cpu.op_tuning.threads_num(threads)
+    from gm.device import set_device
+
+    if set_device("auto") == "CPU":
+        ms.device_context.cpu.op_tuning.threads_num(threads)
 
 
 def set_torch_threads(threads):
@@ -206,10 +248,11 @@ def emit(result):
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def run_side(script, side, argv, timeout=None):
+def run_side(script, side, argv, timeout=None, may_run_out_of_memory=False):
     """Run `script --side side argv...` in a fresh Python process (so its peak memory is its own); its result dict.
 
-    The child's stderr and ordinary stdout pass through; a failing side raises with its exit code."""
+    The child's stderr and ordinary stdout pass through; a failing side raises with its exit code, except that
+    with `may_run_out_of_memory` a side killed by the kernel (SIGKILL: out of memory) gives None."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, script, "--side", side] + list(argv)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, timeout=timeout)
@@ -219,6 +262,9 @@ def run_side(script, side, argv, timeout=None):
             result = json.loads(line[len(RESULT_PREFIX):])
         else:
             print(line)
+    if may_run_out_of_memory and proc.returncode == -9:
+        print(f"the {side} side was killed (out of memory)", file=sys.stderr)
+        return None
     if proc.returncode != 0 or result is None:
         raise SystemExit(f"the {side} side failed (exit code {proc.returncode}): {' '.join(cmd)}")
     return result

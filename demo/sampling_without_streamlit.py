@@ -7,14 +7,20 @@ Every image is written as a PNG whose text metadata holds the prompt, seed, samp
 embeddings; each prompt also gets a grid of its --num_rows x --num_cols images.
 """
 import argparse
+import math
 import os
 import re
 import sys
 import warnings
 
+from omegaconf import OmegaConf
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from gm.device import add_device_arguments, resolve_device, set_device  # noqa: E402
+
+RANDOM_WEIGHTS = "random"  # --weight random: the config's model from random initial weights drawn from --seed
 SAMPLER_NAMES = ("EulerEDM", "EulerAncestral", "HeunEDM", "DPMPP2M", "DPMPP2SAncestral", "LinearMultistep")
 
 
@@ -28,8 +34,11 @@ def get_parser():
     parser.add_argument("--strength", type=float, default=0.75,
                         help="img2img: how much of the schedule to run from --img; 0 keeps it, 1 ignores it")
     parser.add_argument("--config", default=os.path.join(ROOT, "configs/inference/sd_xl_base.yaml"),
-                        help="model config (configs/inference/sd_xl_tiny.yaml runs without weights, for trying)")
-    parser.add_argument("--weight", help="SDXL weights: sd_xl_base_1.0.safetensors, a diffusers folder or a .ckpt")
+                        help="model config (configs/inference/sd_xl_tiny.yaml: the quick start's tiny model)")
+    parser.add_argument("--weight",
+                        help="SDXL weights: sd_xl_base_1.0.safetensors, a diffusers folder or a .ckpt (default: the "
+                             "config's sampling.weight, e.g. the tiny config's shipped pretrained file); "
+                             f"'{RANDOM_WEIGHTS}': random initial weights drawn from --seed, for a small config")
     parser.add_argument("--textual_inversion_weight", action="append", default=[], metavar="PATH",
                         help="a learned embedding (.ckpt, SDXL community .safetensors, or diffusers' "
                              "learned_embeds.safetensors / its folder); repeat for several words in one prompt")
@@ -43,23 +52,26 @@ def get_parser():
     parser.add_argument("--sampler", choices=SAMPLER_NAMES, default="EulerEDM", help="sampling method")
     parser.add_argument("--sample_step", type=int, default=40, help="number of sampling steps")
     parser.add_argument("--guidance_scale", type=float, default=5.0, help="classifier-free guidance scale")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the first image; image j uses seed + j")
+    parser.add_argument("--seed", type=int, default=42,
+                        help="seed of the first image (image j uses seed + j) and of random initial weights")
     parser.add_argument("--num_cols", type=int, default=1, help="grid columns: images per prompt = rows x cols")
     parser.add_argument("--num_rows", type=int, default=1, help="grid rows")
-    parser.add_argument("--H", type=int, default=1024, help="image height in pixels (a multiple of 32 for SDXL)")
-    parser.add_argument("--W", type=int, default=1024, help="image width in pixels (a multiple of 32 for SDXL)")
+    parser.add_argument("--H", type=int,
+                        help="image height in pixels, a multiple of 32 for SDXL (default: the config's "
+                             "sampling.resolution, else 1024)")
+    parser.add_argument("--W", type=int,
+                        help="image width in pixels, a multiple of 32 for SDXL (default: the config's "
+                             "sampling.resolution, else 1024)")
     parser.add_argument("--save_path", default="outputs", help="folder the PNGs are written to")
-    parser.add_argument("--device_target", choices=("CPU", "Ascend", "GPU"), default="CPU",
-                        help="MindSpore device")
-    parser.add_argument("--ms_mode", type=int, choices=(0, 1), default=0,
-                        help="MindSpore execution mode: 0 graph (compiled, fast), 1 PyNative")
-    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
-                        help="compute dtype of the UNet (fp16 / bf16 for Ascend)")
+    add_device_arguments(parser)  # --device_target, --ms_mode, --precision: the same for every command
     return parser
 
 
 def check_args(parser, args):
     """Flag-level mistakes, found before anything heavy is loaded (argparse exits with status 2)."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"--{name} must be a finite number, got {value}")
     if (args.prompt is None) == (args.prompt_file is None):
         parser.error("give exactly one of --prompt and --prompt_file")
     if args.placeholder_token and len(args.placeholder_token) != len(args.textual_inversion_weight):
@@ -71,9 +83,29 @@ def check_args(parser, args):
         parser.error("--img is only used with --task img2img")
     if not 0.0 <= args.strength <= 1.0:
         parser.error(f"--strength must lie in [0, 1], got {args.strength}")
+    try:
+        args.device_target, args.precision = resolve_device(args.device_target, args.precision)
+    except ValueError as e:
+        parser.error(str(e))
     for name in ("sample_step", "num_cols", "num_rows", "H", "W"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+
+
+def sampling_defaults(config):
+    """(weights, image side) that a config's `sampling:` section names: the tiny config names its shipped
+    pretrained file (relative to the project folder) and its 64 px size. Else no weights and 1024 px."""
+    weight = OmegaConf.select(config, "sampling.weight")
+    side = int(OmegaConf.select(config, "sampling.resolution", default=1024))
+    return (os.path.join(ROOT, weight) if weight else None), side
+
+
+def resolve_defaults(args, config):
+    """--weight, --H and --W from the config where not given; --weight random means no weights."""
+    weight, side = sampling_defaults(config)
+    args.weight = None if args.weight == RANDOM_WEIGHTS else args.weight or weight
+    args.H = args.H or side
+    args.W = args.W or side
 
 
 def read_prompts(parser, args):
@@ -114,13 +146,16 @@ def main(argv=None):
     import mindspore as ms
     from tqdm import tqdm
 
-    from gm.sampling import SDXLSampler, SamplingError, build_engine, load_image, make_grid, save_png
+    from gm.models.loading import create_model, load_config
+    from gm.sampling import SDXLSampler, SamplingError, load_image, make_grid, save_png
     from gm.textual_inversion.embedding_io import EmbeddingFormatError, load_embedding
     from gm.weights.loader import WeightFileError
     from gm.weights.state_dict import WeightMismatchError
 
     warnings.formatwarning = format_warning
     try:
+        config = load_config(args.config)
+        resolve_defaults(args, config)
         tokens = args.placeholder_token or [None] * len(args.textual_inversion_weight)
         embeddings = [load_embedding(path, token) for path, token in zip(args.textual_inversion_weight, tokens)]
         taken = [e.token for e in embeddings]
@@ -129,9 +164,12 @@ def main(argv=None):
                                 "give each its own with --placeholder_token")
         init_image = load_image(args.img, args.H, args.W) if args.task == "img2img" else None
 
-        ms.set_context(mode=args.ms_mode)
-        ms.set_device(args.device_target)
-        sampler = SDXLSampler(build_engine(args.config, args.weight, args.precision))
+        try:
+            set_device(args.device_target, args.ms_mode)
+        except ValueError as e:  # a device this MindSpore installation cannot use
+            raise SamplingError(str(e)) from None
+        ms.set_seed(args.seed)  # random initial weights (--weight random) follow --seed
+        sampler = SDXLSampler(create_model(config, args.weight, precision=args.precision))
         sampler.check_size(args.H, args.W)
         for embedding in embeddings:
             sampler.add_embedding(embedding)
@@ -144,7 +182,8 @@ def main(argv=None):
         common = {"negative_prompt": args.negative_prompt, "sampler": args.sampler, "steps": args.sample_step,
                   "guidance_scale": args.guidance_scale, "size": f"{args.H}x{args.W}", "task": args.task,
                   "embeddings": ", ".join(f"{e.token}={os.path.basename(e.source)}" for e in embeddings),
-                  "config": os.path.basename(args.config), "weight": args.weight or "random initial weights"}
+                  "config": os.path.basename(args.config),
+                  "weight": args.weight or f"random initial weights (seed {args.seed})"}
         if args.task == "img2img":
             common.update(init_image=args.img, strength=args.strength)
         first = next_index(args.save_path)

@@ -1,5 +1,6 @@
 """Smoke test of the benchmarks (benchmarks/): each runs end to end on the tiny config for two steps, both sides,
 exits 0 and ends with its ratio line. No timing is asserted: this machine is shared and noisy."""
+import math
 import os
 import re
 import subprocess
@@ -39,3 +40,19 @@ def test_sampling_benchmark(root, weights):
     lines = run_benchmark(root, "bench_sampling.py", "--steps", "2", "--images", "1", "--weights", weights)
     assert re.fullmatch(rf"ratios ours/reference: time_per_image={FLOAT} peak_memory={FLOAT}", lines[-1])
     assert any(line.startswith("s/image (median)") for line in lines)
+
+
+def test_full_config_is_the_real_sdxl_layout(root, tmp_path):
+    """The `full` benchmark config's weights: a diffusers folder of zero-filled sparse files whose tensors, mapped
+    to sgm's names, are exactly the published sd_xl_base_1.0.safetensors' 2,513 weights (and cost no disk)."""
+    from benchmarks.common import config_path, reference_weights
+    from gm.models.loading import load_config, model_parameter_shapes
+    from gm.weights.loader import read_shapes
+
+    folder = reference_weights("full", folder=str(tmp_path / "full"))
+    shapes = read_shapes(folder)
+    assert shapes == model_parameter_shapes(load_config(config_path("full")).model)
+    assert len(shapes) == 2_513 and sum(math.prod(s) for s in shapes.values()) == 3_468_837_867
+    files = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names if f.endswith(".safetensors")]
+    assert sum(os.path.getsize(f) for f in files) > 6.9e9 and sum(os.stat(f).st_blocks for f in files) * 512 < 1e7
+

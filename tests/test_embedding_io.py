@@ -239,3 +239,28 @@ def test_errors_name_the_file(tmp_path, rows):
     fails(pair / "learned_embeds.safetensors", "different tokens")
     safetensors.numpy.save_file({TOKEN: rows[1][:2]}, str(pair / "learned_embeds_2.safetensors"))
     fails(pair, "inconsistent vector counts")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_rows_are_refused(tmp_path, rows, bad):
+    """A diverged training's rows (NaN or inf) make black images: refused on reading, in every format, naming
+    the file, and never written."""
+    clip_l = rows[0].copy()
+    clip_l[1, 5] = bad
+    files = {"community.safetensors": lambda p: safetensors.numpy.save_file({"clip_l": clip_l, "clip_g": rows[1]}, p),
+             "ours.ckpt": lambda p: ms.save_checkpoint(
+                 [{"name": "clip_l", "data": ms.Tensor(clip_l)}, {"name": "clip_g", "data": ms.Tensor(rows[1])}], p,
+                 append_dict={"token": TOKEN, "num_vectors": 3})}
+    for name, write_file in files.items():
+        path = str(tmp_path / name)
+        write_file(path)
+        with pytest.raises(EmbeddingFormatError, match=f"{name}: clip_l holds NaN or infinite values"):
+            load_embedding(path)
+    pair = tmp_path / "pair"
+    save_embedding(str(pair), *rows, TOKEN, format="diffusers")
+    safetensors.numpy.save_file({TOKEN: clip_l}, str(pair / "learned_embeds.safetensors"))
+    with pytest.raises(EmbeddingFormatError, match="pair: clip_l holds NaN or infinite values"):
+        load_embedding(str(pair))
+    with pytest.raises(EmbeddingFormatError, match="NaN or infinite"):
+        save_embedding(str(tmp_path / "new.safetensors"), clip_l, rows[1], TOKEN)
+    assert not os.path.exists(tmp_path / "new.safetensors")

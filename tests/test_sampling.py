@@ -5,11 +5,13 @@ real headless Chromium.
 Each new engine or sampler compiles its graphs again (~15 s for the tiny UNet on a 2-core CPU): the tests
 share the session's `tiny_model` through one sampler, and the command line and page runs are few.
 """
+import io
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 
 import numpy as np
@@ -31,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(ROOT, "configs", "inference", "sd_xl_tiny.yaml")
 CLI = os.path.join(ROOT, "demo", "sampling_without_streamlit.py")
 APP = os.path.join(ROOT, "demo", "sampling.py")
+SHIPPED_WEIGHTS = os.path.join(ROOT, "checkpoints", "sd_xl_tiny_shapes.safetensors")
 SIZE = 64  # pixels: latents 8 x 8
 PROMPT, NEGATIVE = "a photo of a red cube on a table", "blurry, low quality"
 
@@ -66,6 +69,8 @@ def embeddings(tmp_path_factory):
 
     paths["sd15"] = str(folder / "bad" / "sd15.safetensors")
     save_file({"emb_params": rng.randn(1, 768).astype(np.float32)}, paths["sd15"])
+    paths["nan"] = str(folder / "bad" / "diverged.safetensors")  # what a diverged training would have written
+    save_file({"clip_l": np.full((1, 32), np.nan, np.float32), "clip_g": np.zeros((1, 64), np.float32)}, paths["nan"])
     paths["text"] = str(folder / "bad" / "notes.txt")
     with open(paths["text"], "w") as f:
         f.write("not an embedding")
@@ -332,6 +337,7 @@ def test_cli_txt2img_with_three_embedding_formats(tmp_path, embeddings, tiny_sdx
 
 
 def test_cli_img2img_with_token_override(tmp_path, embeddings):
+    """Also: the tiny config without --weight, --H, --W runs its shipped weights at its own 64 px."""
     _, paths = embeddings
     init = tmp_path / "init.png"
     Image.fromarray(np.random.RandomState(0).randint(0, 256, (80, 96, 3)).astype(np.uint8)).save(init)
@@ -339,11 +345,11 @@ def test_cli_img2img_with_token_override(tmp_path, embeddings):
     result = run_cli("--task", "img2img", "--img", str(init), "--strength", "0.5", "--config", TINY_CONFIG,
                      "--textual_inversion_weight", paths["safetensors"], "--placeholder_token", "<mine>",
                      "--prompt", "a <mine> house", "--negative_prompt", "ugly", "--sample_step", "4",
-                     "--H", str(SIZE), "--W", str(SIZE), "--save_path", str(out))
+                     "--save_path", str(out))
     assert result.returncode == 0, result.stderr
-    assert "warning" not in result.stderr
+    assert "warning" not in result.stderr and "RANDOM" not in result.stderr
     text, size = png_text(out / "00000_a-mine-house_seed42.png")
-    assert size == (SIZE, SIZE)
+    assert size == (SIZE, SIZE) and text["weight"] == SHIPPED_WEIGHTS
     assert (text["task"], text["strength"], text["init_image"]) == ("img2img", "0.5", str(init))
     assert text["embeddings"] == "<mine>=style.safetensors" and text["negative_prompt"] == "ugly"
 
@@ -354,6 +360,8 @@ def test_cli_img2img_with_token_override(tmp_path, embeddings):
     (["--config", TINY_CONFIG, "--textual_inversion_weight", "{sd15}"], "SD 1.x embedding"),
     (["--config", TINY_CONFIG, "--textual_inversion_weight", "{sdxl_widths}"], "do not fit this model's text encoders"),
     (["--config", TINY_CONFIG, "--textual_inversion_weight", "{text}"], "neither a safetensors file nor"),
+    (["--config", TINY_CONFIG, "--textual_inversion_weight", "{nan}"], "diverged.safetensors: clip_l holds NaN"),
+    (["--config", SHIPPED_WEIGHTS], "sd_xl_tiny_shapes.safetensors: a binary file, not a YAML config"),
     (["--config", TINY_CONFIG, "--textual_inversion_weight", "{ckpt}", "--textual_inversion_weight", "{ckpt}"],
      "the same token"),
     (["--config", TINY_CONFIG, "--H", "100"], "multiples of 32"),
@@ -389,6 +397,7 @@ def test_cli_flag_errors_and_help():
     for args, message in [([], "exactly one of --prompt and --prompt_file"),
                           (["--prompt", "x", "--task", "img2img"], "needs --img"),
                           (["--prompt", "x", "--strength", "2"], "--strength"),
+                          (["--prompt", "x", "--guidance_scale", "nan"], "--guidance_scale must be a finite number"),
                           (["--prompt", "x", "--placeholder_token", "<a>"], "one per embedding"),
                           (["--prompt_file", "/nonexistent.txt"], "cannot read --prompt_file")]:
         result = run_cli(*args, timeout=60)
@@ -414,17 +423,23 @@ def test_page_logic_with_apptest(tiny_sdxl, embeddings):
     at.text_input(key="embeddings_dir").set_value(str(folder)).run()
     assert not at.exception and not at.error
     assert at.multiselect(key="embeddings").options == [
-        "bad/full_sdxl.safetensors", "bad/sd15.safetensors", "style/style.safetensors",
+        "bad/diverged.safetensors", "bad/full_sdxl.safetensors", "bad/sd15.safetensors", "style/style.safetensors",
         "thing/learned_embeds.safetensors", "toy/SD-XL-base-1.0_ti.ckpt"]
 
+    assert at.text_area(key="prompt").value == "a photo of a cat"
+
     at.multiselect(key="embeddings").set_value(
-        ["bad/full_sdxl.safetensors", "bad/sd15.safetensors", "toy/SD-XL-base-1.0_ti.ckpt"])
+        ["bad/diverged.safetensors", "bad/full_sdxl.safetensors", "bad/sd15.safetensors", "toy/SD-XL-base-1.0_ti.ckpt"])
     at.text_input(key="embedding_path").set_value(paths["text"]).run()
     errors = " ".join(e.value for e in at.sidebar.error)
     assert "do not fit" in errors and "SD 1.x" in errors and "neither a safetensors file nor" in errors
+    assert "diverged.safetensors: clip_l holds NaN" in errors
     assert [s.value for s in at.sidebar.success] == ["<toy> (2 vectors) from SD-XL-base-1.0_ti.ckpt"]
+    assert at.text_area(key="prompt").value == "a photo of <toy>"  # the untouched prompt takes the new word
     at.text_area(key="prompt").set_value("a cat").run()
     assert "uses none of the learned words" in at.warning[0].value
+    at.text_input(key="embedding_path").set_value(paths["safetensors"]).run()
+    assert at.text_area(key="prompt").value == "a cat"  # an edited prompt is the user's: left alone
 
     at.text_area(key="prompt").set_value("a photo of <toy>")
     at.number_input(key="steps").set_value(2)
@@ -452,8 +467,7 @@ def test_page_in_headless_chromium(tiny_sdxl, tmp_path):
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", APP, "--server.headless", "true", "--server.port", str(port),
          "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false", "--",
-         "--config", TINY_CONFIG, "--weight", tiny_sdxl.single_file, "--H", str(SIZE), "--W", str(SIZE),
-         "--sample_step", "2"],
+         "--config", TINY_CONFIG, "--weight", tiny_sdxl.single_file, "--sample_step", "2"],  # 64 px: the config's
         cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 60
@@ -480,8 +494,17 @@ def test_page_in_headless_chromium(tiny_sdxl, tmp_path):
                 image.wait_for(state="visible", timeout=300_000)
                 page.get_by_text("Done: 1 image(s)").wait_for(timeout=60_000)
                 assert page.get_by_role("button", name="Download PNG").count() == 1
-                size = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
-                assert size == [SIZE, SIZE]
+                # shown enlarged 4x with sharp pixels, downloaded at its true size
+                shown = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+                assert shown == [4 * SIZE, 4 * SIZE]
+                with page.expect_download() as download:
+                    page.get_by_role("button", name="Download PNG").click()
+                with Image.open(download.value.path()) as downloaded:
+                    assert downloaded.size == (SIZE, SIZE)
+                    true_size = np.asarray(downloaded.convert("RGB"))
+                with urllib.request.urlopen(urllib.parse.urljoin(page.url, image.get_attribute("src"))) as shown_png:
+                    enlarged = np.asarray(Image.open(io.BytesIO(shown_png.read())).convert("RGB"))
+                np.testing.assert_array_equal(enlarged, true_size.repeat(4, 0).repeat(4, 1))
                 page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
             finally:
                 browser.close()

@@ -16,6 +16,7 @@ from gm.modules.encoders.clip import TokenEmbedding
 from gm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder2, GeneralConditioner
 from gm.util import instantiate_from_config
 from gm.weights.diffusers_clip import clip_g_diffusers_to_sgm, clip_l_diffusers_to_sgm
+from gm.weights.lazy import LazyTensor
 from gm.weights.state_dict import load_state_dict_into
 
 ATOL = 1e-4
@@ -102,11 +103,19 @@ def test_clip_g_mapping(hf):
     v4_names = {"text_model." + k if not k.startswith("text_model.") else k: v for k, v in
                 hf[2]["text_encoder"].items()}
     assert clip_l_diffusers_to_sgm(v4_names).keys() == clip_l_diffusers_to_sgm(hf[2]["text_encoder"]).keys()
-    # the loader checks shapes with zero-strided stand-ins: mapping them must not allocate
-    standins = {k: np.broadcast_to(np.zeros((), np.float16), v.shape) for k, v in state.items()}
-    shapes = {k: (v.shape, v.strides) for k, v in clip_g_diffusers_to_sgm(standins).items()}
-    assert shapes["transformer.resblocks.0.attn.in_proj_weight"] == ((192, 64), (0, 0))
-    assert shapes["text_projection"][0] == (64, 64)
+    # the loader maps LazyTensors: the mapping reads nothing, and a mapped tensor reads its sources when loaded
+    reads = []
+
+    def lazy(name, value):
+        return LazyTensor(value.shape, lambda: reads.append(name) or value)
+
+    mapped = clip_g_diffusers_to_sgm({k: lazy(k, v) for k, v in state.items()})
+    assert reads == []
+    in_proj = mapped["transformer.resblocks.0.attn.in_proj_weight"]
+    assert in_proj.shape == (192, 64) and mapped["text_projection"].shape == (64, 64)
+    sources = [f"text_model.encoder.layers.0.self_attn.{p}_proj.weight" for p in "qkv"]
+    np.testing.assert_array_equal(in_proj.load(), np.concatenate([state[k] for k in sources]))
+    assert reads == sources
 
 
 def test_conditioner_matches_diffusers(conditioner, hf, tiny_sdxl):

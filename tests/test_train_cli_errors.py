@@ -1,17 +1,24 @@
 """Bad input to train_textual_inversion.py, through the command line: each case gives one clear `error:` line
 naming the flag or file, a non-zero exit, no traceback, and nothing written (neither in --save_path nor in the
 working directory). The cases run as concurrent subprocesses (each only imports MindSpore and stops early)."""
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from gm.models.loading import load_config
+from gm.textual_inversion.checkpointing import RunFolderInUse, run_folder_lock
+from train_textual_inversion import UsageError, build_parser, check_args, parse_args, resolve_defaults
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_textual_inversion.py")
 TINY = os.path.join(ROOT, "configs", "training", "sd_xl_tiny_textual_inversion.yaml")
 DATA = os.path.join(ROOT, "datasets", "synthetic_toy")
+WEIGHTS = os.path.join(ROOT, "checkpoints", "sd_xl_tiny_shapes.safetensors")
 
 
 def tiny(*extra, data=DATA, token="<toy>"):
@@ -32,6 +39,14 @@ CASES = {
     "resolution_100": (tiny("--resolution", "100"), ["--resolution 100", "multiples of 32"]),
     "bf16_on_cpu": (tiny("--precision", "bf16"), ["--precision bf16", "CPU"]),
     "another_run_in_save_path": (tiny(), ["--save_path", "another run", "--resume latest", "--overwrite"]),
+    # the test holds the run folder's lock meanwhile, as a training running there does
+    "save_path_in_use": (tiny(), ["--save_path", "in use by another training", f"process {os.getpid()}"]),
+    "save_path_under_a_file": (tiny("--save_path", "{tmp}/a_file/run"),
+                               ["--save_path", "a_file is a file, not a folder"]),
+    "learning_rate_nan": (tiny("--learning_rate", "nan"), ["--learning_rate must be a finite number, got nan"]),
+    "weights_given_as_config": (
+        ["--config", WEIGHTS, "--data_path", DATA, "--placeholder_token", "<toy>", "--device_target", "CPU"],
+        ["sd_xl_tiny_shapes.safetensors", "a binary file, not a YAML config"]),
     "resume_without_state": (tiny("--resume", "latest"), ["--resume latest", "no training state"]),
     "resume_not_a_state": (tiny("--resume", "{tmp}/empty"), ["--resume", "not a training state"]),
     "full_config_without_weights": (
@@ -67,6 +82,8 @@ def prepare(case_dir):
         f.write(b"\x89PNG\r\n\x1a\n not really a png")
     with open(os.path.join(broken, "notes.md"), "w") as f:
         f.write("not an image")
+    with open(os.path.join(case_dir, "a_file"), "w") as f:
+        f.write("a file where a folder is expected")
     os.symlink(os.path.join(ROOT, "configs"), os.path.join(case_dir, "configs"))
     os.makedirs(os.path.join(case_dir, "datasets"))
     for name in ("cat_toy", "chinese_art"):
@@ -104,10 +121,11 @@ def results(tmp_path_factory):
         argv = [a.replace("{tmp}", case_dir) for a in argv]
         if name in OWN_SAVE_PATH:
             argv += ["--save_path", save]
-        before = snapshot(case_dir)
-        proc = subprocess.run([sys.executable, SCRIPT, *argv], cwd=case_dir, capture_output=True, text=True,
-                              timeout=300)
-        return name, (proc.returncode, proc.stdout, proc.stderr, before, snapshot(case_dir))
+        with run_folder_lock(save) if name == "save_path_in_use" else contextlib.nullcontext():
+            before = snapshot(case_dir)
+            proc = subprocess.run([sys.executable, SCRIPT, *argv], cwd=case_dir, capture_output=True, text=True,
+                                  timeout=300)
+            return name, (proc.returncode, proc.stdout, proc.stderr, before, snapshot(case_dir))
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         return dict(pool.map(run, CASES))
@@ -142,3 +160,61 @@ def test_help_explains_every_flag():
     assert shown.returncode == 0
     for action in flags:
         assert action.option_strings[0] in shown.stdout
+
+
+FLOAT_FLAGS = [action.dest for action in build_parser()._actions if action.type is float]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("flag", FLOAT_FLAGS)
+def test_every_float_flag_must_be_finite(tmp_path, flag, value):
+    """NaN passes every range check (`nan <= 0` is False): each float flag is checked for finiteness first."""
+    assert {"learning_rate", "flip_p", "max_grad_norm", "adam_weight_decay"} <= set(FLOAT_FLAGS)
+    args = parse_args(tiny(f"--{flag}={value}", "--save_path", str(tmp_path / "run")))
+    resolve_defaults(args, load_config(args.config))
+    with pytest.raises(UsageError, match=f"--{flag} must be a finite number, got {value}"):
+        check_args(args)
+
+
+def test_read_only_save_path_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A read-only file system: access(2) answers EROFS for writing, even to root (tests run as root, who may
+    write in a chmod-ed folder; so access(2) is made to answer as a read-only mount would)."""
+    read_only = str(tmp_path / "read_only_mount")
+    os.makedirs(read_only)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: not (path == read_only and mode & os.W_OK)
+                        and real_access(path, mode))
+    args = parse_args(tiny("--save_path", os.path.join(read_only, "runs", "toy")))
+    resolve_defaults(args, load_config(args.config))
+    with pytest.raises(UsageError, match="--save_path .*: cannot write in .*read_only_mount .*read-only"):
+        check_args(args)
+    assert os.listdir(read_only) == []
+
+
+LOCK_HOLDER = """
+import sys, time
+from gm.textual_inversion.checkpointing import run_folder_lock
+with run_folder_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_run_folder_lock_lasts_as_long_as_its_process(tmp_path):
+    """Another process holding the lock: refused at once, naming that process; killed (-9, no clean-up runs),
+    its lock is gone with it."""
+    folder = str(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, folder], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunFolderInUse, match=f"in use by another training \\(process {holder.pid}\\)"):
+            with run_folder_lock(folder):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with run_folder_lock(folder):
+        with pytest.raises(RunFolderInUse):  # exclusive within one process too (each open file is its own)
+            with run_folder_lock(folder):
+                pass

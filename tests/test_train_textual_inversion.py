@@ -6,7 +6,8 @@ trainer's own setup: 2 vectors from "toy", batch 1, 2 accumulation steps) is sha
 module fixture and reset between them. The command-line runs (A: batch 2, 8 steps; B: A resumed from step 4;
 Ctrl-C then --resume latest then kill -9, in fp16; msrun with 2 workers) start in background threads when the
 module starts and compile meanwhile on the other core; a test that reads a run waits for it. Where a run and
-the in-process step are compared, the in-process side is fed exactly what the run drew.
+the in-process step are compared, the in-process side is fed exactly what the run drew. Two more runs cannot
+finish: their learned rows overflow, or the disk fills at a save.
 """
 import os
 import shutil
@@ -32,13 +33,15 @@ from gm.models.autoencoder import AutoencoderKL
 from gm.models.loading import load_config
 from gm.sampling import SDXLSampler
 from gm.textual_inversion.checkpointing import (
-    MODEL_NAME, STATE_DIR, ResumeError, load_train_state, read_train_state, save_learned_embeddings,
+    LOCK_FILE, MODEL_NAME, STATE_DIR, ResumeError, load_train_state, read_train_state, save_learned_embeddings,
 )
 from gm.textual_inversion.embedding_io import load_embedding
 from gm.textual_inversion.optim import learning_rate
 from gm.textual_inversion.train_step import TextualInversionLoss
 from tools.make_synthetic_dataset import COLORS
-from train_textual_inversion import Training, check_args, draw_micro_batch, parse_args, resolve_defaults, rows_digest
+from train_textual_inversion import (
+    Training, check_args, draw_micro_batch, parse_args, resolve_defaults, rows_digest, schedule_changed,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_textual_inversion.py")
@@ -93,11 +96,11 @@ class Runs:
         self.processes.append(process)
         return process
 
-    def cli(self, args, folder, name):
+    def cli(self, args, folder, name, python=(sys.executable,)):
         """Run the trainer to completion in `folder`; (return code, its output)."""
         os.makedirs(folder, exist_ok=True)
         log = os.path.join(folder, f"{name}.log")
-        process = self.popen([sys.executable, SCRIPT, *args], folder, log)
+        process = self.popen([*python, SCRIPT, *args], folder, log)
         process.wait(timeout=TIMEOUT)
         with open(log) as f:
             return process.returncode, f.read()
@@ -183,8 +186,46 @@ def parallel_chain(runs, root):
     return {"root": root, "save": save, "code": process.returncode, "worker_logs": worker_logs}
 
 
-CHAINS = {"resume": resume_chain, "signals": signal_chain, "parallel": parallel_chain}
-FIXTURE_CHAINS = {"resume_runs": "resume", "signal_runs": "signals", "parallel_run": "parallel"}
+# The trainer, with the disk filling up while the training state of step 4 is written: half a file, then ENOSPC.
+DISK_FULL = """
+import errno, os, runpy, sys
+import mindspore as ms
+
+real_save_checkpoint = ms.save_checkpoint
+
+
+def save_checkpoint(params, path, *args, **kwargs):
+    if "step_00000004.tmp" in path:
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real_save_checkpoint(params, path, *args, **kwargs)
+
+
+ms.save_checkpoint = save_checkpoint
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(script))
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def failures_chain(runs, root):
+    """Saving every step, a warm-up whose second step's learning rate (5e38) overflows float32: the rows turn
+    inf at step 2. Then, saving every 2 steps, a full disk at step 4's training state."""
+    diverged, disk_full = os.path.join(root, "diverged"), os.path.join(root, "disk_full")
+    code_d, out_d = runs.cli(BASE + ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "2",
+                                     "--learning_rate", "1e39", "--total_step", "4", "--save_interval", "1",
+                                     "--save_path", diverged], root, "diverged")
+    code_f, out_f = runs.cli(BASE + ["--total_step", "6", "--save_interval", "2", "--save_path", disk_full], root,
+                             "disk_full", python=[sys.executable, "-c", DISK_FULL])
+    return {"diverged": diverged, "code_diverged": code_d, "out_diverged": out_d,
+            "disk_full": disk_full, "code_disk_full": code_f, "out_disk_full": out_f}
+
+
+CHAINS = {"resume": resume_chain, "signals": signal_chain, "parallel": parallel_chain, "failures": failures_chain}
+FIXTURE_CHAINS = {"resume_runs": "resume", "signal_runs": "signals", "parallel_run": "parallel",
+                  "failure_runs": "failures"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -214,6 +255,11 @@ def signal_runs(runs):
 @pytest.fixture(scope="module")
 def parallel_run(runs):
     return runs.get("parallel")
+
+
+@pytest.fixture(scope="module")
+def failure_runs(runs):
+    return runs.get("failures")
 
 
 
@@ -425,7 +471,8 @@ def test_outputs(resume_runs, harness):
     """The files of run A (8 steps, saved at 4 and 8, --max_num_ckpt 1) and what is in them."""
     a, out = resume_runs["A"], resume_runs["out_A"]
     assert sorted(os.listdir(a)) == sorted([f"{MODEL_NAME}_8_ti.ckpt", "toy_8.safetensors", f"{MODEL_NAME}_ti.ckpt",
-                                            "toy.safetensors", "loss.csv", "loss.png", "args.yaml", STATE_DIR])
+                                            "toy.safetensors", "loss.csv", "loss.png", "args.yaml", STATE_DIR,
+                                            LOCK_FILE])
     assert sorted(os.listdir(os.path.join(a, STATE_DIR))) == ["latest", "step_00000004", "step_00000008"]
     with open(os.path.join(a, STATE_DIR, "latest")) as f:
         assert f.read().strip() == "step_00000008"
@@ -590,7 +637,8 @@ def test_data_parallel_two_workers(parallel_run, harness):
     # rank 0 alone wrote: one set of files, no rank-named copies, one loss row per step, nothing in the cwd
     assert sorted(os.listdir(parallel_run["root"])) == ["logs", "msrun.out", "out"]
     assert sorted(os.listdir(save)) == sorted([f"{MODEL_NAME}_2_ti.ckpt", "toy_2.safetensors", f"{MODEL_NAME}_ti.ckpt",
-                                               "toy.safetensors", "loss.csv", "loss.png", "args.yaml", STATE_DIR])
+                                               "toy.safetensors", "loss.csv", "loss.png", "args.yaml", STATE_DIR,
+                                               LOCK_FILE])
     assert [int(r[0]) for r in loss_rows(save)] == [1, 2]
     assert "effective batch   : 2 = 1 per device x 1 accumulation x 2 device(s)" in parallel_run["worker_logs"][0]
     assert "effective batch" not in parallel_run["worker_logs"][1]
@@ -613,3 +661,59 @@ def test_data_parallel_two_workers(parallel_run, harness):
         np.testing.assert_array_equal(state["exp_avg." + name].asnumpy(), exp_avg[i])
         np.testing.assert_array_equal(state["exp_avg_sq." + name].asnumpy(), exp_avg_sq[i])
     assert not np.array_equal(rows[0], harness.initial_rows()[0])
+
+
+def error_lines(output):
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+def test_rows_that_turn_non_finite_stop_the_run_before_they_are_written(failure_runs):
+    """The rows overflow at step 2: one error line, exit 1, and the files of step 1 are the last written (no
+    embedding, state or loss row of step 2; no final embedding)."""
+    save, out = failure_runs["diverged"], failure_runs["out_diverged"]
+    assert failure_runs["code_diverged"] == 1, out
+    assert "Traceback" not in out
+    (error,) = error_lines(out)
+    assert "at step 2 the learned embedding became NaN or infinite" in error and "--learning_rate" in error
+    assert os.path.join(save, STATE_DIR, "step_00000001") in error and "--resume latest" in error
+    assert sorted(os.listdir(save)) == sorted([f"{MODEL_NAME}_1_ti.ckpt", "toy_1.safetensors", "loss.csv",
+                                               "loss.png", "args.yaml", STATE_DIR, LOCK_FILE])
+    assert sorted(os.listdir(os.path.join(save, STATE_DIR))) == ["latest", "step_00000001"]
+    assert [int(r[0]) for r in loss_rows(save)] == [1]
+    embedding = load_embedding(os.path.join(save, "toy_1.safetensors"))  # finite: it loads
+    assert np.array_equal(embedding.clip_l, state_rows(read_state(save, 1))[0])
+
+
+def test_full_disk_at_a_save_stops_with_one_line_and_keeps_the_last_state(failure_runs):
+    """ENOSPC while step 4's training state is written: one error line naming the last complete state for
+    --resume, exit 1, no half-written state folder left, `latest` still on step 2."""
+    save, out = failure_runs["disk_full"], failure_runs["out_disk_full"]
+    assert failure_runs["code_disk_full"] == 1, out
+    assert "Traceback" not in out
+    (error,) = error_lines(out)
+    assert f"No space left on device ({save})" in error
+    assert f"the last complete training state is {os.path.join(save, STATE_DIR, 'step_00000002')}" in error
+    assert "--resume latest" in error
+    assert sorted(os.listdir(os.path.join(save, STATE_DIR))) == ["latest", "step_00000002"]
+    with open(os.path.join(save, STATE_DIR, "latest")) as f:
+        assert f.read().strip() == "step_00000002"
+    read_train_state(os.path.join(save, STATE_DIR, "step_00000002"), {})  # whole and readable
+    assert [int(r[0]) for r in loss_rows(save)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("scheduler, change, changed", [
+    ("constant", {"total_step": 20}, False),  # the false warning: 'constant' does not depend on the length
+    ("constant", {"lr_warmup_steps": 2}, False),  # nor has it a warm-up
+    ("constant", {"learning_rate": 1e-4}, True),
+    ("constant", {"scale_lr": True}, True),  # times the effective batch, 2
+    ("constant_with_warmup", {"total_step": 20}, False),
+    ("constant_with_warmup", {"lr_warmup_steps": 2}, True),  # steps 1-3 warmed up over 4 steps, not 2
+    ("linear", {"total_step": 20}, True),  # the rates of steps 1-3 depend on the length
+    ("cosine", {"total_step": 20}, True),
+])
+def test_resume_warns_only_when_past_learning_rates_change(scheduler, change, changed):
+    """Resumed after 4 steps with other schedule flags: the run matches an uninterrupted one started with the
+    new flags exactly when the 4 steps taken had the learning rates the new flags give them."""
+    saved = {"lr_scheduler": scheduler, "learning_rate": 5e-4, "scale_lr": False,
+             "lr_warmup_steps": 4 if scheduler == "constant_with_warmup" else 0, "total_step": 8}
+    assert schedule_changed(saved, dict(saved, **change), 4, 2) is changed

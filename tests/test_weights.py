@@ -337,3 +337,65 @@ def test_tiny_config_without_weights_warns(root, capsys):
     model = create_model(load_config(os.path.join(root, TINY)))
     assert "RANDOM initial weights" in capsys.readouterr().err
     assert all(p.asnumpy().any() for p in model.get_parameters())  # no output stuck at zero
+
+
+# ----------------------------------------------------------------------------------- reading one tensor at a time
+
+
+def test_ckpt_reader_matches_mindspore(tmp_path):
+    """Our record-by-record .ckpt reader gives what mindspore.load_checkpoint gives: tensors MindSpore splits
+    into slices (over 512 KB), bf16, int, and files with the CRC trailer."""
+    from gm.weights.loader import CkptFile
+
+    rng = np.random.default_rng(0)
+    tensors = {"big": rng.standard_normal((300, 1000)).astype(np.float32),  # 1.2 MB: three slices
+               "half": rng.standard_normal((7, 5)).astype(np.float16), "ids": np.arange(6, dtype=np.int64),
+               "scalar": np.array(3.5, np.float32)}
+    for crc in (False, True):
+        path = str(tmp_path / f"t{crc}.ckpt")
+        params = [{"name": k, "data": Tensor(v)} for k, v in tensors.items()]
+        params.append({"name": "brain", "data": Tensor(tensors["big"][:3], ms.bfloat16)})
+        ms.save_checkpoint(params, path, crc_check=crc)
+        reference = ms.load_checkpoint(path)
+        ours = CkptFile(path)
+        assert ours.shapes() == {k: tuple(v.shape) for k, v in reference.items()}
+        for name, value in reference.items():
+            expected = value.float().asnumpy() if value.dtype == ms.bfloat16 else value.asnumpy()
+            assert np.array_equal(ours.read(name), expected), name
+    with open(path, "rb") as f:
+        data = f.read()
+    (tmp_path / "cut.ckpt").write_bytes(data[:len(data) // 2])
+    with pytest.raises(WeightFileError, match="cut.ckpt: cannot be read as a MindSpore checkpoint"):
+        CkptFile(str(tmp_path / "cut.ckpt"))
+
+
+def test_loading_holds_one_tensor_at_a_time(root, tiny_sdxl, converted, monkeypatch):
+    """For every format, each tensor read from the file is released before the next one is read: the loading
+    peak is the model plus one tensor, never a second copy of the model."""
+    import weakref
+
+    from gm.weights import loader
+
+    for path in (tiny_sdxl.single_file, converted["fp16"], tiny_sdxl.diffusers_folder):
+        alive, reads = [], [0]
+        original = loader.open_weights
+
+        def tracking_open(p, original=original):
+            weights = original(p)
+            read = weights.read
+
+            def tracked(name):
+                alive.append(sum(ref() is not None for ref in refs))
+                array = read(name)
+                refs.append(weakref.ref(array))
+                reads[0] += 1
+                return array
+
+            weights.read = tracked
+            return weights
+
+        refs = []
+        monkeypatch.setattr(loader, "open_weights", tracking_open)
+        create_model(load_config(os.path.join(root, TINY)), weight=path)
+        monkeypatch.setattr(loader, "open_weights", original)
+        assert reads[0] == 929 and max(alive) == 0, path

@@ -7,8 +7,12 @@ Under `--save_path`:
   scale, step and data order; the noise is a function of seed and step), and `train_state/latest`, naming the newest complete one.
 
 Every file is written under a temporary name and renamed, and `latest` moves only after a state folder is
-complete, so a run killed at any moment leaves its last checkpoint loadable.
+complete, so a run killed at any moment leaves its last checkpoint loadable; a write that fails (a full disk)
+removes its temporary files. A training holds `.lock` in its run folder for its lifetime, so that a second one
+on the same folder refuses to start.
 """
+import contextlib
+import fcntl
 import glob
 import json
 import os
@@ -24,10 +28,60 @@ from gm.util import atomic_write
 MODEL_NAME = "SD-XL-base-1.0"
 STATE_DIR = "train_state"
 STATE_KEEP = 2  # newest complete training states kept; older ones are pruned
+LOCK_FILE = ".lock"
 
 
 class ResumeError(ValueError):
     """A training state that cannot be resumed from; the message says why."""
+
+
+class RunFolderInUse(ValueError):
+    """Another training holds the run folder."""
+
+
+@contextlib.contextmanager
+def run_folder_lock(save_path):
+    """Hold an exclusive lock on the run folder `save_path` (created if needed) for the `with` block; raise
+    RunFolderInUse at once if another process holds it. The kernel drops a flock when its process ends, so a
+    crashed run leaves no stale lock. A run that fails before writing anything leaves no folder behind."""
+    created = not os.path.isdir(save_path)
+    fd = _acquire_lock(os.path.join(save_path, LOCK_FILE))
+    try:
+        yield
+    except BaseException:
+        if created and os.listdir(save_path) == [LOCK_FILE]:
+            os.remove(os.path.join(save_path, LOCK_FILE))  # while still locked: a newcomer retries on a fresh file
+            os.rmdir(save_path)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _acquire_lock(path):
+    """An open descriptor of `path` holding its flock. Retried when the file was removed or replaced between
+    opening and locking (a failed run cleaning up), so the lock is always on the file the path names."""
+    while True:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the folder went away meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise RunFolderInUse(f"--save_path {os.path.dirname(path)} is in use by another training (process "
+                                 f"{owner or '?'}); wait for it to end, or choose another --save_path.") from None
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # who holds it, for the message above
+            return fd
+        os.close(fd)
 
 
 def embedding_name(token):
@@ -76,10 +130,14 @@ def save_train_state(save_path, step, parameters, host_state):
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    ms.save_checkpoint([{"name": p.name, "data": ms.Tensor(p.asnumpy())} for p in parameters],
-                       os.path.join(tmp, "state.ckpt"))
-    with open(os.path.join(tmp, "host_state.json"), "w") as f:
-        json.dump(dict(host_state, step=step), f)
+    try:
+        ms.save_checkpoint([{"name": p.name, "data": ms.Tensor(p.asnumpy())} for p in parameters],
+                           os.path.join(tmp, "state.ckpt"))
+        with open(os.path.join(tmp, "host_state.json"), "w") as f:
+            json.dump(dict(host_state, step=step), f)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not leave half a state behind
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     atomic_write(os.path.join(root, "latest"), lambda p: _write_text(p, os.path.basename(final)), ".txt")
@@ -97,9 +155,10 @@ def find_train_state(save_path, resume):
     """The state folder `--resume` names: "latest" (under save_path), a state folder, or a run folder (or its
     train_state/) whose latest state is meant."""
     if resume == "latest":
-        if not os.path.isfile(os.path.join(save_path, STATE_DIR, "latest")):
+        state = latest_train_state(save_path)
+        if state is None:
             raise ResumeError(f"--resume latest: no training state in {save_path} (no {STATE_DIR}/latest).")
-        return _latest(os.path.join(save_path, STATE_DIR))
+        return state
     if os.path.isfile(os.path.join(resume, "host_state.json")):
         return resume
     for root in (os.path.join(resume, STATE_DIR), resume):
@@ -112,6 +171,12 @@ def find_train_state(save_path, resume):
 def _latest(root):
     with open(os.path.join(root, "latest")) as f:
         return os.path.join(root, f.read().strip())
+
+
+def latest_train_state(save_path):
+    """The newest complete training state under `save_path`, or None."""
+    root = os.path.join(save_path, STATE_DIR)
+    return _latest(root) if os.path.isfile(os.path.join(root, "latest")) else None
 
 
 def read_train_state(state_dir, identity):

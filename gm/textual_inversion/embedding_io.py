@@ -54,6 +54,8 @@ def _rows(clip_l, clip_g, source):
         if value.ndim != 2 or value.shape[0] < 1 or not np.issubdtype(value.dtype, np.floating):
             raise EmbeddingFormatError(
                 f"{source}: {name} must be a float array [num_vectors, width], got {value.dtype} {value.shape}")
+        if not np.isfinite(value).all():  # a diverged training: its images would be black
+            raise EmbeddingFormatError(f"{source}: {name} holds NaN or infinite values; this embedding is unusable.")
         arrays.append(np.ascontiguousarray(value, dtype=np.float32))
     if arrays[0].shape[0] != arrays[1].shape[0]:
         raise EmbeddingFormatError(

@@ -12,7 +12,7 @@ Keys not recognised are passed on unchanged, so that strict loading names them.
 """
 import re
 
-import numpy as np
+from gm.weights.lazy import concatenate
 
 _POSITION_IDS = "text_model.embeddings.position_ids"
 
@@ -44,14 +44,6 @@ def clip_l_diffusers_to_sgm(state):
     return {_text_model_key(k): v for k, v in state.items() if _text_model_key(k) != _POSITION_IDS}
 
 
-def _stack(parts):
-    """Concatenate along axis 0. The loader checks shapes with zero-strided stand-ins: keep those zero-memory."""
-    if all(not any(p.strides) for p in parts):
-        shape = (sum(p.shape[0] for p in parts),) + parts[0].shape[1:]
-        return np.broadcast_to(np.zeros((), parts[0].dtype), shape)
-    return np.concatenate(parts, axis=0)
-
-
 def clip_g_diffusers_to_sgm(state):
     """{transformers CLIPTextModelWithProjection key: array} -> {open_clip key relative to `conditioner.embedders.1.model.`}.
 
@@ -79,5 +71,5 @@ def clip_g_diffusers_to_sgm(state):
             out[key] = value
     for index, kind in sorted(stacked):
         layer = f"text_model.encoder.layers.{index}.self_attn."
-        out[f"transformer.resblocks.{index}.attn.in_proj_{kind}"] = _stack([state[f"{layer}{p}_proj.{kind}"] for p in "qkv"])
+        out[f"transformer.resblocks.{index}.attn.in_proj_{kind}"] = concatenate([state[f"{layer}{p}_proj.{kind}"] for p in "qkv"])
     return out

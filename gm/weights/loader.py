@@ -7,7 +7,7 @@ One code path for training, sampling and tools:
 - a MindSpore `.ckpt` written by `tools/convert_weights.py`, with sgm's keys.
 
 `read_shapes` answers from file headers alone (no tensor data read), so a 7 GB checkpoint can be checked
-against a config in seconds; `load_weights` streams tensors one component at a time into the model.
+against a config in seconds; `load_weights` reads one tensor at a time into the already-built model.
 """
 import functools
 import json
@@ -19,6 +19,7 @@ import numpy as np
 from gm.weights.diffusers_clip import clip_g_diffusers_to_sgm, clip_l_diffusers_to_sgm
 from gm.weights.diffusers_unet import unet_diffusers_to_sgm
 from gm.weights.diffusers_vae import vae_diffusers_to_sgm
+from gm.weights.lazy import LazyTensor
 from gm.weights.state_dict import WeightMismatchError, compare_shapes
 
 # Keys of the original file that are buffers, not weights; these and nothing else are ignored.
@@ -93,34 +94,172 @@ def safetensors_files(folder):
     raise WeightFileError(f"{folder}: no *.safetensors weights found in this diffusers component folder.")
 
 
-def _safe_open(path):
-    from safetensors import safe_open
-
-    try:
-        return safe_open(path, framework="np")
-    except Exception as e:  # the library's errors are not typed; name the file instead
-        raise WeightFileError(f"{path}: cannot be read as safetensors ({e}).") from None
-
-
-@functools.lru_cache(maxsize=4)
-def _data_layout(path, mtime_ns):
-    """(byte offset of the data, {name: header entry}) of a safetensors file, parsed once per file version."""
-    with open(path, "rb") as raw:
-        header_size = struct.unpack("<Q", raw.read(8))[0]
-        return 8 + header_size, json.loads(raw.read(header_size))
+def bf16_to_float32(bits):
+    """bfloat16 bit patterns (uint16) as float32, exactly: a bfloat16 is the upper half of a float32's bits."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def safetensors_tensor(f, path, name):
-    """Tensor `name` of the open safetensors file `f` (at `path`) as a numpy array. bfloat16, which numpy
-    cannot hold, comes back as float32, exactly: a bfloat16 is the upper half of a float32's bits."""
+    """Tensor `name` of the open safetensors file `f` (at `path`) as a numpy array; bfloat16, which numpy
+    cannot hold, comes back as float32. For small files (embeddings); model weights go through
+    `SafetensorsFile`, which does not map the file into memory."""
     if f.get_slice(name).get_dtype() != "BF16":
         return f.get_tensor(name)
-    data_start, header = _data_layout(path, os.stat(path).st_mtime_ns)
-    begin, end = header[name]["data_offsets"]
-    with open(path, "rb") as raw:
-        raw.seek(data_start + begin)
-        bits = np.frombuffer(raw.read(end - begin), dtype="<u2").astype(np.uint32) << 16
-    return bits.view(np.float32).reshape(header[name]["shape"])
+    return SafetensorsFile(path).read(name)
+
+
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
+                      "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+class SafetensorsFile:
+    """A safetensors file read one tensor at a time with ordinary reads.
+
+    Not memory-mapped (as `safetensors.safe_open` does): every page of a mapped file that has been read counts
+    in the process's resident memory for as long as the map lives, which put a whole 7 GB checkpoint on top of
+    the model being filled.
+    """
+
+    def __init__(self, path):
+        read_safetensors_header(path)  # whole-file and header checks, with clear errors
+        with open(path, "rb") as f:
+            header_len = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(header_len))
+        header.pop("__metadata__", None)
+        self.path, self.data_start, self.entries = path, 8 + header_len, header
+
+    def shapes(self):
+        return {name: tuple(entry["shape"]) for name, entry in self.entries.items()}
+
+    def read(self, name):
+        """Tensor `name` as a numpy array (bfloat16 as float32)."""
+        entry = self.entries[name]
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise WeightFileError(f"{self.path}: tensor {name} has dtype {entry['dtype']}, which is not supported.")
+        begin, end = entry["data_offsets"]
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            array = np.fromfile(f, dtype, (end - begin) // np.dtype(dtype).itemsize)
+        array = array.reshape(entry["shape"])
+        return bf16_to_float32(array) if entry["dtype"] == "BF16" else array
+
+
+# ----------------------------------------------------------------------------------------------- MindSpore .ckpt
+
+CKPT_DTYPES = {"Float64": np.float64, "Float32": np.float32, "Float16": np.float16, "BFloat16": np.uint16,
+               "Int64": np.int64, "Int32": np.int32, "Int16": np.int16, "Int8": np.int8, "UInt8": np.uint8,
+               "Bool": np.bool_}
+_CKPT_CRC_TRAILER = b"crc_num"  # MindSpore's optional trailer: b"crc_num" + 10 bytes
+
+
+def _varint(f):
+    value = shift = 0
+    while True:
+        byte = f.read(1)
+        if not byte:
+            raise EOFError
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value
+        shift += 7
+
+
+def _fields(f, end):
+    """(field number, wire type) of each protobuf field up to byte `end`, leaving `f` at the field's value."""
+    while f.tell() < end:
+        key = _varint(f)
+        yield key >> 3, key & 7
+
+
+def _skip(f, wire_type):
+    if wire_type == 0:
+        _varint(f)
+    elif wire_type == 2:
+        f.seek(_varint(f), os.SEEK_CUR)
+    else:
+        f.seek({1: 8, 5: 4}[wire_type], os.SEEK_CUR)
+
+
+class CkptFile:
+    """A MindSpore .ckpt read one tensor at a time.
+
+    `mindspore.load_checkpoint` reads and parses the whole file at once: a second copy of the model. The format
+    is a protobuf `Checkpoint` of repeated `Value {tag, TensorProto {dims, tensor_type, tensor_content}}` records
+    (large tensors are split along axis 0 into consecutive records of the same tag), optionally followed by a
+    CRC trailer. Opening it reads the records' headers and skips their data.
+    """
+
+    def __init__(self, path):
+        self.path, self.entries = path, {}  # name -> [dims, tensor type, [(offset, length) of each slice]]
+        size = os.path.getsize(path)
+        try:
+            with open(path, "rb") as f:
+                while f.tell() < size:
+                    if f.read(1) != b"\x0a":  # field 1 (value), length-delimited
+                        f.seek(-1, os.SEEK_CUR)
+                        if f.read(len(_CKPT_CRC_TRAILER)) == _CKPT_CRC_TRAILER:
+                            break
+                        raise ValueError("unexpected bytes between records")
+                    end = _varint(f) + f.tell()
+                    if end > size:
+                        raise EOFError
+                    self._read_record(f, end)
+        except (ValueError, KeyError, EOFError, UnicodeDecodeError) as e:
+            raise WeightFileError(f"{path}: cannot be read as a MindSpore checkpoint ({e or 'truncated'}).") from None
+        if not self.entries:
+            raise WeightFileError(f"{path}: cannot be read as a MindSpore checkpoint (no tensors in it).")
+
+    def _read_record(self, f, end):
+        tag, dims, dtype, data = None, [], None, None
+        for field, wire in _fields(f, end):
+            if field == 1 and wire == 2:
+                tag = f.read(_varint(f)).decode()
+            elif field == 2 and wire == 2:
+                tensor_end = _varint(f) + f.tell()
+                for sub, sub_wire in _fields(f, tensor_end):
+                    if sub == 1 and sub_wire == 2:  # packed dims
+                        dims_end = _varint(f) + f.tell()
+                        while f.tell() < dims_end:
+                            dims.append(_varint(f))
+                    elif sub == 1 and sub_wire == 0:
+                        dims.append(_varint(f))
+                    elif sub == 2 and sub_wire == 2:
+                        dtype = f.read(_varint(f)).decode()
+                    elif sub == 3 and sub_wire == 2:
+                        length = _varint(f)
+                        data = (f.tell(), length)
+                        f.seek(length, os.SEEK_CUR)
+                    else:
+                        _skip(f, sub_wire)
+            else:
+                _skip(f, wire)
+        if f.tell() != end or tag is None or dtype is None or data is None:
+            raise ValueError("a malformed tensor record")
+        if dtype not in CKPT_DTYPES:
+            raise ValueError(f"tensor {tag} has the unsupported type {dtype}")
+        entry = self.entries.setdefault(tag, [tuple(dims), dtype, []])
+        entry[2].append(data)
+
+    def shapes(self):
+        return {name: dims for name, (dims, _, _) in self.entries.items()}
+
+    def read(self, name):
+        """Tensor `name` as a numpy array (bfloat16 as float32)."""
+        dims, dtype, slices = self.entries[name]
+        np_dtype = CKPT_DTYPES[dtype]
+        array = np.empty(sum(length for _, length in slices) // np.dtype(np_dtype).itemsize, np_dtype)
+        view, filled = array.view(np.uint8), 0
+        with open(self.path, "rb") as f:
+            for offset, length in slices:
+                f.seek(offset)
+                if f.readinto(view[filled:filled + length]) != length:
+                    raise WeightFileError(f"{self.path}: truncated inside tensor {name}.")
+                filled += length
+        if array.size != int(np.prod(dims)):
+            raise WeightFileError(f"{self.path}: tensor {name} holds {array.size} values for its shape {dims}.")
+        array = array.reshape(dims)
+        return bf16_to_float32(array) if dtype == "BFloat16" else array
 
 
 # ----------------------------------------------------------------------------------------------- formats
@@ -145,50 +284,44 @@ def weight_format(path):
     raise WeightFileError(f"{path}: not a .safetensors or MindSpore .ckpt file, nor a diffusers folder.")
 
 
-def _diffusers_mapped(folder, shapes_only):
-    """Yield (sgm-named dict, source) per diffusers component; shapes_only maps zero-memory stand-ins."""
-    for sub, (prefix, to_sgm) in DIFFUSERS_COMPONENTS.items():
-        comp = os.path.join(folder, sub)
-        if not os.path.isdir(comp):
-            raise WeightFileError(f"{folder}: diffusers folder without {sub}/ (SDXL base needs unet, vae, "
-                                  "text_encoder and text_encoder_2).")
-        state = {}
-        for file in safetensors_files(comp):
-            if shapes_only:
-                for name, (dtype, shape) in read_safetensors_header(file).items():
-                    state[name] = np.broadcast_to(np.zeros((), np.float16), shape)
-            else:
-                read_safetensors_header(file)  # whole-file check first
-                with _safe_open(file) as f:
-                    for name in f.keys():
-                        state[name] = safetensors_tensor(f, file, name)
-        try:
-            mapped = to_sgm(state)
-        except KeyError as e:
-            raise WeightFileError(f"{comp}: not an SDXL {sub} (missing key {e}).") from None
-        yield {prefix + k: v for k, v in mapped.items()}, comp
+class DiffusersFolder:
+    """A diffusers SDXL folder seen as one checkpoint with sgm's names: each component's files are mapped
+    through `DIFFUSERS_COMPONENTS` as LazyTensors, and a tensor is read (and stacked or transposed where the
+    mapping says so) only when asked for."""
+
+    def __init__(self, folder):
+        self.tensors = {}  # sgm name -> LazyTensor
+        for sub, (prefix, to_sgm) in DIFFUSERS_COMPONENTS.items():
+            comp = os.path.join(folder, sub)
+            if not os.path.isdir(comp):
+                raise WeightFileError(f"{folder}: diffusers folder without {sub}/ (SDXL base needs unet, vae, "
+                                      "text_encoder and text_encoder_2).")
+            state = {}
+            for file in map(SafetensorsFile, safetensors_files(comp)):
+                state.update({name: LazyTensor(shape, functools.partial(file.read, name))
+                              for name, shape in file.shapes().items()})
+            try:
+                mapped = to_sgm(state)
+            except KeyError as e:
+                raise WeightFileError(f"{comp}: not an SDXL {sub} (missing key {e}).") from None
+            self.tensors.update({prefix + k: v for k, v in mapped.items()})
+
+    def shapes(self):
+        return {name: tensor.shape for name, tensor in self.tensors.items()}
+
+    def read(self, name):
+        return self.tensors[name].load()
+
+
+def open_weights(path):
+    """The checkpoint at `path` (single file, .ckpt or diffusers folder) as an object with `shapes()`
+    ({sgm name: shape}, from headers) and `read(name)` (one tensor as a numpy array)."""
+    return {"safetensors": SafetensorsFile, "ckpt": CkptFile, "diffusers": DiffusersFolder}[weight_format(path)](path)
 
 
 def read_shapes(path):
-    """{sgm name: shape} of a checkpoint, from headers only (for ckpt files the data is read)."""
-    fmt = weight_format(path)
-    if fmt == "safetensors":
-        return {k: shape for k, (_, shape) in read_safetensors_header(path).items()}
-    if fmt == "ckpt":
-        return {k: tuple(v.shape) for k, v in _load_ckpt(path).items()}
-    shapes = {}
-    for state, _ in _diffusers_mapped(path, shapes_only=True):
-        shapes.update({k: tuple(v.shape) for k, v in state.items()})
-    return shapes
-
-
-def _load_ckpt(path):
-    import mindspore as ms
-
-    try:
-        return ms.load_checkpoint(path)
-    except Exception as e:
-        raise WeightFileError(f"{path}: cannot be read as a MindSpore checkpoint ({str(e).splitlines()[0]}).") from None
+    """{sgm name: shape} of a checkpoint, from headers only (no tensor data is read)."""
+    return open_weights(path).shapes()
 
 
 # ----------------------------------------------------------------------------------------------- checking
@@ -223,46 +356,22 @@ def check_shapes(expected, found, path):
 
 
 def load_weights(model, path):
-    """Load `path` (single file, diffusers folder or .ckpt) into `model`, strictly, streaming tensors.
+    """Load `path` (single file, diffusers folder or .ckpt) into `model`, strictly, one tensor at a time.
 
-    Names and shapes are checked for the whole model before any tensor is copied.
+    Names and shapes are checked for the whole model before any tensor is read. Each tensor is read from the
+    file, converted to its parameter's dtype and stored, so the peak is the model plus its largest tensor.
     """
     from mindspore import Tensor
 
     params = dict(model.parameters_and_names())
-    expected = {k: tuple(p.shape) for k, p in params.items()}
-    fmt = weight_format(path)
-    ckpt = _load_ckpt(path) if fmt == "ckpt" else None  # a .ckpt has no header: read it once, whole
-    check_shapes(expected, read_shapes(path) if ckpt is None else {k: tuple(v.shape) for k, v in ckpt.items()}, path)
-
-    def assign(name, array):
-        params[name].set_data(Tensor(np.ascontiguousarray(array), dtype=params[name].dtype))
-
-    if fmt == "safetensors":
-        with _safe_open(path) as f:
-            for name in expected:
-                assign(name, safetensors_tensor(f, path, name))
-    elif fmt == "ckpt":
-        for name in expected:
-            assign(name, ckpt.pop(name).asnumpy())
-    else:
-        for state, _ in _diffusers_mapped(path, shapes_only=False):
-            for name, array in state.items():
-                assign(name, array)
+    weights = open_weights(path)
+    check_shapes({k: tuple(p.shape) for k, p in params.items()}, weights.shapes(), path)
+    for name, param in params.items():
+        param.set_data(Tensor(np.ascontiguousarray(weights.read(name)), dtype=param.dtype))
     return model
 
 
 def read_state_dict(path):
     """The whole checkpoint as {sgm name: np.ndarray} (for conversion), extras dropped."""
-    fmt = weight_format(path)
-    if fmt == "safetensors":
-        read_safetensors_header(path)
-        with _safe_open(path) as f:
-            state = {k: safetensors_tensor(f, path, k) for k in f.keys()}
-    elif fmt == "ckpt":
-        state = {k: v.asnumpy() for k, v in _load_ckpt(path).items()}
-    else:
-        state = {}
-        for part, _ in _diffusers_mapped(path, shapes_only=False):
-            state.update(part)
-    return {k: v for k, v in state.items() if k not in NON_WEIGHT_KEYS}
+    weights = open_weights(path)
+    return {name: weights.read(name) for name in weights.shapes() if name not in NON_WEIGHT_KEYS}

@@ -1,7 +1,8 @@
-"""Loading a flat {name: numpy array} state dict into a MindSpore cell, strictly.
+"""Strict name and shape checks of weights against a MindSpore cell, and loading a flat {name: numpy array}
+state dict into one (tests and components).
 
-Every loader in `gm.weights` ends here, so a missing, unexpected or mis-shaped key is reported the
-same way everywhere and nothing is dropped silently.
+`compare_shapes` is what every loader checks with (`gm.weights.loader.load_weights` included), so a missing,
+unexpected or mis-shaped key is reported the same way everywhere and nothing is dropped silently.
 """
 import numpy as np
 

@@ -123,7 +123,7 @@ class CLIPTextEmbeddings(nn.Cell):
         self.position_embedding = Embedding(max_length, width, std=0.01)
 
     def construct(self, input_ids):
-        return self.token_embedding(input_ids) + self.position_embedding.weight[: input_ids.shape[1]]
+        return self.token_embedding(input_ids) + self.position_embedding.weight[: input_ids.shape[1]].astype(ms.float32)
 
 
 class CLIPAttention(nn.Cell):
@@ -285,7 +285,7 @@ class OpenCLIPTextModel(nn.Cell):
 
     def construct(self, input_ids):
         length = input_ids.shape[1]
-        x = (self.token_embedding(input_ids) + self.positional_embedding[:length]).astype(self.dtype)
+        x = (self.token_embedding(input_ids) + self.positional_embedding[:length].astype(ms.float32)).astype(self.dtype)
         mask = self.mask[:, :, :length, :length]
         penultimate = x
         for block in self.transformer.resblocks:
