@@ -127,3 +127,34 @@ def test_downsample_trains_in_graph_mode_past_the_pad_gradient_freeze(root):
 def test_right_bottom_pad_matches_numpy():
     x = np.random.default_rng(0).standard_normal((2, 3, 5, 4)).astype(np.float32)
     np.testing.assert_array_equal(pad_right_bottom(Tensor(x)).asnumpy(), np.pad(x, ((0, 0), (0, 0), (0, 1), (0, 1))))
+
+
+def test_banded_convolution_equals_whole(tiny_sdxl, root):
+    """Large convolutions on the CPU run in bands of output rows (the full-size VAE's 128-channel layers at
+    1024 px would unfold 4.8 GB at once): with a band budget small enough that every 3x3 convolution of the tiny
+    VAE is split, encoding and decoding equal the whole-image computation (the bands tile the convolution, so
+    there are no seams to hide), and a banded stride-2 / stride-1 convolution equals torch's."""
+    from gm.modules.layers import Conv2d
+
+    state = vae_diffusers_to_sgm(tiny_sdxl.diffusers_state("vae"))
+    whole, banded = (load_state_dict_into(instantiate_from_config(first_stage_config(root, "sd_xl_tiny.yaml")),
+                                          state, "tiny VAE") for _ in range(2))
+    convs = [cell for _, cell in banded.cells_and_names() if isinstance(cell, Conv2d) and cell.kernel_size == 3]
+    for conv in convs:
+        conv.band_bytes = 2048  # a few output rows per band at 64 px
+    image = np.random.default_rng(3).uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32)
+    z = np.random.default_rng(4).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(banded.encode_moments(Tensor(image)).asnumpy(),
+                               whole.encode_moments(Tensor(image)).asnumpy(), rtol=0, atol=1e-5)
+    decoded = banded.decode(Tensor(z)).asnumpy()
+    np.testing.assert_allclose(decoded, whole.decode(Tensor(z)).asnumpy(), rtol=0, atol=1e-5)
+    assert np.abs(decoded).max() > 0.1
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 6, 13, 11)).astype(np.float32)
+    for stride, padding in ((1, 1), (2, 0), (2, 1)):
+        conv = Conv2d(6, 5, 3, stride=stride, padding=padding)
+        conv.band_bytes = 6 * 9 * 4 * 2  # two output rows per band at most
+        expected = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(conv.weight.asnumpy()),
+                                              torch.from_numpy(conv.bias.asnumpy()), stride, padding).numpy()
+        np.testing.assert_allclose(conv(Tensor(x)).asnumpy(), expected, rtol=1e-4, atol=1e-5)

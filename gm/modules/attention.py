@@ -2,10 +2,13 @@
 
 Parameter names follow sgm's `sgm/modules/attention.py`, so the original checkpoint's keys
 (`...transformer_blocks.0.attn1.to_q.weight`, `...ff.net.0.proj.weight`, ...) load as they are.
+Layout changes go through the products' transpose flags, not Transpose kernels (see `gm.modules.layers`).
 """
 from mindspore import nn
 
-from gm.modules.layers import GroupNorm, LayerNorm, Linear, attention, default_attention_impl, gelu, zero_module
+from gm.modules.layers import (
+    GroupNorm, LayerNorm, Linear, default_attention_impl, gelu, projected_attention, zero_module,
+)
 
 
 class GEGLU(nn.Cell):
@@ -47,10 +50,8 @@ class CrossAttention(nn.Cell):
         self.to_out = nn.SequentialCell([Linear(inner_dim, query_dim)])
 
     def construct(self, x, context=None):
-        if context is None:
-            context = x
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.attn_impl)
-        return self.to_out(out)
+        return projected_attention(x, context, self.to_q, self.to_k, self.to_v, self.to_out[0], self.heads,
+                                   self.attn_impl)
 
 
 class BasicTransformerBlock(nn.Cell):
@@ -88,9 +89,7 @@ class SpatialTransformer(nn.Cell):
     def construct(self, x, context=None):
         b, c, h, w = x.shape
         x_in = x
-        x = self.norm(x).reshape(b, c, h * w).transpose(0, 2, 1)
-        x = self.proj_in(x)
+        x = self.proj_in.from_columns(self.norm(x).reshape(b, c, h * w))  # [B, C, HW] -> tokens [B, HW, inner]
         for block in self.transformer_blocks:
             x = block(x, context)
-        x = self.proj_out(x)
-        return x.transpose(0, 2, 1).reshape(b, c, h, w) + x_in
+        return self.proj_out.to_columns(x).reshape(b, c, h, w) + x_in

@@ -3,14 +3,29 @@ original SDXL checkpoint keys load as they are, and whose kernels are chosen per
 in one place:
 
 - convolution: MindSpore's native CPU conv2d is ~80x slower than an im2col (`ops.unfold`) +
-  matmul formulation on x86 (see ../shared/notes/mindspore-on-cpu.md), so CPU uses im2col and
-  Ascend/GPU use the native op;
-- attention: plain softmax(QK^T/sqrt(d))V everywhere, or the fused flash-attention kernel on Ascend.
+  matmul formulation on x86 (oneDNN picks a slow kernel for plain NCHW tensors), so CPU uses im2col and
+  Ascend/GPU use the native op. Its backward is MindSpore's own: when the weight is not differentiated
+  (textual inversion differentiates only the learned embedding rows), the graph drops the weight-gradient
+  branch and with it the unfolded input columns, so the backward keeps no more than a native convolution's
+  (measured: a stack of 8 convolutions, 320 channels at 64x64, keeps 0.03 GB for an input gradient and
+  0.35 GB, the columns, for a weight gradient);
+- attention: the fused flash-attention kernel on Ascend; elsewhere softmax(QK^T/sqrt(d))V, computed in query
+  chunks whose backward computes the probabilities again instead of keeping them. Autodiff keeps each
+  attention's [B, heads, L, L] probabilities (0.67 GB for one of SDXL's 64x64 self-attentions at 1024 px) and,
+  through the softmax gradient's broadcasting kernels, about four times more (measured per 10-head attention over
+  1024 tokens, probabilities 0.04 GB: 0.26 GB kept by autodiff, 0.06 GB by `ChunkedAttention`).
 
 Matrix products go through `MatMul` / `BatchMatMul` with their transpose flags rather than `ops.matmul` on a
 transposed or broadcast operand: the latter materialises a transposed (or per-sample) copy of every weight in the
 forward pass, and a graph keeps those copies alive until the backward pass has used them: for a frozen SDXL, more
 memory than the weights themselves.
+
+The same flags replace layout changes: on CPU every `Transpose` kernel (whichever API: `Tensor.transpose`,
+`ops.permute`, `swapaxes`) keeps about twice its output's size allocated for the life of the compiled graph, and
+the UNet's attention head splits and token <-> feature-map layouts would be hundreds of them (an estimated 10 GB at
+1024 px). So the UNet's attention runs "heads first": projections computed as W x^T give [B, H*D, L], whose
+reshape to [B, H, D, L] moves nothing, and every product takes its operands' transposes by flag
+(`Linear.to_columns` / `Linear.from_columns`, `projected_attention`, `ChunkedAttention`).
 """
 import math
 
@@ -23,8 +38,11 @@ from mindspore.common.initializer import HeUniform, Uniform, initializer
 
 _matmul = ops.MatMul()
 _matmul_transpose_b = ops.MatMul(transpose_b=True)
+_matmul_transpose_ab = ops.MatMul(transpose_a=True, transpose_b=True)
 _batch_matmul = ops.BatchMatMul()
+_batch_matmul_transpose_a = ops.BatchMatMul(transpose_a=True)
 _batch_matmul_transpose_b = ops.BatchMatMul(transpose_b=True)
+_softmax = ops.Softmax(-1)
 
 
 def on_cpu():
@@ -39,6 +57,11 @@ def default_conv_impl():
 def default_attention_impl():
     """`"flash"` (fused kernel) on Ascend, `"vanilla"` elsewhere."""
     return "flash" if ms.get_context("device_target") == "Ascend" else "vanilla"
+
+
+# The most unfolded input (im2col columns) one convolution holds at once on the CPU: larger ones run in bands of
+# output rows. The full-size VAE's 128-channel 3x3 layers at 1024 px would otherwise unfold 4.8 GB at once.
+IM2COL_BAND_BYTES = 256 * 2 ** 20
 
 
 class Conv2d(nn.Cell):
@@ -58,6 +81,7 @@ class Conv2d(nn.Cell):
         )
         bound = 1 / math.sqrt(fan_in)
         self.bias = Parameter(initializer(Uniform(bound), (out_channels,), ms.float32), name="bias") if bias else None
+        self.band_bytes = IM2COL_BAND_BYTES
 
     def construct(self, x):
         if self.impl == "native":
@@ -81,13 +105,39 @@ class Conv2d(nn.Cell):
             return y.reshape(self.out_channels, n, h, w).transpose(1, 0, 2, 3)
         h_out = (h + 2 * p - k) // s + 1
         w_out = (w + 2 * p - k) // s + 1
+        rows_per_band = max(1, self.band_bytes // (c * k * k * w_out * (4 if x.dtype == ms.float32 else 2)))
         # One 2-D product per sample: a batched product would broadcast (copy) the weight to every sample.
         outputs = []
         for i in range(n):
-            cols = ops.unfold(x if n == 1 else x[i:i + 1], k, 1, p, s)  # [1, c*k*k, h_out*w_out]
-            outputs.append(_matmul(weight, cols.reshape(c * k * k, h_out * w_out)))
+            image = x if n == 1 else x[i:i + 1]
+            if h_out <= rows_per_band:
+                cols = ops.unfold(image, k, 1, p, s)  # [1, c*k*k, h_out*w_out]
+                outputs.append(_matmul(weight, cols.reshape(c * k * k, h_out * w_out)))
+            else:
+                outputs.append(self._im2col_bands(image, weight, h_out, w_out, rows_per_band))
         y = outputs[0] if n == 1 else ops.stack(outputs)
         return y.reshape(n, self.out_channels, h_out, w_out)
+
+    def _im2col_bands(self, image, weight, h_out, w_out, rows_per_band):
+        """One image's [out, h_out*w_out] computed band by band of output rows, so that only one band's unfolded
+        input exists at a time; the bands tile the output exactly (no overlap, no seams)."""
+        c = image.shape[1]
+        k, s, p = self.kernel_size, self.stride, self.padding
+        if p:  # pad once (concatenations: ops.pad's CPU gradient freezes compiled graphs), then bands unpadded
+            n, _, h, w = image.shape
+            side = ops.zeros((n, c, h, p), image.dtype)
+            image = ops.concat((side, image, side), 3)
+            top = ops.zeros((n, c, p, w + 2 * p), image.dtype)
+            image = ops.concat((top, image, top), 2)
+        bands, previous = [], None
+        for first in range(0, h_out, rows_per_band):
+            rows = min(rows_per_band, h_out - first)
+            band = image[:, :, first * s:first * s + (rows - 1) * s + k]
+            if previous is not None:
+                band = ops.depend(band, previous)  # in order: the runtime would otherwise unfold every band at once
+            previous = _matmul(weight, ops.unfold(band, k, 1, 0, s).reshape(c * k * k, rows * w_out))
+            bands.append(previous)
+        return ops.concat(bands, 1)
 
 
 class Linear(nn.Cell):
@@ -105,6 +155,28 @@ class Linear(nn.Cell):
         if self.bias is not None:
             y = ops.bias_add(y, self.bias.astype(y.dtype))
         return y.reshape(shape[:-1] + (y.shape[-1],))
+
+    def to_columns(self, x):
+        """[B, L, in] -> [B, out, L] (the output transposed, by the product's flag: no Transpose kernel).
+
+        One 2-D product per sample: a batched product would copy the weight to every sample."""
+        weight = self.weight.astype(x.dtype)
+        outs = [_matmul_transpose_b(weight, x[i]).reshape(1, weight.shape[0], x.shape[1]) for i in range(x.shape[0])]
+        y = outs[0] if len(outs) == 1 else ops.cat(outs)
+        if self.bias is not None:
+            y = ops.bias_add(y, self.bias.astype(y.dtype))
+        return y
+
+    def from_columns(self, x):
+        """[B, in, L] -> [B, L, out] (the input transposed, by the product's flag), one 2-D product per sample."""
+        weight = self.weight.astype(x.dtype)
+        outs = []
+        for i in range(x.shape[0]):
+            y = _matmul_transpose_ab(x[i], weight)
+            if self.bias is not None:
+                y = ops.bias_add(y, self.bias.astype(y.dtype))
+            outs.append(y)
+        return outs[0].reshape((1,) + outs[0].shape) if len(outs) == 1 else ops.stack(outs)
 
 
 class GroupNorm(nn.Cell):
@@ -157,14 +229,23 @@ class LayerNorm(nn.Cell):
 
 
 def attention(q, k, v, num_heads, impl="vanilla", mask=None):
-    """Multi-head scaled dot-product attention.
+    """Multi-head scaled dot-product attention in token layout (the text encoders', the VAE's).
 
     q: [B, Lq, H*D], k, v: [B, Lk, H*D] -> [B, Lq, H*D]. `mask` (optional) is additive, broadcastable
-    to [B, H, Lq, Lk] (e.g. CLIP's causal mask). `impl="flash"` uses Ascend's fused kernel.
+    to [B, H, Lq, Lk] (e.g. CLIP's causal mask). `impl="flash"` uses Ascend's fused kernel; `"vanilla"` without a
+    mask is `ChunkedAttention` (probabilities recomputed in the backward); with a mask (CLIP's 77 tokens, whose
+    probabilities are small) it is plain autodiff. The head split costs Transpose kernels: the UNet, where they
+    add up, uses `projected_attention`.
     """
     b, lq, inner = q.shape
     lk = k.shape[1]
     d = inner // num_heads
+    if impl != "flash" and mask is None:
+        q = q.reshape(b, lq, num_heads, d).transpose(0, 2, 3, 1) * (1.0 / math.sqrt(d))
+        k = k.reshape(b, lk, num_heads, d).transpose(0, 2, 3, 1)
+        v = v.reshape(b, lk, num_heads, d).transpose(0, 2, 3, 1)
+        out = _chunked_attention(q, k, v)
+        return out.transpose(0, 3, 1, 2).reshape(b, lq, inner)
     q = q.reshape(b, lq, num_heads, d).transpose(0, 2, 1, 3)
     k = k.reshape(b, lk, num_heads, d).transpose(0, 2, 1, 3)
     v = v.reshape(b, lk, num_heads, d).transpose(0, 2, 1, 3)
@@ -174,12 +255,103 @@ def attention(q, k, v, num_heads, impl="vanilla", mask=None):
             scalar_value=1.0 / math.sqrt(d), input_layout="BNSD",
         )
     else:
-        scores = _batch_matmul_transpose_b(q * (1.0 / math.sqrt(d)), k)
-        if mask is not None:
-            scores = scores + mask.astype(scores.dtype)
-        probs = ops.softmax(scores.astype(ms.float32), -1).astype(v.dtype)
+        scores = _batch_matmul_transpose_b(q * (1.0 / math.sqrt(d)), k) + mask.astype(q.dtype)
+        probs = _softmax(scores.astype(ms.float32)).astype(v.dtype)
         out = _batch_matmul(probs, v)
     return out.transpose(0, 2, 1, 3).reshape(b, lq, inner)
+
+
+def projected_attention(x, context, to_q, to_k, to_v, to_out, num_heads, impl="vanilla"):
+    """to_out(attention(to_q(x), to_k(context), to_v(context))) for the UNet: x [B, Lq, C], context [B, Lk, C']
+    (x itself when None), `to_*` `Linear` cells -> [B, Lq, C_out].
+
+    `"vanilla"` runs heads first without a Transpose kernel: q^T, k^T, v^T as [B, H, D, L] (`Linear.to_columns`),
+    `ChunkedAttention` on them, and the output projection reads [B, H*D, Lq] through its flag. `"flash"` (Ascend,
+    where transposes are cheap) keeps the token layout.
+    """
+    if context is None:
+        context = x
+    if impl == "flash":
+        return to_out(attention(to_q(x), to_k(context), to_v(context), num_heads, impl))
+    q, k, v = to_q.to_columns(x), to_k.to_columns(context), to_v.to_columns(context)
+    b, inner, lq = q.shape
+    lk = k.shape[2]
+    d = inner // num_heads
+    q = q.reshape(b, num_heads, d, lq) * (1.0 / math.sqrt(d))
+    out = _chunked_attention(q, k.reshape(b, num_heads, d, lk), v.reshape(b, num_heads, d, lk))
+    return to_out.from_columns(out.reshape(b, inner, lq))
+
+
+# Score elements [B, H, rows, Lk] one query chunk of `ChunkedAttention` may hold: 128 MB in fp32. Its backward holds
+# about four such blocks at a time (scores/probabilities, their gradient, products).
+ATTENTION_CHUNK_ELEMENTS = 2 ** 25
+
+
+def query_chunks(batch, heads, lq, lk):
+    """[(start, end)] of near-equal query chunks with at most ATTENTION_CHUNK_ELEMENTS scores each (at least 1 row)."""
+    rows = ATTENTION_CHUNK_ELEMENTS // (batch * heads * lk)
+    if rows < 1:
+        rows = 1
+    count = (lq + rows - 1) // rows
+    size = (lq + count - 1) // count
+    bounds = []
+    for start in range(0, lq, size):
+        end = start + size
+        if end > lq:
+            end = lq
+        bounds.append((start, end))
+    return bounds
+
+
+class ChunkedAttention(nn.Cell):
+    """Attention heads first: q, k, v as [B, H, D, L] (q already scaled by 1/sqrt(D)) -> the output [B, H, D, Lq],
+    i.e. (softmax(Q K^T) V)^T with Q = q^T etc., one query chunk after the other; every product takes its
+    transposes by flag.
+
+    Its backward (`bprop`) keeps only q, k, v and the output, and computes each chunk's probabilities again from q
+    and k: autodiff would keep every attention's [B, H, Lq, Lk] probabilities (and more) from the forward pass
+    to the backward pass. Per chunk, with P = softmax(Q K^T) and dO the output gradient:
+    dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K, dK = dS^T Q (here each transposed).
+    """
+
+    def construct(self, q, k, v):
+        b, h, _, lq = q.shape
+        outs = []
+        for start, end in query_chunks(b, h, lq, k.shape[3]):
+            q_chunk = q[:, :, :, start:end]
+            if outs:  # one chunk after the other, so that they share the score memory
+                q_chunk = ops.depend(q_chunk, outs[-1])
+            probs = _softmax(_batch_matmul_transpose_a(q_chunk, k).astype(ms.float32)).astype(v.dtype)
+            outs.append(_batch_matmul_transpose_b(v, probs))
+        return outs[0] if len(outs) == 1 else ops.cat(outs, 3)
+
+    def bprop(self, q, k, v, out, dout):
+        b, h, _, lq = q.shape
+        dq_chunks = []
+        dk = None
+        dv = None
+        for start, end in query_chunks(b, h, lq, k.shape[3]):
+            # After dout (then after the previous chunk): without the dependency the graph would merge this
+            # product with the forward pass's identical one, and keep the forward's scores until here.
+            q_chunk = ops.depend(q[:, :, :, start:end], dq_chunks[-1] if dq_chunks else dout)
+            dout_chunk = dout[:, :, :, start:end]
+            probs = _softmax(_batch_matmul_transpose_a(q_chunk, k).astype(ms.float32))  # [B, H, rows, Lk]
+            dprobs = _batch_matmul_transpose_a(dout_chunk, v).astype(ms.float32)
+            row_dot = (dout_chunk.astype(ms.float32) * out[:, :, :, start:end].astype(ms.float32)).sum(2)
+            # row_dot broadcast by its own op: a broadcasting Sub's CPU kernel keeps about four times its output
+            # for the life of the graph, per attention and chunk
+            row_dot = ops.broadcast_to(row_dot.reshape(b, h, end - start, 1), dprobs.shape)
+            dscores = (probs * (dprobs - row_dot)).astype(q.dtype)
+            dv_chunk = _batch_matmul(dout_chunk, probs.astype(v.dtype))
+            dk_chunk = _batch_matmul(q_chunk, dscores)
+            dv = dv_chunk if dv is None else dv + dv_chunk
+            dk = dk_chunk if dk is None else dk + dk_chunk
+            dq_chunks.append(_batch_matmul_transpose_b(k, dscores))
+        dq = dq_chunks[0] if len(dq_chunks) == 1 else ops.cat(dq_chunks, 3)
+        return dq, dk, dv
+
+
+_chunked_attention = ChunkedAttention()
 
 
 def zero_module(cell):

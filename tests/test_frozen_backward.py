@@ -1,0 +1,309 @@
+"""The backward pass of a frozen model (textual inversion: input gradients only) against PyTorch, and what it keeps.
+
+- convolution: the im2col convolution's input gradient (weights frozen) and, for training, its weight gradient
+  equal torch's; with the weight frozen the graph keeps none of the unfolded input columns.
+- attention: `ChunkedAttention` (probabilities recomputed in the backward, query chunk by query chunk) equals torch
+  and the plain autodiff path, forward and gradients, and keeps far less than the plain path.
+- the tiny UNet's gradient with respect to its text context equals diffusers'.
+- the UNet's transformer changes layouts through its products' transpose flags: it keeps far less than the same
+  blocks with Transpose kernels.
+"""
+import subprocess
+import sys
+import textwrap
+
+import mindspore as ms
+import numpy as np
+import pytest
+import torch
+from mindspore import Tensor
+
+from gm.modules import layers
+from gm.modules.layers import Conv2d, attention
+
+
+def assert_close(ours, expected, rel=1e-4):
+    """Max absolute difference within `rel` of the expected array's largest magnitude."""
+    expected = np.asarray(expected)
+    assert ours.shape == expected.shape
+    scale = np.abs(expected).max()
+    assert scale > 0
+    assert np.abs(ours - expected).max() <= rel * scale, (np.abs(ours - expected).max(), scale)
+
+
+def make_conv(weight, bias, stride, padding, trainable):
+    out_channels, in_channels, kernel, _ = weight.shape
+    conv = Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding)
+    assert conv.impl == "im2col"
+    conv.weight.set_data(Tensor(weight))
+    conv.bias.set_data(Tensor(bias))
+    for param in conv.get_parameters():
+        param.requires_grad = trainable
+    return conv
+
+
+CONV_CASES = [  # batch, in, out, height, width, kernel, stride, padding
+    (1, 4, 6, 8, 8, 3, 1, 1),
+    (2, 4, 6, 7, 9, 3, 1, 1),
+    (1, 4, 6, 8, 8, 3, 2, 1),  # the UNet's Downsample, even size
+    (2, 4, 6, 9, 7, 3, 2, 1),  # odd sizes: the last row and column are in no window's last position
+    (2, 4, 6, 9, 8, 3, 2, 0),  # the VAE's Downsample (after its own right/bottom pad)
+    (1, 4, 6, 5, 5, 1, 1, 0),
+    (2, 4, 6, 5, 5, 1, 1, 0),
+]
+
+
+@pytest.mark.parametrize("batch, cin, cout, height, width, kernel, stride, padding", CONV_CASES)
+def test_frozen_conv_input_gradient_matches_torch(batch, cin, cout, height, width, kernel, stride, padding):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, cin, height, width)).astype(np.float32)
+    weight = rng.standard_normal((cout, cin, kernel, kernel)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    conv = make_conv(weight, bias, stride, padding, trainable=False)
+    x_t = torch.tensor(x, requires_grad=True)
+    y_t = torch.nn.functional.conv2d(x_t, torch.tensor(weight), torch.tensor(bias), stride, padding)
+    upstream = rng.standard_normal(tuple(y_t.shape)).astype(np.float32)
+    (y_t * torch.tensor(upstream)).sum().backward()
+
+    def loss(x):
+        return (conv(x) * Tensor(upstream)).sum()
+
+    assert_close(conv(Tensor(x)).asnumpy(), y_t.detach().numpy())
+    assert_close(ms.jit(ms.grad(loss, grad_position=0))(Tensor(x)).asnumpy(), x_t.grad.numpy())
+
+
+@pytest.mark.parametrize("stride, padding", [(1, 1), (2, 1)])
+def test_trainable_conv_gets_weight_gradients(stride, padding):
+    """The same Conv2d trains weights (tools/pretrain_tiny_sdxl.py): weight and bias gradients equal torch's."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 7, 8)).astype(np.float32)
+    weight = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(5).astype(np.float32)
+    conv = make_conv(weight, bias, stride, padding, trainable=True)
+    w_t, b_t = torch.tensor(weight, requires_grad=True), torch.tensor(bias, requires_grad=True)
+    y_t = torch.nn.functional.conv2d(torch.tensor(x), w_t, b_t, stride, padding)
+    upstream = rng.standard_normal(tuple(y_t.shape)).astype(np.float32)
+    (y_t * torch.tensor(upstream)).sum().backward()
+
+    def loss(x):
+        return (conv(x) * Tensor(upstream)).sum()
+
+    grads = ms.jit(ms.grad(loss, grad_position=None, weights=conv.trainable_params()))(Tensor(x))
+    assert [p.name for p in conv.trainable_params()] == ["weight", "bias"]
+    assert_close(grads[0].asnumpy(), w_t.grad.numpy())
+    assert_close(grads[1].asnumpy(), b_t.grad.numpy())
+
+
+def heads_layout(a, heads):
+    """[B, L, H*D] -> torch [B, H, L, D]."""
+    b, length, inner = a.shape
+    return torch.tensor(a.reshape(b, length, heads, inner // heads).transpose(0, 2, 1, 3), requires_grad=True)
+
+
+@pytest.mark.parametrize("lq, lk, chunk_elements, chunks",
+                         [(37, 37, 2 ** 25, 1), (100, 77, 2 * 3 * 77 * 13, 8), (50, 50, 1, 50)])
+def test_chunked_attention_matches_torch_and_autodiff(monkeypatch, lq, lk, chunk_elements, chunks):
+    """One chunk; uneven chunks (13 query rows, the last 9); one query row per chunk."""
+    monkeypatch.setattr(layers, "ATTENTION_CHUNK_ELEMENTS", chunk_elements)  # read when the graph is built
+    heads, dim = 3, 16
+    assert len(layers.query_chunks(2, heads, lq, lk)) == chunks
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((2, lq, heads * dim)).astype(np.float32)
+    k, v = (rng.standard_normal((2, lk, heads * dim)).astype(np.float32) for _ in range(2))
+    upstream = rng.standard_normal((2, lq, heads * dim)).astype(np.float32)
+
+    def chunked(q, k, v):
+        return (attention(q, k, v, heads) * Tensor(upstream)).sum()
+
+    def plain(q, k, v):  # a mask takes the plain autodiff path
+        return (attention(q, k, v, heads, mask=ms.ops.zeros((1, 1, 1, lk), ms.float32)) * Tensor(upstream)).sum()
+
+    tq, tk, tv = (heads_layout(a, heads) for a in (q, k, v))
+    out_t = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
+    out_t = out_t.transpose(1, 2).reshape(2, lq, heads * dim)
+    (out_t * torch.tensor(upstream)).sum().backward()
+    expected = [t.grad.transpose(1, 2).reshape(2, -1, heads * dim).numpy() for t in (tq, tk, tv)]
+
+    def forward(q, k, v):
+        return attention(q, k, v, heads)
+
+    inputs = [Tensor(a) for a in (q, k, v)]
+    assert_close(ms.jit(forward)(*inputs).asnumpy(), out_t.detach().numpy())
+    ours = ms.jit(ms.grad(chunked, grad_position=(0, 1, 2)))(*inputs)
+    autodiff = ms.jit(ms.grad(plain, grad_position=(0, 1, 2)))(*inputs)
+    for grad, grad_plain, grad_torch in zip(ours, autodiff, expected):
+        assert_close(grad.asnumpy(), grad_torch)
+        assert_close(grad.asnumpy(), grad_plain.asnumpy())
+
+
+def test_unet_context_gradient_matches_diffusers(tiny_sdxl, tiny_model):
+    """Textual inversion's gradient path: the frozen tiny UNet's gradient with respect to the text context."""
+    from reference import sgm_vector
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    t = np.array([10.0, 999.0], np.float32)
+    context = rng.standard_normal((2, 77, 96)).astype(np.float32)
+    pooled = rng.standard_normal((2, 64)).astype(np.float32)
+    time_ids = np.array([[1024, 768, 0, 16, 1024, 1024], [512, 512, 32, 8, 768, 1024]], np.float32)
+    upstream = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+
+    context_t = torch.tensor(context, requires_grad=True)
+    cond = dict(text_embeds=torch.tensor(pooled), time_ids=torch.tensor(time_ids))
+    out_t = tiny_sdxl.unet(torch.tensor(x), torch.tensor(t), context_t, added_cond_kwargs=cond).sample
+    (out_t * torch.tensor(upstream)).sum().backward()
+
+    unet = tiny_model.model.diffusion_model
+    vector = Tensor(sgm_vector(pooled, time_ids))
+
+    def loss(context):  # no weights differentiated, as in textual inversion
+        return (unet(Tensor(x), Tensor(t), context, vector) * Tensor(upstream)).sum()
+
+    grad = ms.jit(ms.grad(loss, grad_position=0))(Tensor(context)).asnumpy()
+    assert_close(grad, context_t.grad.numpy(), rel=1e-3)
+
+
+PEAK_PROGRAM = """
+import sys
+sys.path.insert(0, {root!r})
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops
+from gm.modules import layers
+ms.set_context(mode=ms.GRAPH_MODE)
+ms.set_device("CPU")
+{body}
+def rss(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+before = rss("VmRSS")
+out = fn(*args)
+(out[0] if isinstance(out, tuple) else out).asnumpy()
+print("peak", rss("VmHWM") - before)
+"""
+
+
+def peak_mb(root, folder, body):
+    """Peak resident memory (MB) of one call of `fn(*args)` defined by `body`, above the memory before the call,
+    in a fresh process (MindSpore's CPU pool never gives memory back); graph mode compiles only from a file."""
+    program = folder / f"peak_{len(list(folder.iterdir()))}.py"
+    program.write_text(PEAK_PROGRAM.format(root=root, body=textwrap.dedent(body)))
+    result = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, timeout=600)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("peak")]
+    assert lines, result.stderr[-3000:]
+    return float(lines[-1].split()[1])
+
+
+CONV_STACK = """
+convs = [layers.Conv2d(128, 128, 3, padding=1) for _ in range(8)]
+
+class Net(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.CellList(convs)
+
+    def construct(self, x):
+        for conv in self.convs:
+            x = conv(x)
+        return (x * x).sum()
+
+net = Net()
+for param in net.get_parameters():
+    param.requires_grad = {trainable}
+args = (ms.Tensor(np.random.default_rng(0).standard_normal((1, 128, 64, 64)).astype(np.float32) * 0.1),)
+fn = ms.jit(ms.grad(net, grad_position=0, weights={weights}))
+"""
+
+
+def test_frozen_conv_backward_keeps_no_columns(root, tmp_path):
+    """8 convolutions whose unfolded columns are 18.9 MB each: an input gradient with frozen weights keeps none of
+    them (MindSpore drops the weight-gradient branch); a weight gradient must keep them all (151 MB)."""
+    input_grad = peak_mb(root, tmp_path, CONV_STACK.format(trainable=False, weights=None))
+    weight_grad = peak_mb(root, tmp_path, CONV_STACK.format(trainable=True, weights="net.trainable_params()"))
+    columns = 8 * 128 * 9 * 64 * 64 * 4 / 2 ** 20
+    assert weight_grad - input_grad > 0.6 * columns, (input_grad, weight_grad)
+
+
+ATTENTION_STACK = """
+class Block(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = (layers.Linear(640, 640) for _ in range(3))
+
+    def construct(self, x):
+        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        return layers.attention(q, k, v, 10{mask}) + x
+
+class Net(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.CellList([Block() for _ in range(4)])
+
+    def construct(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return (x * x).sum()
+
+net = Net()
+for param in net.get_parameters():
+    param.requires_grad = False
+args = (ms.Tensor(np.random.default_rng(0).standard_normal((1, 1024, 640)).astype(np.float32)),)
+fn = ms.jit(ms.grad(net, grad_position=0))
+"""
+
+
+def test_chunked_attention_backward_keeps_no_probabilities(root, tmp_path):
+    """4 self-attentions, 10 heads over 1024 tokens (probabilities 42 MB each): the plain autodiff path keeps several
+    probability-sized buffers per attention until the backward pass, ChunkedAttention none."""
+    chunked = peak_mb(root, tmp_path, ATTENTION_STACK.format(mask=""))
+    plain = peak_mb(root, tmp_path, ATTENTION_STACK.format(mask=", mask=ops.zeros((1, 1, 1, 1), ms.float32)"))
+    probabilities = 4 * 10 * 1024 * 1024 * 4 / 2 ** 20
+    assert plain - chunked > 2 * probabilities, (chunked, plain)
+
+
+TRANSFORMER_STACK = """
+from gm.modules import attention
+
+def transposing_cross_attention(self, x, context=None):  # the token layout, heads split by Transpose kernels
+    if context is None:
+        context = x
+    out = layers.attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+    return self.to_out(out)
+
+def transposing_spatial_transformer(self, x, context=None):
+    b, c, h, w = x.shape
+    tokens = self.proj_in(self.norm(x).reshape(b, c, h * w).transpose(0, 2, 1))
+    for block in self.transformer_blocks:
+        tokens = block(tokens, context)
+    return self.proj_out(tokens).transpose(0, 2, 1).reshape(b, c, h, w) + x
+
+if {transposing}:
+    attention.CrossAttention.construct = transposing_cross_attention
+    attention.SpatialTransformer.construct = transposing_spatial_transformer
+
+class Net(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.block = attention.SpatialTransformer(640, 10, 64, 2, 2048)
+
+    def construct(self, x, context):
+        return (self.block(x, context) ** 2).sum()
+
+net = Net()
+for param in net.get_parameters():
+    param.requires_grad = False
+rng = np.random.default_rng(0)
+args = (ms.Tensor(rng.standard_normal((2, 640, 32, 32)).astype(np.float32)),
+        ms.Tensor(rng.standard_normal((2, 77, 2048)).astype(np.float32)))
+fn = ms.jit(ms.grad(net, grad_position=(0, 1)))
+"""
+
+
+def test_transformer_layouts_keep_no_transposes(root, tmp_path):
+    """SDXL's 640-wide SpatialTransformer (depth 2, batch 2, 32x32), forward and input gradients: each CPU Transpose
+    kernel keeps twice its output for the life of the graph; heads-first products with transpose flags keep none
+    (measured: 786 MB against 1023 MB)."""
+    heads_first = peak_mb(root, tmp_path, TRANSFORMER_STACK.format(transposing=False))
+    transposing = peak_mb(root, tmp_path, TRANSFORMER_STACK.format(transposing=True))
+    assert heads_first < 0.85 * transposing, (heads_first, transposing)
