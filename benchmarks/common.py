@@ -101,15 +101,17 @@ def write_tokenizer(folder, pad_token):
                    "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, f)
 
 
-def write_zero_safetensors(path, shapes, dtype="F16"):
+def write_zero_safetensors(path, shapes, dtypes=None):
     """A safetensors file of these {name: shape}, all zeros, that costs no disk: the header is written and the
-    file extended to its full size as a sparse file (its data section is a hole, which reads as zeros)."""
+    file extended to its full size as a sparse file (its data section is a hole, which reads as zeros).
+    Tensors are F16 unless `dtypes` ({name: safetensors dtype}) says otherwise."""
     import struct
 
-    itemsize = {"F16": 2, "F32": 4}[dtype]
+    itemsizes = {"F16": 2, "F32": 4, "I64": 8}
     header, offset = {}, 0
     for name, shape in shapes.items():
-        size = int(np.prod(shape)) * itemsize
+        dtype = (dtypes or {}).get(name, "F16")
+        size = int(np.prod(shape)) * itemsizes[dtype]
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header).encode()

@@ -22,7 +22,7 @@ from gm.modules.diffusionmodules.sampling_utils import img2img_noised_input, ran
 from gm.textual_inversion.embedding_io import check_widths, load_embedding
 from gm.textual_inversion.placeholder import (add_placeholder_tokens, expand_placeholders, find_placeholders,
                                               placeholder_tokens)
-from gm.util import atomic_write, instantiate_from_config
+from gm.util import atomic_write, instantiate_from_config, release_free_memory
 
 SAMPLERS = {  # name -> sampler class in gm.modules.diffusionmodules.sampling
     "EulerEDM": "EulerEDMSampler",
@@ -302,6 +302,7 @@ class SDXLSampler:
                         progress(done + info["i"] + 1, total)
 
                 z = self.sample_latents(c, uc, sampler, height, width, seed + j, init_latents, on_step)
+                release_free_memory()  # what compiling the conditioner and UNet graphs freed, before the decoder's
                 images.append(to_uint8(self.decoder(z).asnumpy())[0])
                 if on_image is not None:
                     on_image(len(images) - 1, images[-1])

@@ -63,3 +63,13 @@ def test_benchmarks_choose_the_device_through_gm_device(monkeypatch):
     monkeypatch.setattr(gm.device, "set_device", lambda target="auto", ms_mode=0: asked.append(target) or "Ascend")
     common.set_mindspore_threads(2)
     assert asked == ["auto"]
+
+
+def test_flash_attention_only_where_its_dtype_and_head_size_allow():
+    import mindspore as ms
+
+    from gm.modules.layers import flash_attention_allowed
+
+    assert flash_attention_allowed(ms.float16, 10, 64) and flash_attention_allowed(ms.bfloat16, 20, 64)
+    assert not flash_attention_allowed(ms.float32, 10, 64)  # fp32 on Ascend: the plain path
+    assert not flash_attention_allowed(ms.float16, 4, 24) and not flash_attention_allowed(ms.float16, 1, 1024)

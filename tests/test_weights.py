@@ -4,7 +4,6 @@ model against the PyTorch reference; the real SDXL layout (names, shapes, publis
 headers alone; and what a user sees for weights that do not fit or are broken."""
 import json
 import os
-import struct
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ from diffusers import EulerDiscreteScheduler
 from mindspore import Tensor
 from safetensors.numpy import save_file
 
+from benchmarks.common import write_zero_safetensors
 from reference import (COMPONENTS, FULL, LOGIT_SCALE, POSITION_IDS, build, conditioner_batch, run_unet,
                        sdxl_conditioning, sgm_vector)
 from gm.models.loading import create_model, load_config, model_parameter_shapes
@@ -214,19 +214,8 @@ def test_full_config_equals_diffusers_sdxl(root):
 
 
 def write_header_only(path, shapes):
-    """A safetensors file with these {name: shape} (fp16; int64 position_ids) whose data is never written:
-    the header says where each tensor lies, the file is extended to its full size as a sparse file."""
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        dtype, itemsize = ("I64", 8) if name == POSITION_IDS else ("F16", 2)
-        size = int(np.prod(shape)) * itemsize
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(8 + len(raw) + offset)
+    """The checkpoint of these {name: shape} (fp16; int64 position_ids) as a sparse file: header only, no data."""
+    write_zero_safetensors(str(path), shapes, {POSITION_IDS: "I64"})
     return str(path)
 
 

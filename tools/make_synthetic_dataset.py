@@ -2,7 +2,7 @@
 
     python tools/make_synthetic_dataset.py --out datasets/synthetic_toy --num_images 8 --size 256
 
-The toy is always the same (a red star with a yellow ring and a blue cap); its position, size, rotation and the
+The toy is always the same (a red star with a yellow ring and a blue dot); its position, size, rotation and the
 background (plain, gradient, stripes, checks, dots) vary, as in a real textual-inversion set, so the only thing
 common to every image is the object to be learned. Deterministic for a given --seed.
 """
@@ -81,7 +81,7 @@ def draw_object(image, rng, shape, color, ring=None, dot=None):
 
 
 def draw_toy(image, rng):
-    """The dataset's toy: a red star in a yellow ring with a blue cap."""
+    """The dataset's toy: a red star in a yellow ring with a blue dot."""
     return draw_object(image, rng, "star", COLORS["red"], ring=COLORS["yellow"], dot=COLORS["blue"])
 
 

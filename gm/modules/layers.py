@@ -59,6 +59,12 @@ def default_attention_impl():
     return "flash" if ms.get_context("device_target") == "Ascend" else "vanilla"
 
 
+def flash_attention_allowed(dtype, heads, head_dim):
+    """Whether Ascend's fused kernel takes these inputs (MindSpore's `flash_attention_score`: fp16 or bf16, at most
+    256 heads, a head size that is a multiple of 16 up to 512); elsewhere `"flash"` falls back to `"vanilla"`."""
+    return dtype in (ms.float16, ms.bfloat16) and heads <= 256 and head_dim % 16 == 0 and head_dim <= 512
+
+
 # The most unfolded input (im2col columns) one convolution holds at once on the CPU: larger ones run in bands of
 # output rows. The full-size VAE's 128-channel 3x3 layers at 1024 px would otherwise unfold 4.8 GB at once.
 IM2COL_BAND_BYTES = 256 * 2 ** 20
@@ -240,6 +246,8 @@ def attention(q, k, v, num_heads, impl="vanilla", mask=None):
     b, lq, inner = q.shape
     lk = k.shape[1]
     d = inner // num_heads
+    if impl == "flash" and not flash_attention_allowed(q.dtype, num_heads, d):
+        impl = "vanilla"
     if impl != "flash" and mask is None:
         q = q.reshape(b, lq, num_heads, d).transpose(0, 2, 3, 1) * (1.0 / math.sqrt(d))
         k = k.reshape(b, lk, num_heads, d).transpose(0, 2, 3, 1)
@@ -271,7 +279,7 @@ def projected_attention(x, context, to_q, to_k, to_v, to_out, num_heads, impl="v
     """
     if context is None:
         context = x
-    if impl == "flash":
+    if impl == "flash" and flash_attention_allowed(x.dtype, num_heads, to_q.weight.shape[0] // num_heads):
         return to_out(attention(to_q(x), to_k(context), to_v(context), num_heads, impl))
     q, k, v = to_q.to_columns(x), to_k.to_columns(context), to_v.to_columns(context)
     b, inner, lq = q.shape

@@ -12,6 +12,8 @@ from tqdm import tqdm
 import mindspore as ms
 from mindspore import Tensor
 
+from gm.util import release_free_memory
+
 
 class TrainingLatents:
     """Posterior moments [2C, h, w] (means, then log-variances) and size conditioning per (index, flipped).
@@ -28,6 +30,7 @@ class TrainingLatents:
                 self.cache[key] = self._encode(key)
             del autoencoder.encoder  # never needed again: free its memory before training
             self.autoencoder = None
+            release_free_memory()  # what compiling the encoder's graph freed, before the train step compiles
 
     def _encode(self, key):
         example = self.dataset.variant(key[0], flipped=key[1])

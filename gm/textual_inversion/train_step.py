@@ -3,8 +3,9 @@
 `TextualInversionLoss` is the loss as a function of the learned rows: cached VAE latents are sampled from
 their posterior, noised at a random level, and denoised by the frozen UNet under the conditioning of a prompt
 that holds the placeholder, through both frozen text encoders. `TextualInversionTrainStep` differentiates it
-with respect to the learned rows only, accumulates micro-batches, averages across data-parallel ranks, clips,
-unscales, skips non-finite steps and applies AdamW, all inside the graph.
+with respect to the learned rows only, accumulates micro-batches, then unscales (fp16 loss scale), averages
+across data-parallel ranks, skips the update if a gradient is not finite, clips and applies AdamW, all inside
+the graph.
 """
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
