@@ -4,14 +4,15 @@
         --initializer_token toy --num_vectors 10 --total_step 3000 --gradient_accumulation_steps 4
 
 Every model weight stays frozen. The placeholder (and <tok>_1 ... <tok>_{n-1} for n vectors) is added to both
-SDXL tokenizers, and its rows in both CLIP text encoders are the only trainable parameters. The run writes the
-learned embedding (our .ckpt and the community .safetensors), a loss log and picture, sample grids and a
+SDXL tokenizers, and its learned rows in both CLIP text encoders are the only trainable parameters. The run
+writes the embedding (our .ckpt and the community .safetensors), a loss log and picture, sample grids and a
 training state to resume from, all under --save_path.
 
-The flow, top to bottom: arguments (checked before anything is built or written) -> `Training`: data, the
-frozen model with the placeholder tokens, cached latents, the compiled train step -> resume -> the loop (draw,
-step, log, sample, save) -> the final files. Ctrl-C saves and stops after the current step. One training at a
-time per --save_path: the run holds a lock there until it ends.
+The flow, top to bottom: arguments (checked before anything is built or written) -> `Training`: data and its
+order, the frozen model with the placeholder tokens, cached latents, the compiled train step, and the `resume`
+and `save` of its state -> `main`: resume or start afresh -> the loop under `stop_on_signal` (draw, step, log,
+sample, save) -> the final files. Ctrl-C saves and stops after the current step. One training at a time per
+--save_path: the run holds a lock there until it ends.
 """
 import argparse
 import contextlib
@@ -30,7 +31,7 @@ from tqdm import tqdm
 import mindspore as ms
 from mindspore import Tensor
 
-from gm.data.dataset import DataError, EpochSampler, TextualInversionDataset
+from gm.data.dataset import DataError, EpochOrder, TextualInversionDataset
 from gm.data.templates import TemplateError, load_templates
 from gm.device import add_device_arguments, resolve_device, set_device
 from gm.models.loading import create_model, load_config
@@ -42,9 +43,9 @@ from gm.textual_inversion.latent_cache import TrainingLatents
 from gm.textual_inversion.loss_log import LossLog
 from gm.textual_inversion.optim import SCHEDULES, AdamW, learning_rate
 from gm.textual_inversion.placeholder import (
-    PlaceholderError, add_placeholder_tokens, expand_placeholders, initial_rows, placeholder_tokens,
+    PlaceholderError, add_trainable_placeholder, expand_placeholders, placeholder_tokens,
 )
-from gm.textual_inversion.train_step import TextualInversionLoss, TextualInversionTrainStep
+from gm.textual_inversion.train_step import TextualInversionLoss, TextualInversionTrainStep, loss_inputs
 from gm.weights.loader import WeightFileError, weight_format
 from gm.weights.state_dict import WeightMismatchError
 
@@ -248,8 +249,9 @@ def run_identity(args, config, world_size):
 
 
 class Training:
-    """Everything a run trains with, built from the arguments: data, the frozen model with the placeholder
-    tokens added, cached latents, the sampler, and the compiled train step over the learned rows."""
+    """Everything a run trains with, built from the arguments: data and its order, the frozen model with the
+    placeholder tokens added, cached latents, and the compiled train step over the learned rows; `resume` and
+    `save` read and write its training state."""
 
     def __init__(self, args, config, rank=0, world_size=1):
         # ---- data: images and their prompts, where the placeholder stands for all its vectors
@@ -259,35 +261,59 @@ class Training:
             args.data_path, args.placeholder_token, args.resolution, args.learnable_property, templates,
             placeholder_text=expand_placeholders(args.placeholder_token, placeholder), flip_p=args.flip_p,
             seed=args.seed)
+        self.order = EpochOrder(len(self.dataset), args.train_batch_size, args.seed, rank, world_size)
 
         # ---- the frozen model, with the placeholder tokens added to both text encoders
         ms.set_seed(args.seed)
         self.model = create_model(config, args.weight, precision=args.precision, recompute=args.recompute)
         for param in self.model.get_parameters():
             param.requires_grad = False  # every weight is frozen; the rows added below are the only trainables
-        init_rng = np.random.RandomState(args.seed)
-        rows = [initial_rows(embedder, args.initializer_token, args.num_vectors, init_rng)
-                for embedder in self.model.conditioner.text_embedders()]
-        add_placeholder_tokens(self.model.conditioner, args.placeholder_token, *rows)
+        self.learned_rows = add_trainable_placeholder(self.model.conditioner, args.placeholder_token,
+                                                      args.num_vectors, args.initializer_token,
+                                                      np.random.RandomState(args.seed))
         self.tokens = placeholder_tokens(args.placeholder_token, args.num_vectors)
-        self.learned = self.model.conditioner.learned_embeddings()
 
         # ---- latents of the training images, encoded once (the VAE encoder is then released)
         variants = (False, True) if args.flip_p > 0 else (False,)
         self.latents = TrainingLatents(self.model.first_stage_model, self.dataset, variants, cache=args.cache_latents,
                                        progress=rank == 0)
-        self.sampler = EpochSampler(len(self.dataset), args.train_batch_size, args.seed, rank, world_size)
 
         # ---- the train step over the learned rows only (compiled at its first call)
         self.effective_batch = args.train_batch_size * args.gradient_accumulation_steps * world_size
         self.base_lr = base_learning_rate(args.learning_rate, args.scale_lr, self.effective_batch)
-        self.optimizer = AdamW(self.learned, weight_decay=args.adam_weight_decay)
+        self.optimizer = AdamW(self.learned_rows, weight_decay=args.adam_weight_decay)
         self.train_step = TextualInversionTrainStep(
-            TextualInversionLoss(self.model), self.learned, self.optimizer, args.gradient_accumulation_steps,
+            TextualInversionLoss(self.model), self.learned_rows, self.optimizer, args.gradient_accumulation_steps,
             args.max_grad_norm, dynamic_loss_scale=args.precision == "fp16", world_size=world_size)
         # what a training state holds besides the host side (step, data order)
-        self.state_params = self.learned + self.train_step.state_parameters()
+        self.state_params = self.learned_rows + self.train_step.state_parameters()
+        self.identity, self.schedule = run_identity(args, config, world_size), schedule_flags(args)
         self.args, self.rank, self.world_size = args, rank, world_size
+        self.start_step, self.log, self.validation_pipeline = 0, None, None
+
+    def resume(self, state_dir, host):
+        """Continue from the training state `state_dir` (its host state `host`, checked by `read_resume_state`)."""
+        load_train_state(state_dir, self.state_params)
+        try:
+            self.order.load_state_dict(host["sampler"])  # the data order, under its first name in the file
+        except (KeyError, ValueError) as e:
+            raise ResumeError(f"{state_dir}: the training images changed since it was saved ({e}).") from None
+        self.start_step = host["step"]
+        saved_schedule = host.get("schedule", self.schedule)
+        if self.rank == 0 and schedule_changed(saved_schedule, self.schedule, self.start_step, self.effective_batch):
+            print(f"warning: the learning-rate schedule differs from the resumed run's {saved_schedule} in the "
+                  f"steps already taken; the continuation will not match an uninterrupted run.", file=sys.stderr)
+
+    def begin(self, config):
+        """The run folder's first writes (rank 0): args.yaml, and the loss log from the start step."""
+        if self.rank != 0:
+            return
+        args = self.args
+        resolved = {"world_size": self.world_size, "effective_batch_size": self.effective_batch,
+                    "learning_rate_used": self.base_lr, "tokens": self.tokens, "start_step": self.start_step}
+        OmegaConf.save(OmegaConf.create({"args": vars(args), "resolved": resolved, "config": config}),
+                       os.path.join(args.save_path, "args.yaml"))
+        self.log = LossLog(args.save_path, self.start_step)
 
     def run_step(self, step, lr):
         """One optimizer step (all its micro-batches); returns the mean loss of its micro-batches."""
@@ -296,71 +322,104 @@ class Training:
         for micro in range(accumulation):
             # noise drawn from (seed, rank, step, micro-batch): reproducible on resume, different per rank
             noise_rng = np.random.RandomState([self.args.seed, self.rank, step, micro])
-            inputs = draw_micro_batch(self.model, self.dataset, self.latents, self.sampler, noise_rng)
+            inputs = draw_micro_batch(self.model, self.dataset, self.latents, self.order, noise_rng)
             loss = self.train_step(Tensor(lr, ms.float32), Tensor(micro == accumulation - 1), *inputs)
             losses.append(float(loss.asnumpy()))
         return float(np.mean(losses))
 
     def rows(self):
         """The learned rows of both encoders as float32 arrays ([n, d1], [n, d2])."""
-        return tuple(p.asnumpy().astype(np.float32) for p in self.learned)
+        return tuple(p.asnumpy().astype(np.float32) for p in self.learned_rows)
+
+    def save(self, step, final=False):
+        """Write the embeddings and the training state at `step` (rank 0; the noise needs no saving, it is a
+        function of seed and step); `final` also writes the embeddings under their unnumbered names."""
+        if self.rank != 0:
+            return
+        args, (rows_l, rows_g) = self.args, self.rows()
+        save_learned_embeddings(args.save_path, args.placeholder_token, rows_l, rows_g, step, args.max_num_ckpt)
+        if final:
+            save_learned_embeddings(args.save_path, args.placeholder_token, rows_l, rows_g)
+        save_train_state(args.save_path, step, self.state_params,
+                         {"identity": self.identity, "sampler": self.order.state_dict(), "schedule": self.schedule})
+        self.log.plot()
+
+
+def main(args):
+    """Train; returns the exit code (0, or INTERRUPTED after a Ctrl-C that saved a checkpoint)."""
+    # until the loop starts, and after it, a stop has nothing to save: it interrupts (KeyboardInterrupt)
+    with signal_handler(interrupt):
+        config = load_config(args.config)
+        resolve_defaults(args, config)
+        check_args(args)
+        rank, world_size = setup_device(args)
+        # rank 0 alone writes the run folder, and holds its lock for the whole run: a second training there refuses
+        with run_folder_lock(args.save_path) if rank == 0 else contextlib.nullcontext():
+            resumed = read_resume_state(args, run_identity(args, config, world_size))
+            if world_size > 1:
+                barrier()  # every rank has checked the arguments before rank 0 writes anything
+            run = Training(args, config, rank, world_size)
+            if resumed:
+                run.resume(*resumed)
+            elif args.overwrite and rank == 0:
+                for name in (STATE_DIR, "samples"):  # the other run's; its embeddings and logs are overwritten
+                    shutil.rmtree(os.path.join(args.save_path, name), ignore_errors=True)
+            with stop_on_write_error(args.save_path):
+                run.begin(config)
+                return train_and_save(run)
+
+
+def read_resume_state(args, identity):
+    """(state folder, its host state) that --resume names, checked against this run's `identity` before anything
+    is built; None without --resume."""
+    if not args.resume:
+        return None
+    state_dir = find_train_state(args.save_path, args.resume)
+    return state_dir, read_train_state(state_dir, identity)
 
 
 def interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def main(args):
-    """Train; returns the exit code (0, or INTERRUPTED after a Ctrl-C that saved a checkpoint)."""
-    # until the loop starts, and after it, a stop has nothing to save: it interrupts (KeyboardInterrupt)
-    previous = {sig: signal.signal(sig, interrupt) for sig in STOP_SIGNALS}
+@contextlib.contextmanager
+def signal_handler(handler):
+    """`handler` for the stop signals within the block, the previous handlers after it."""
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
-        return train(args)
+        yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
-def train(args):
-    config = load_config(args.config)
-    resolve_defaults(args, config)
-    check_args(args)
-    rank, world_size = setup_device(args)
-    # rank 0 alone writes the run folder, and holds its lock for the whole run: a second training there refuses
-    with run_folder_lock(args.save_path) if rank == 0 else contextlib.nullcontext():
-        identity = run_identity(args, config, world_size)
-        schedule = {"lr_scheduler": args.lr_scheduler, "learning_rate": args.learning_rate, "scale_lr": args.scale_lr,
-                    "lr_warmup_steps": args.lr_warmup_steps, "total_step": args.total_step}
-        run, start_step = start_run(args, config, rank, world_size, identity, schedule)
-        with stop_on_write_error(args.save_path):
-            return train_and_save(args, config, run, start_step, identity, schedule)
+class StopRequest:
+    """The first stop signal asks the loop to stop after the current step; a second one stops at once."""
+
+    def __init__(self, announce):
+        self.signal, self.announce = None, announce
+
+    def __call__(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        if self.announce:
+            tqdm.write("Stopping after this step (press Ctrl-C again to stop at once, without saving)...")
 
 
-def start_run(args, config, rank, world_size, identity, schedule):
-    """The built `Training`, resumed when --resume says so; (run, its first step)."""
-    is_main = rank == 0
-    resume_dir = find_train_state(args.save_path, args.resume) if args.resume else None
-    host = read_train_state(resume_dir, identity) if resume_dir else None
-    if world_size > 1:
-        barrier()  # every rank has checked the arguments before rank 0 writes anything
+@contextlib.contextmanager
+def stop_on_signal(announce):
+    """Within the block, Ctrl-C finishes the current step (the loop then saves and exits); yields the
+    `StopRequest`. MindSpore turns a SIGINT that arrives while a graph runs into a SIGTERM, so both mean Ctrl-C."""
+    stop = StopRequest(announce)
+    with signal_handler(stop):
+        yield stop
 
-    run = Training(args, config, rank, world_size)
-    start_step = 0
-    if host:
-        load_train_state(resume_dir, run.state_params)
-        try:
-            run.sampler.load_state_dict(host["sampler"])
-        except (KeyError, ValueError) as e:
-            raise ResumeError(f"{resume_dir}: the training images changed since it was saved ({e}).") from None
-        start_step = host["step"]
-        saved_schedule = host.get("schedule", schedule)
-        if is_main and schedule_changed(saved_schedule, schedule, start_step, run.effective_batch):
-            print(f"warning: the learning-rate schedule differs from the resumed run's {saved_schedule} in the "
-                  f"steps already taken; the continuation will not match an uninterrupted run.", file=sys.stderr)
-    elif args.overwrite and is_main:
-        for name in (STATE_DIR, "samples"):
-            shutil.rmtree(os.path.join(args.save_path, name), ignore_errors=True)
-    return run, start_step
+
+def schedule_flags(args):
+    """The flags that set the learning rate of each step: saved with the state, to warn when a resume changes it."""
+    return {"lr_scheduler": args.lr_scheduler, "learning_rate": args.learning_rate, "scale_lr": args.scale_lr,
+            "lr_warmup_steps": args.lr_warmup_steps, "total_step": args.total_step}
 
 
 def base_learning_rate(learning_rate, scale_lr, effective_batch):
@@ -397,72 +456,38 @@ def resume_hint(save_path):
     return f"the last complete training state is {state} (--resume latest continues from it)"
 
 
-def train_and_save(args, config, run, start_step, identity, schedule):
-    """The loop and every file it writes; returns the exit code."""
-    rank, world_size = run.rank, run.world_size
-    is_main = rank == 0
+def train_and_save(run):
+    """The loop and the files it writes at its end; returns the exit code."""
+    args, is_main = run.args, run.rank == 0
     if is_main:
-        resolved = {"world_size": world_size, "effective_batch_size": run.effective_batch,
-                    "learning_rate_used": run.base_lr, "tokens": run.tokens, "start_step": start_step}
-        OmegaConf.save(OmegaConf.create({"args": vars(args), "resolved": resolved, "config": config}),
-                       os.path.join(args.save_path, "args.yaml"))
-        log = LossLog(args.save_path, start_step)
-        print_summary(args, run, world_size, start_step)
-
-    def save(step, final=False):
-        """Write the embeddings and the training state (the noise RNG is a function of seed and step)."""
-        if not is_main:
-            return
-        rows_l, rows_g = run.rows()
-        save_learned_embeddings(args.save_path, args.placeholder_token, rows_l, rows_g, step, args.max_num_ckpt)
-        if final:
-            save_learned_embeddings(args.save_path, args.placeholder_token, rows_l, rows_g)
-        save_train_state(args.save_path, step, run.state_params,
-                         {"identity": identity, "sampler": run.sampler.state_dict(), "schedule": schedule})
-        log.plot()
-
-    # Ctrl-C finishes the current step, saves, and exits; a second one stops at once. MindSpore turns a SIGINT
-    # that arrives while a graph runs into a SIGTERM, so both mean Ctrl-C here.
-    stop = {"signal": None}
-
-    def request_stop(signum, frame):
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-        if is_main:
-            tqdm.write("Stopping after this step (press Ctrl-C again to stop at once, without saving)...")
-
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, request_stop)
-    try:
-        step, timing, stopped = train_loop(args, run, start_step, save, stop, log if is_main else None, is_main)
-    finally:
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, interrupt)
+        print_summary(args, run)
+    with stop_on_signal(announce=is_main) as stop:
+        step, timing, stopped = train_loop(run, stop)
     if stopped:
-        save(step)
+        run.save(step)
         if is_main:
             print(f"\nInterrupted at step {step}: saved the embeddings and the training state. "
                   f"Continue with the same command and --resume latest.")
         return INTERRUPTED
-    save(step, final=True)
-    if world_size > 1:
+    run.save(step, final=True)
+    if run.world_size > 1:
         # each rank's learned rows, to check they agree (data parallel keeps them identical)
-        print(f"rank {rank}/{world_size}: learned rows sha256 {rows_digest(run.rows())}", flush=True)
+        print(f"rank {run.rank}/{run.world_size}: learned rows sha256 {rows_digest(run.rows())}", flush=True)
     if is_main:
         print_outputs(args, run, step, timing)
     return 0
 
 
-def train_loop(args, run, start_step, save, stop, log, is_main):
-    """Optimizer steps from `start_step` to --total_step or until a stop signal; returns (last step, timing,
-    whether it stopped early)."""
-    progress = tqdm(total=args.total_step, initial=start_step, desc="Training", disable=not is_main,
+def train_loop(run, stop):
+    """Optimizer steps from the start step to --total_step, or until a rank got a stop signal; returns (last step,
+    timing, whether it stopped early)."""
+    args, is_main = run.args, run.rank == 0
+    progress = tqdm(total=args.total_step, initial=run.start_step, desc="Training", disable=not is_main,
                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
-    if is_main and start_step < args.total_step:
+    if is_main and run.start_step < args.total_step:
         tqdm.write("Compiling the training graph (the first step takes longer)...")
     timing = {"compile": None, "steps": []}  # compile: first step's seconds; steps: the seconds of the others
-    step = start_step
+    step = run.start_step
     stopped = False
     with progress:  # closed before an error is printed, too
         while step < args.total_step:
@@ -485,7 +510,7 @@ def train_loop(args, run, start_step, save, stop, log, is_main):
             else:
                 timing["steps"].append(seconds)
             if is_main:
-                log.append(step, loss, lr, seconds)
+                run.log.append(step, loss, lr, seconds)
                 postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
                 if timing["steps"]:  # speed and ETA from the steps after the compile (the last 50)
                     per_step = float(np.mean(timing["steps"][-50:]))
@@ -495,7 +520,7 @@ def train_loop(args, run, start_step, save, stop, log, is_main):
             if args.infer_during_train and is_main and (step % args.infer_interval == 0 or step == args.total_step):
                 sample_validation_grid(run, args, step)
             if step % args.save_interval == 0 and step != args.total_step:
-                save(step)
+                run.save(step)
     return step, timing, stopped
 
 
@@ -503,10 +528,10 @@ def stop_requested(stop, world_size):
     """Whether any rank got a stop signal: all ranks must stop after the same step, or the others would wait
     in the next step's all-reduce for ever."""
     if world_size == 1:
-        return stop["signal"] is not None
+        return stop.signal is not None
     from mindspore.mint.distributed import all_reduce
 
-    flag = Tensor([0.0 if stop["signal"] is None else 1.0], ms.float32)
+    flag = Tensor([0.0 if stop.signal is None else 1.0], ms.float32)
     all_reduce(flag)  # sum over ranks, in place
     return float(flag.asnumpy()[0]) > 0
 
@@ -527,17 +552,14 @@ def barrier():
     ms_barrier()
 
 
-def draw_micro_batch(model, dataset, latents, sampler, rng):
-    """Host side of one micro-batch: which images, prompts, flips; posterior, diffusion noise and noise levels."""
-    draws = sampler.next_batch()
-    choices = [dataset.draw(index, epoch) for index, epoch in draws]
-    batch = latents.batch([(index, flipped) for (index, _), (_, flipped, _) in zip(draws, choices)])
-    batch["txt"] = [prompt for _, _, prompt in choices]
-    moments = batch.pop("moments")
-    latent_shape = (moments.shape[0], moments.shape[1] // 2) + moments.shape[2:]
-    latent_noise = Tensor(rng.standard_normal(latent_shape), ms.float32)
-    noise, sigma_rand = model.loss_fn.draw_inputs(latent_shape, rng)
-    return (Tensor(moments, ms.float32), latent_noise, noise, sigma_rand) + model.conditioner.tokenize(batch)
+def draw_micro_batch(model, dataset, latents, order, rng):
+    """Host side of one micro-batch: which images (the data order), their flips and prompts (the dataset), then
+    the noise from `rng` (`loss_inputs`)."""
+    draws = order.next_batch()
+    choices = [dataset.draw(draw.index, draw.epoch) for draw in draws]
+    batch = latents.batch([(draw.index, choice.flipped) for draw, choice in zip(draws, choices)])
+    batch["txt"] = [choice.prompt for choice in choices]
+    return loss_inputs(model, batch.pop("moments"), model.conditioner.tokenize(batch), rng)
 
 
 def sample_validation_grid(run, args, step):
@@ -545,18 +567,18 @@ def sample_validation_grid(run, args, step):
 
     The sampling pipeline (built at the first call, then reused) shares the model, so it sees the rows as
     they are now; it draws its own noise and leaves the training RNGs alone."""
-    from gm.sampling import SDXLSampler, make_grid, save_png
+    from gm.sampling import SDXLPipeline, make_grid, save_png
 
-    if getattr(run, "validation_sampler", None) is None:
-        run.validation_sampler = SDXLSampler(run.model, placeholders={args.placeholder_token: args.num_vectors})
-    images = run.validation_sampler.generate(
+    if run.validation_pipeline is None:
+        run.validation_pipeline = SDXLPipeline(run.model, placeholders={args.placeholder_token: args.num_vectors})
+    images = run.validation_pipeline.generate(
         args.validation_prompt, steps=args.validation_sample_step, height=args.resolution, width=args.resolution,
         seed=args.seed, num_images=args.num_validation_images)
     save_png(os.path.join(args.save_path, "samples", f"step_{step}.png"), make_grid(images, 1, len(images)),
              {"prompt": args.validation_prompt, "step": str(step), "seed": str(args.seed)})
 
 
-def print_summary(args, run, world_size, start_step):
+def print_summary(args, run):
     tokens = run.tokens
     lines = [
         "",
@@ -565,11 +587,11 @@ def print_summary(args, run, world_size, start_step):
         f"  tokens added      : {len(tokens)} to each text encoder ({', '.join(tokens[:4])}"
         f"{' ...' if len(tokens) > 4 else ''})"
         f"{f', initialised from {args.initializer_token!r}' if args.initializer_token else ', random initial vectors'}",
-        f"  trainable params  : {sum(p.size for p in run.learned):,} "
-        f"({' + '.join(str(tuple(p.shape)) for p in run.learned)}); every model weight frozen",
+        f"  trainable params  : {sum(p.size for p in run.learned_rows):,} "
+        f"({' + '.join(str(tuple(p.shape)) for p in run.learned_rows)}); every model weight frozen",
         f"  effective batch   : {run.effective_batch} = {args.train_batch_size} per device x "
-        f"{args.gradient_accumulation_steps} accumulation x {world_size} device(s)",
-        f"  steps             : {start_step} -> {args.total_step} at {args.resolution}px, lr {run.base_lr:g} "
+        f"{args.gradient_accumulation_steps} accumulation x {run.world_size} device(s)",
+        f"  steps             : {run.start_step} -> {args.total_step} at {args.resolution}px, lr {run.base_lr:g} "
         f"({args.lr_scheduler}), {args.precision}",
         f"  outputs           : {args.save_path}",
         "",
@@ -591,7 +613,7 @@ def print_outputs(args, run, step, timing):
     if args.infer_during_train:
         print(f"  samples               : {os.path.join(args.save_path, 'samples')}/")
     weight = f" --weight {args.weight}" if args.weight else ""
-    size = f" --H {args.resolution} --W {args.resolution}" if args.resolution != 1024 else ""  # the sampler's default
+    size = f" --H {args.resolution} --W {args.resolution}" if args.resolution != 1024 else ""  # the command's default
     print(f"Sample with: python demo/sampling_without_streamlit.py --config {args.config}{weight}{size} "
           f'--textual_inversion_weight {ckpt} --prompt "{args.validation_prompt}"')
 

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_sampling.py --config small [--resolution 512] [--steps 20]
 
-Ours is `gm.sampling.SDXLSampler.generate` (Euler, sgm's DDPM sigmas, classifier-free guidance with both halves in
+Ours is `gm.sampling.SDXLPipeline.generate` (Euler, sgm's DDPM sigmas, classifier-free guidance with both halves in
 one UNet batch); the reference is diffusers' `StableDiffusionXLPipeline` with `EulerDiscreteScheduler`. Both: the
 same weights, size, steps, guidance 5.0 with the empty negative prompt (zero embeddings), fp32, the same thread
 count, each in its own process. One untimed image first (ours compiles its graphs then), then the median of
@@ -88,14 +88,14 @@ def measure(generate, args):
 def run_ours(args):
     set_mindspore_threads(args.threads)
     from gm.device import resolve_device
-    from gm.sampling import SDXLSampler, build_engine
+    from gm.sampling import SDXLPipeline, build_engine
 
-    sampler = SDXLSampler(build_engine(config_path(args.config), args.weights, precision=resolve_device()[1]))
+    pipeline = SDXLPipeline(build_engine(config_path(args.config), args.weights, precision=resolve_device()[1]))
     rss_model = memory_gb("VmRSS")
 
     def generate(seed):
         clock = StepClock()
-        sampler.generate(PROMPT, sampler="EulerEDM", steps=args.steps, guidance_scale=GUIDANCE,
+        pipeline.generate(PROMPT, sampler="EulerEDM", steps=args.steps, guidance_scale=GUIDANCE,
                          height=args.resolution, width=args.resolution, seed=seed, progress=clock.step)
         return clock.finish()
 

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_ti_step.py --config small --resolution 512 [--recompute] [--steps 5]
 
-Ours is the trainer's step: `TextualInversionTrainStep` over the new rows only, compiled as one graph, with the
+Ours is the trainer's step: `TextualInversionTrainStep` over the learned rows only, compiled as one graph, with the
 training image's VAE latents cached before training (the encoder then released). The reference is the training
 step of diffusers' examples/textual_inversion/textual_inversion_sdxl.py (both encoders' tokens trained), rewritten
 here: the VAE encodes the image every step, AdamW holds both full token tables, the original rows are copied back
@@ -84,26 +84,23 @@ def size_conditioning(args):
 
 
 def build_ours(args):
-    """The trainer's set-up on our side: model, placeholder rows, cached latents, the compiled-to-be train step.
+    """The trainer's set-up on our side: model, placeholder tokens, cached latents, the compiled-to-be train step.
 
     Returns (model, learned rows, train step, inputs() -> a fresh micro-batch, facts about the set-up)."""
-    import mindspore as ms
     from mindspore import Tensor
 
     from gm.device import resolve_device
     from gm.models.loading import create_model, load_config
     from gm.textual_inversion.optim import AdamW
-    from gm.textual_inversion.placeholder import add_placeholder_tokens, expand_placeholders, initial_rows
-    from gm.textual_inversion.train_step import TextualInversionLoss, TextualInversionTrainStep
+    from gm.textual_inversion.placeholder import add_trainable_placeholder, expand_placeholders
+    from gm.textual_inversion.train_step import TextualInversionLoss, TextualInversionTrainStep, loss_inputs
 
     model = create_model(load_config(config_path(args.config, training=True)), args.weights,
                          precision=resolve_device()[1], recompute=args.recompute)
     facts = {"model_rss_gb": memory_gb("VmRSS")}
     log("ours: model loaded")
-    rng = np.random.RandomState(args.seed)
-    rows = [initial_rows(e, INITIALIZER, args.num_vectors, rng) for e in model.conditioner.text_embedders()]
-    add_placeholder_tokens(model.conditioner, PLACEHOLDER, *rows)
-    learned = model.conditioner.learned_embeddings()
+    learned = add_trainable_placeholder(model.conditioner, PLACEHOLDER, args.num_vectors, INITIALIZER,
+                                        np.random.RandomState(args.seed))
 
     # latent caching, as the trainer does: the image is encoded once, then the VAE encoder is released
     start = time.perf_counter()
@@ -117,15 +114,11 @@ def build_ours(args):
     batch = dict(size_conditioning(args), txt=[expand_placeholders(PROMPT.format(PLACEHOLDER),
                                                                     {PLACEHOLDER: args.num_vectors})] * args.batch)
     cond = model.conditioner.tokenize(batch)
-    latent_shape = (args.batch, moments.shape[1] // 2) + moments.shape[2:]
     draws = iter(range(10 ** 6))
 
     def inputs():
         """A micro-batch as the trainer draws it: fresh posterior and diffusion noise and a noise level."""
-        noise_rng = np.random.RandomState([args.seed, next(draws)])
-        latent_noise = Tensor(noise_rng.standard_normal(latent_shape), ms.float32)
-        noise, sigma_rand = model.loss_fn.draw_inputs(latent_shape, noise_rng)
-        return (Tensor(moments), latent_noise, noise, sigma_rand) + cond
+        return loss_inputs(model, moments, cond, np.random.RandomState([args.seed, next(draws)]))
 
     return model, learned, train_step, inputs, facts
 

@@ -86,12 +86,13 @@ def build_reference(component, kwargs):
     return cls(CLIPTextConfig(**kwargs)) if component.startswith("text") else cls(**kwargs)
 
 
-def write_tokenizer(folder, pad_token):
-    """A transformers CLIPTokenizer folder (vocab.json, merges.txt) from the BPE merges bundled with gm."""
+def write_tokenizer(folder, pad_token="<|endoftext|>"):
+    """A transformers CLIPTokenizer folder (vocab.json, merges.txt) in the published SDXL layout, from the BPE
+    merges bundled with gm; returns `folder`."""
     from gm.modules.encoders.tokenizer import clip_vocab_and_merges
 
     vocab, merges = clip_vocab_and_merges()
-    os.makedirs(folder)
+    os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump(vocab, f)
     with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
@@ -99,6 +100,7 @@ def write_tokenizer(folder, pad_token):
     with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "pad_token": pad_token,
                    "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, f)
+    return folder
 
 
 def write_zero_safetensors(path, shapes, dtypes=None):

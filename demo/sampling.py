@@ -20,7 +20,8 @@ sys.path.insert(0, ROOT)
 from demo.sampling_without_streamlit import sampling_defaults  # noqa: E402
 from gm.device import DEVICE_TARGETS, PRECISIONS, resolve_device, set_device  # noqa: E402
 from gm.models.loading import load_config  # noqa: E402
-from gm.sampling import SAMPLERS, SDXLSampler, SamplingError, build_engine, png_bytes  # noqa: E402
+from gm.modules.diffusionmodules.sampler_names import SAMPLERS  # noqa: E402
+from gm.sampling import SDXLPipeline, SamplingError, build_engine, png_bytes  # noqa: E402
 from gm.textual_inversion.embedding_io import DIFFUSERS_FILES, EmbeddingFormatError, load_embedding  # noqa: E402
 from gm.weights.loader import WeightFileError  # noqa: E402
 from gm.weights.state_dict import WeightMismatchError  # noqa: E402
@@ -53,9 +54,9 @@ def start_device(device_target, precision):
 
 
 @st.cache_resource(max_entries=1, show_spinner="Loading the model (once; later runs reuse it) ...")
-def load_sampler(config, weight, precision):
+def load_pipeline(config, weight, precision):
     """One model at a time: a new config or weights replace the cached model (SDXL takes 14 GB in fp32)."""
-    return SDXLSampler(build_engine(config, weight or None, precision))
+    return SDXLPipeline(build_engine(config, weight or None, precision))
 
 
 def find_embeddings(folder):
@@ -85,7 +86,7 @@ def show_image(slot, result, key):
 
 
 def sidebar(defaults):
-    """Model and embeddings; returns the sampler (None when it cannot be loaded), the loaded embeddings and the
+    """Model and embeddings; returns the pipeline (None when it cannot be loaded), the loaded embeddings and the
     config's image side."""
     st.sidebar.header("Model")
     config = st.sidebar.text_input("Config", defaults.config, key="config")
@@ -94,7 +95,7 @@ def sidebar(defaults):
     try:
         _, precision = start_device(defaults.device_target, defaults.precision)
         config_weight, side = sampling_defaults(load_config(config))
-        sampler = load_sampler(config, weight.strip() or config_weight, precision)
+        pipeline = load_pipeline(config, weight.strip() or config_weight, precision)
     except USER_ERRORS as e:
         st.sidebar.error(f"Cannot load the model: {e}")
         return None, [], None
@@ -114,13 +115,13 @@ def sidebar(defaults):
             embedding = load_embedding(path)
             if any(e.token == embedding.token for e in embeddings):
                 raise SamplingError(f"{path}: its token {embedding.token} is taken by another chosen embedding")
-            sampler.add_embedding(embedding)
+            pipeline.add_embedding(embedding)
         except USER_ERRORS as e:
             st.sidebar.error(str(e))
             continue
         embeddings.append(embedding)
         st.sidebar.success(f"{embedding.token} ({embedding.num_vectors} vectors) from {os.path.basename(path)}")
-    return sampler, embeddings, side
+    return pipeline, embeddings, side
 
 
 def prompt_box(tokens):
@@ -137,8 +138,8 @@ def main():
     st.set_page_config(page_title="SDXL textual inversion", layout="wide")
     st.title("SDXL with learned words")
     defaults = page_defaults(sys.argv[1:])
-    sampler, embeddings, side = sidebar(defaults)
-    if sampler is None:
+    pipeline, embeddings, side = sidebar(defaults)
+    if pipeline is None:
         st.info("Pick a config and its weights in the sidebar.")
         return
 
@@ -151,13 +152,13 @@ def main():
     guidance_scale = cols[2].number_input("Guidance scale", 0.0, 30.0, 5.0, 0.5, key="guidance_scale")
     seed = cols[3].number_input("Seed", 0, 2**31 - 1, 42, key="seed")
     cols = st.columns(4)
-    multiple = sampler.size_multiple
+    multiple = pipeline.size_multiple
     height = cols[0].number_input("Height", multiple, 4096, defaults.H or side, multiple, key="H")
     width = cols[1].number_input("Width", multiple, 4096, defaults.W or side, multiple, key="W")
     num_images = cols[2].number_input("Images", 1, 16, 1, key="num_images")
     generate = st.button("Generate", type="primary", key="generate")
 
-    if embeddings and sampler.prompts_without_placeholders([prompt]):
+    if embeddings and pipeline.prompts_without_placeholders([prompt]):
         st.warning(f"The prompt uses none of the learned words ({tokens}).")
     results = st.session_state.setdefault("results", [])
     status = st.empty()  # the progress bar, above the images
@@ -186,7 +187,7 @@ def main():
     try:
         with warnings.catch_warnings():  # the unused-placeholder warning is shown above
             warnings.simplefilter("ignore")
-            sampler.generate(prompt, negative_prompt, sampler_name, int(steps), guidance_scale, int(height),
+            pipeline.generate(prompt, negative_prompt, sampler_name, int(steps), guidance_scale, int(height),
                              int(width), int(seed), int(num_images), progress=progress, on_image=on_image)
         bar.progress(1.0, text=f"Done: {len(results)} image(s)")
     except USER_ERRORS as e:

@@ -19,9 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from gm.device import add_device_arguments, resolve_device, set_device  # noqa: E402
+from gm.modules.diffusionmodules.sampler_names import SAMPLERS  # noqa: E402
 
 RANDOM_WEIGHTS = "random"  # --weight random: the config's model from random initial weights drawn from --seed
-SAMPLER_NAMES = ("EulerEDM", "EulerAncestral", "HeunEDM", "DPMPP2M", "DPMPP2SAncestral", "LinearMultistep")
 
 
 def get_parser():
@@ -49,7 +49,7 @@ def get_parser():
     parser.add_argument("--prompt_file", help="a text file with one prompt a line (instead of --prompt)")
     parser.add_argument("--negative_prompt", default="",
                         help="what to steer away from; empty: SDXL's zero unconditional text embedding")
-    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default="EulerEDM", help="sampling method")
+    parser.add_argument("--sampler", choices=list(SAMPLERS), default="EulerEDM", help="sampling method")
     parser.add_argument("--sample_step", type=int, default=40, help="number of sampling steps")
     parser.add_argument("--guidance_scale", type=float, default=5.0, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=42,
@@ -147,7 +147,7 @@ def main(argv=None):
     from tqdm import tqdm
 
     from gm.models.loading import create_model, load_config
-    from gm.sampling import SDXLSampler, SamplingError, load_image, make_grid, save_png
+    from gm.sampling import SDXLPipeline, SamplingError, load_image, make_grid, save_png
     from gm.textual_inversion.embedding_io import EmbeddingFormatError, load_embedding
     from gm.weights.loader import WeightFileError
     from gm.weights.state_dict import WeightMismatchError
@@ -169,10 +169,10 @@ def main(argv=None):
         except ValueError as e:  # a device this MindSpore installation cannot use
             raise SamplingError(str(e)) from None
         ms.set_seed(args.seed)  # random initial weights (--weight random) follow --seed
-        sampler = SDXLSampler(create_model(config, args.weight, precision=args.precision))
-        sampler.check_size(args.H, args.W)
+        pipeline = SDXLPipeline(create_model(config, args.weight, precision=args.precision))
+        pipeline.check_size(args.H, args.W)
         for embedding in embeddings:
-            sampler.add_embedding(embedding)
+            pipeline.add_embedding(embedding)
             print(f"Loaded {embedding.source}: {embedding.token} ({embedding.num_vectors} vectors)")
         os.makedirs(args.save_path, exist_ok=True)
         if not os.access(args.save_path, os.W_OK):
@@ -210,7 +210,7 @@ def main(argv=None):
                 written.append(save_png(path, make_grid(batch, args.num_rows, args.num_cols),
                                         dict(common, prompt=prompt, seed=seeds)))
 
-        sampler.generate(prompts, args.negative_prompt, args.sampler, args.sample_step, args.guidance_scale,
+        pipeline.generate(prompts, args.negative_prompt, args.sampler, args.sample_step, args.guidance_scale,
                          args.H, args.W, args.seed, num_images, init_image, args.strength, progress, on_image)
         bar.close()
     except (SamplingError, EmbeddingFormatError, WeightFileError, WeightMismatchError, OSError) as e:

@@ -26,6 +26,13 @@ def default_precision(device_target):
     return "fp16" if device_target == "Ascend" else "fp32"
 
 
+def keeps_graph_memory(device_target):
+    """Whether memory a graph once used stays with the process for its life. On the CPU, MindSpore's memory pool
+    never gives memory back to the system, so work done once (encoding the training images) runs in a child
+    process there. On Ascend and GPU the pool is device memory, reserved at start and reused by the next graph."""
+    return device_target == "CPU"
+
+
 def add_device_arguments(parser):
     """The flags every command shares: --device_target, --ms_mode, --precision (resolve with `resolve_device`)."""
     group = parser.add_argument_group("device")

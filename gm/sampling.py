@@ -18,20 +18,13 @@ from gm.models.loading import create_model, load_config
 from gm.modules.diffusionmodules.denoiser import BoundDenoiser
 from gm.modules.diffusionmodules.discretizer import Img2ImgDiscretizationWrapper
 from gm.modules.diffusionmodules.openaimodel import Downsample
+from gm.modules.diffusionmodules.sampler_names import SAMPLERS
 from gm.modules.diffusionmodules.sampling_utils import img2img_noised_input, randn_like_fn
 from gm.textual_inversion.embedding_io import check_widths, load_embedding
 from gm.textual_inversion.placeholder import (add_placeholder_tokens, expand_placeholders, find_placeholders,
-                                              placeholder_tokens)
+                                              set_placeholder_rows)
 from gm.util import atomic_write, instantiate_from_config, release_free_memory
 
-SAMPLERS = {  # name -> sampler class in gm.modules.diffusionmodules.sampling
-    "EulerEDM": "EulerEDMSampler",
-    "EulerAncestral": "EulerAncestralSampler",
-    "HeunEDM": "HeunEDMSampler",
-    "DPMPP2M": "DPMPP2MSampler",
-    "DPMPP2SAncestral": "DPMPP2SAncestralSampler",
-    "LinearMultistep": "LinearMultistepSampler",
-}
 DISCRETIZATION = {"target": "gm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"}
 
 
@@ -40,7 +33,7 @@ class SamplingError(ValueError):
 
 
 class PlaceholderWarning(UserWarning):
-    """A prompt that uses none of the learned words loaded into the sampler."""
+    """A prompt that uses none of the learned words loaded into the pipeline."""
 
 
 def build_engine(config_path, weight=None, precision="fp32"):
@@ -150,12 +143,12 @@ class TextConditioner(nn.Cell):
         return self.conditioner(*inputs)
 
 
-class SDXLSampler:
+class SDXLPipeline:
     """Images from prompts with an engine (`gm.models.diffusion.DiffusionEngine`) and learned words.
 
     placeholders: {token: num_vectors} of tokens already added to the engine's text encoders (the trainer's);
     `load_embedding` adds more. Prompts are expanded (`<tok>` -> `<tok> <tok>_1 ...`) before tokenization.
-    Keep one sampler per engine: its compiled graphs (conditioner, denoiser, VAE) are reused across calls.
+    Keep one pipeline per engine: its compiled graphs (conditioner, denoiser, VAE) are reused across calls.
     """
 
     def __init__(self, engine, placeholders=None):
@@ -177,32 +170,27 @@ class SDXLSampler:
         return embedding
 
     def add_embedding(self, embedding):
-        """Make `embedding.token` mean these rows in both text encoders.
+        """Make `embedding.token` mean its learned rows in both text encoders.
 
-        A token this sampler already knows with the same number of vectors gets its rows overwritten (a newer
-        embedding of the same word); a new token is added to the vocabularies.
+        A token this pipeline already knows with the same number of vectors gets its rows overwritten in place (a
+        newer embedding of the same word; no recompile); a new token is added to the vocabularies.
         """
-        embedders = self.engine.conditioner.text_embedders()
-        check_widths(embedding, *(e.token_embedding.weight.shape[1] for e in embedders))
+        conditioner = self.engine.conditioner
+        check_widths(embedding, *(e.token_embedding.weight.shape[1] for e in conditioner.text_embedders()))
         token, n = embedding.token, embedding.num_vectors
         if token in self.placeholders:
             if self.placeholders[token] != n:
                 raise SamplingError(
                     f"{embedding.source}: token {token!r} is already loaded with {self.placeholders[token]} vectors, "
                     f"this embedding has {n}; give it another token")
-            for embedder, rows in zip(embedders, (embedding.clip_l, embedding.clip_g)):
-                table = embedder.token_embedding
-                ids = np.array(embedder.tokenizer.convert_tokens_to_ids(placeholder_tokens(token, n)))
-                new_rows = table.get_new_embeddings()
-                new_rows[ids - table.vocab_size] = rows
-                table.set_new_embeddings(new_rows)
+            set_placeholder_rows(conditioner, token, embedding.clip_l, embedding.clip_g)
         else:
             try:
-                add_placeholder_tokens(self.engine.conditioner, token, embedding.clip_l, embedding.clip_g)
+                add_placeholder_tokens(conditioner, token, embedding.clip_l, embedding.clip_g)
             except ValueError as e:
                 raise SamplingError(f"{embedding.source}: {e}") from None
             self.placeholders[token] = n
-            self.conditioner = TextConditioner(self.engine.conditioner)  # recompiled with the new tokens
+            self.conditioner = TextConditioner(conditioner)  # recompiled with the new tokens
 
     def prompts_without_placeholders(self, prompts):
         """The prompts that use none of the loaded learned words (all of them count when none is loaded: [])."""

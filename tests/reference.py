@@ -16,7 +16,7 @@ from diffusers.models.embeddings import Timesteps
 from safetensors.numpy import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from gm.modules.encoders.tokenizer import clip_vocab_and_merges
+from benchmarks.common import SCHEDULER, write_tokenizer
 from gm.weights.diffusers_clip import clip_g_diffusers_to_sgm, clip_l_diffusers_to_sgm
 from gm.weights.diffusers_unet import unet_diffusers_to_sgm
 from gm.weights.diffusers_vae import vae_diffusers_to_sgm
@@ -56,10 +56,6 @@ FULL = dict(
     text_encoder_2=dict(_BIGG, hidden_size=1280, num_hidden_layers=32, num_attention_heads=20,
                         intermediate_size=5120, projection_dim=1280),
 )
-# diffusers' SDXL base scheduler config
-SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                 timestep_spacing="leading", steps_offset=1)
-
 # component -> (its class, its keys' prefix in the single file, the mapping of its diffusers keys to sgm's)
 COMPONENTS = {
     "unet": (UNet2DConditionModel, "model.diffusion_model.", unet_diffusers_to_sgm),
@@ -94,20 +90,6 @@ def randomize(model, seed):
                 value = 0.1 * noise
             p.copy_(value.half().float())
     return model.eval()
-
-
-def write_tokenizer_folder(folder, pad_token="<|endoftext|>"):
-    """A Hugging Face CLIP tokenizer folder in the published SDXL layout, from the bundled BPE merges."""
-    vocab, merges = clip_vocab_and_merges()
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "pad_token": pad_token,
-                   "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, f)
-    return folder
 
 
 @dataclass
@@ -145,8 +127,8 @@ def write_tiny_sdxl(folder, seed=0):
     for name, module in modules.items():
         module.save_pretrained(os.path.join(diffusers_folder, name), safe_serialization=True)
         index[name] = ["diffusers" if name in ("unet", "vae") else "transformers", type(module).__name__]
-    write_tokenizer_folder(os.path.join(diffusers_folder, "tokenizer"))
-    write_tokenizer_folder(os.path.join(diffusers_folder, "tokenizer_2"), pad_token="!")  # as published
+    write_tokenizer(os.path.join(diffusers_folder, "tokenizer"))
+    write_tokenizer(os.path.join(diffusers_folder, "tokenizer_2"), pad_token="!")  # as published
     EulerDiscreteScheduler(**SCHEDULER).save_pretrained(os.path.join(diffusers_folder, "scheduler"))
     with open(os.path.join(diffusers_folder, "model_index.json"), "w") as f:
         json.dump(index, f, indent=2)

@@ -1,5 +1,5 @@
 """Textual-inversion training data: image decoding, cropping with SDXL size conditioning, captions,
-templates and the resumable, rank-sharded sampler."""
+templates and the resumable, rank-sharded data order."""
 import json
 import os
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gm.data.dataset import DataError, EpochSampler, TextualInversionDataset, load_image, to_rgb
+from gm.data.dataset import DataError, EpochOrder, TextualInversionDataset, load_image, to_rgb
 from gm.data.templates import (
     FACE_TEMPLATES, OBJECT_TEMPLATES, STYLE_TEMPLATES, TemplateError, get_templates, load_templates)
 
@@ -201,7 +201,7 @@ def test_templates(tmp_path):
 
     good = tmp_path / "good.txt"
     good.write_text("\ufeffa photo of {}\n\n  {} in the snow  \n")
-    assert get_templates("style", str(good)) == ["a photo of {}", "{} in the snow"]
+    assert load_templates(str(good)) == ["a photo of {}", "{} in the snow"]
     for name, text, match in [("none.txt", "a photo\n", "line 1"), ("two.txt", "ok {}\n{} and {}\n", "line 2"),
                               ("brace.txt", "a {} with a { brace\n", "line 1"), ("empty.txt", "\n \n", "no templates")]:
         (tmp_path / name).write_text(text)
@@ -211,51 +211,51 @@ def test_templates(tmp_path):
         load_templates(str(tmp_path / "absent.txt"))
 
 
-def take(sampler, steps):
-    return [sampler.next_batch() for _ in range(steps)]
+def take(order, steps):
+    return [order.next_batch() for _ in range(steps)]
 
 
-def test_sampler_covers_each_epoch_once():
-    sampler = EpochSampler(10, batch_size=5, seed=7)
-    first, second = take(sampler, 2), take(sampler, 2)
+def test_data_order_covers_each_epoch_once():
+    order = EpochOrder(10, batch_size=5, seed=7)
+    first, second = take(order, 2), take(order, 2)
     for epoch, steps in enumerate((first, second)):
         draws = [d for step in steps for d in step]
         assert sorted(d.index for d in draws) == list(range(10)) and {d.epoch for d in draws} == {epoch}
     assert [d.index for d in first[0] + first[1]] != [d.index for d in second[0] + second[1]]
-    assert (sampler.epoch, sampler.position) == (2, 0)
-    unshuffled = EpochSampler(4, batch_size=3, shuffle=False)
+    assert (order.epoch, order.position) == (2, 0)
+    unshuffled = EpochOrder(4, batch_size=3, shuffle=False)
     steps = [[tuple(d) for d in step] for step in take(unshuffled, 2)]
     assert steps == [[(0, 0), (1, 0), (2, 0)], [(3, 0), (0, 1), (1, 1)]]
 
 
-def test_sampler_resumes_exactly():
-    sampler = EpochSampler(7, batch_size=3, seed=11)
-    take(sampler, 5)
-    state = json.loads(json.dumps(sampler.state_dict()))
-    expected = take(sampler, 6)
-    resumed = EpochSampler(7, batch_size=3, seed=11)
+def test_data_order_resumes_exactly():
+    order = EpochOrder(7, batch_size=3, seed=11)
+    take(order, 5)
+    state = json.loads(json.dumps(order.state_dict()))
+    expected = take(order, 6)
+    resumed = EpochOrder(7, batch_size=3, seed=11)
     resumed.load_state_dict(state)
     assert take(resumed, 6) == expected
-    assert EpochSampler(7, batch_size=3, seed=11).next_batch() != expected[0]
+    assert EpochOrder(7, batch_size=3, seed=11).next_batch() != expected[0]
     with pytest.raises(ValueError, match="n=7"):
-        EpochSampler(8, batch_size=3, seed=11).load_state_dict(state)
+        EpochOrder(8, batch_size=3, seed=11).load_state_dict(state)
     with pytest.raises(ValueError, match="seed"):
-        EpochSampler(7, batch_size=3, seed=12).load_state_dict(state)
+        EpochOrder(7, batch_size=3, seed=12).load_state_dict(state)
 
 
 def test_ranks_get_disjoint_shards():
-    ranks = [EpochSampler(12, batch_size=2, seed=5, rank=r, world_size=2) for r in range(2)]
-    single = EpochSampler(12, batch_size=4, seed=5)
+    ranks = [EpochOrder(12, batch_size=2, seed=5, rank=r, world_size=2) for r in range(2)]
+    single = EpochOrder(12, batch_size=4, seed=5)
     for _ in range(6):  # two epochs
         steps = [r.next_batch() for r in ranks]
         assert not {tuple(d) for d in steps[0]} & {tuple(d) for d in steps[1]}
         assert steps[0] + steps[1] == single.next_batch()  # the same stream, split
     assert all(r.state_dict() == single.state_dict() for r in ranks)
 
-    small = [EpochSampler(3, batch_size=2, seed=0, rank=r, world_size=2) for r in range(2)]  # n < global batch
+    small = [EpochOrder(3, batch_size=2, seed=0, rank=r, world_size=2) for r in range(2)]  # n < global batch
     draws = [d for _ in range(3) for r in small for d in r.next_batch()]
     assert len(draws) == 12 == len(set(draws))  # every draw once, epochs 0..3 each a permutation
     for epoch in range(4):
         assert sorted(d.index for d in draws if d.epoch == epoch) == [0, 1, 2]
     with pytest.raises(ValueError, match="rank"):
-        EpochSampler(3, 1, rank=2, world_size=2)
+        EpochOrder(3, 1, rank=2, world_size=2)

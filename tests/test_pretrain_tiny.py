@@ -44,8 +44,9 @@ def test_folding_the_latent_scale_changes_the_latent_not_the_reconstruction():
     images = Tensor(to_model_pixels([scene(rng, 64)[0] for _ in range(4)]))
     moments = vae.encode_moments(images).asnumpy()
     reconstruction = vae.decode(Tensor(moments[:, :4])).asnumpy()
-    s = fold_latent_scale(vae, moments, model.scale_factor)
+    s, rescaled = fold_latent_scale(vae, moments, model.scale_factor)
     folded = vae.encode_moments(images).asnumpy()
+    np.testing.assert_allclose(rescaled, folded, rtol=1e-4, atol=1e-4)  # what the loss then scales by 0.13025
     np.testing.assert_allclose(folded[:, :4], moments[:, :4] * s, rtol=1e-4, atol=1e-5 * s)
     np.testing.assert_allclose(folded[:, 4:], moments[:, 4:] + 2 * np.log(s), atol=1e-4)
     assert abs(folded[:, :4].std() * model.scale_factor - 1.0) < 1e-3
@@ -68,3 +69,14 @@ def test_short_run_writes_a_loadable_single_file(tmp_path):
         assert os.path.getsize(output.replace(".safetensors", suffix)) > 1000
     assert sorted(os.listdir(tmp_path)) == sorted(
         os.path.basename(output.replace(".safetensors", s)) for s in (".safetensors", "_loss.png", "_samples.png"))
+
+
+def test_a_missing_config_or_init_weight_is_one_error_line(tmp_path):
+    missing = str(tmp_path / "missing")
+    for flag in ("--config", "--init_weight"):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "pretrain_tiny_sdxl.py"), flag, missing,
+                               "--output", str(tmp_path / "out.safetensors")],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines() == [f"error: {flag} {missing}: no such file or folder."]
+    assert os.listdir(tmp_path) == []

@@ -1,9 +1,9 @@
-"""Sampling with learned words: placeholder tokens, the `SDXLSampler` pipeline against diffusers' schedulers
+"""Sampling with learned words: placeholder tokens, the `SDXLPipeline` against diffusers' schedulers
 on the tiny reference SDXL, determinism, the command line, the streamlit page (AppTest) and the page in a
 real headless Chromium.
 
-Each new engine or sampler compiles its graphs again (~15 s for the tiny UNet on a 2-core CPU): the tests
-share the session's `tiny_model` through one sampler, and the command line and page runs are few.
+Each new engine or pipeline compiles its graphs again (~15 s for the tiny UNet on a 2-core CPU): the tests
+share the session's `tiny_model` through one pipeline, and the command line and page runs are few.
 """
 import io
 import os
@@ -21,7 +21,7 @@ from PIL import Image
 
 from gm.models.loading import load_config
 from gm.modules.diffusionmodules.discretizer import LegacyDDPMDiscretization
-from gm.sampling import SAMPLERS, SDXLSampler, SamplingError, build_engine, make_grid
+from gm.sampling import SDXLPipeline, SamplingError, build_engine, make_grid
 from gm.textual_inversion.embedding_io import EmbeddingFormatError, save_embedding
 from gm.textual_inversion.placeholder import (add_placeholder_tokens, expand_placeholders, find_placeholders,
                                               placeholder_tokens)
@@ -45,9 +45,9 @@ def run_cli(*args, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def sampler(tiny_model):
-    """One sampler on the session's tiny engine (the reference's weights): its graphs compile once here."""
-    return SDXLSampler(tiny_model)
+def pipeline(tiny_model):
+    """One pipeline on the session's tiny engine (the reference's weights): its graphs compile once here."""
+    return SDXLPipeline(tiny_model)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_add_placeholder_tokens_to_both_encoders_or_neither():
     clip_l, clip_g = conditioner.text_embedders()
     ids_l, ids_g = add_placeholder_tokens(conditioner, "<toy>", np.ones((2, 32)), 2 * np.ones((2, 64)))
     assert ids_l == [49408, 49409] and ids_g == [49408, 49409]
-    np.testing.assert_array_equal(clip_g.token_embedding.get_new_embeddings(), 2 * np.ones((2, 64)))
+    np.testing.assert_array_equal(clip_g.token_embedding.get_learned_rows(), 2 * np.ones((2, 64)))
     assert list(clip_l.tokenizer(["<toy> <toy>_1"])[0][:4]) == [49406, 49408, 49409, 49407]
 
     sizes = (len(clip_l.tokenizer), len(clip_g.tokenizer), clip_l.token_embedding.num_new_tokens)
@@ -161,13 +161,13 @@ def sgm_schedule_scheduler(cls, steps):
     ("EulerEDM", "EulerDiscreteScheduler", ""),
     ("EulerAncestral", "EulerAncestralDiscreteScheduler", NEGATIVE),
 ])
-def test_final_latents_match_diffusers(sampler, tiny_sdxl, monkeypatch, name, scheduler_cls, negative_prompt):
+def test_final_latents_match_diffusers(pipeline, tiny_sdxl, monkeypatch, name, scheduler_cls, negative_prompt):
     import diffusers
     from diffusers.schedulers import scheduling_euler_ancestral_discrete
 
     steps, seed, guidance_scale = 10, 7, 5.0
-    c, uc = sampler.encode_prompt(PROMPT, negative_prompt, SIZE, SIZE)
-    ours = sampler.sample_latents(c, uc, sampler.make_sampler(name, steps, guidance_scale), SIZE, SIZE, seed)
+    c, uc = pipeline.encode_prompt(PROMPT, negative_prompt, SIZE, SIZE)
+    ours = pipeline.sample_latents(c, uc, pipeline.make_sampler(name, steps, guidance_scale), SIZE, SIZE, seed)
 
     # the same draws: the initial noise, then each ancestral step's noise, from RandomState(seed)
     rng = np.random.RandomState(seed)
@@ -189,28 +189,28 @@ def test_final_latents_match_diffusers(sampler, tiny_sdxl, monkeypatch, name, sc
 # ------------------------------------------------------------------------------------------------ the pipeline
 
 
-def test_same_seed_same_images_and_image_j_uses_seed_plus_j(sampler):
+def test_same_seed_same_images_and_image_j_uses_seed_plus_j(pipeline):
     args = dict(negative_prompt="", sampler="EulerAncestral", steps=3, guidance_scale=5.0, height=SIZE, width=SIZE)
     calls = []
-    first = sampler.generate([PROMPT], seed=5, num_images=2, progress=lambda done, total: calls.append((done, total)),
+    first = pipeline.generate([PROMPT], seed=5, num_images=2, progress=lambda done, total: calls.append((done, total)),
                              **args)
     assert calls == [(i, 6) for i in range(1, 7)]
     assert len(first) == 2 and first[0].shape == (SIZE, SIZE, 3) and first[0].dtype == np.uint8
-    again = sampler.generate(PROMPT, seed=5, num_images=2, **args)
+    again = pipeline.generate(PROMPT, seed=5, num_images=2, **args)
     np.testing.assert_array_equal(first[0], again[0])
     np.testing.assert_array_equal(first[1], again[1])
-    np.testing.assert_array_equal(first[1], sampler.generate(PROMPT, seed=6, **args)[0])
+    np.testing.assert_array_equal(first[1], pipeline.generate(PROMPT, seed=6, **args)[0])
     assert np.abs(first[0].astype(int) - first[1]).mean() > 1  # another seed, another image
 
 
-def test_img2img_runs_the_last_strength_fraction(sampler):
+def test_img2img_runs_the_last_strength_fraction(pipeline):
     image = np.random.RandomState(0).randint(0, 256, (SIZE + 16, SIZE, 3)).astype(np.uint8)  # cropped to size
     totals = []
-    out = sampler.generate(PROMPT, sampler="EulerEDM", steps=9, height=SIZE, width=SIZE, seed=1, init_image=image,
+    out = pipeline.generate(PROMPT, sampler="EulerEDM", steps=9, height=SIZE, width=SIZE, seed=1, init_image=image,
                            strength=0.5, progress=lambda done, total: totals.append(total))
     assert out[0].shape == (SIZE, SIZE, 3)
     assert set(totals) == {4}  # 5 of the 10 sigmas (9 and the final 0): 4 steps
-    again = sampler.generate(PROMPT, sampler="EulerEDM", steps=9, height=SIZE, width=SIZE, seed=1, init_image=image,
+    again = pipeline.generate(PROMPT, sampler="EulerEDM", steps=9, height=SIZE, width=SIZE, seed=1, init_image=image,
                              strength=0.5)
     np.testing.assert_array_equal(out[0], again[0])
 
@@ -220,16 +220,9 @@ def test_img2img_runs_the_last_strength_fraction(sampler):
     (dict(steps=0), "steps"), (dict(num_images=0), "num_images"), (dict(seed=-1), "seed"),
     (dict(init_image="/nonexistent.png"), "cannot read the image"),
 ])
-def test_bad_requests_fail_before_sampling(sampler, kwargs, match):
+def test_bad_requests_fail_before_sampling(pipeline, kwargs, match):
     with pytest.raises(SamplingError, match=match):
-        sampler.generate(PROMPT, **dict(dict(height=SIZE, width=SIZE, steps=2), **kwargs))
-
-
-def test_sampler_names_match_the_command_line():
-    sys.path.insert(0, os.path.dirname(CLI))
-    from sampling_without_streamlit import SAMPLER_NAMES
-
-    assert SAMPLER_NAMES == tuple(SAMPLERS)
+        pipeline.generate(PROMPT, **dict(dict(height=SIZE, width=SIZE, steps=2), **kwargs))
 
 
 def test_make_grid_places_images_row_by_row():
@@ -243,52 +236,56 @@ def test_make_grid_places_images_row_by_row():
 
 
 @pytest.fixture(scope="module")
-def word_sampler():
-    """A sampler on an engine of its own (random weights): learned words change its text encoders."""
-    return SDXLSampler(build_engine(TINY_CONFIG))
+def word_pipeline():
+    """A pipeline on an engine of its own (random weights): learned words change its text encoders."""
+    return SDXLPipeline(build_engine(TINY_CONFIG))
 
 
-def crossattn(sampler, prompt):
-    return sampler.encode_prompt(prompt, "", SIZE, SIZE)[0]["crossattn"].asnumpy()
+def crossattn(pipeline, prompt):
+    return pipeline.encode_prompt(prompt, "", SIZE, SIZE)[0]["crossattn"].asnumpy()
 
 
-def test_embeddings_in_every_format_change_the_conditioning(word_sampler, embeddings):
+def test_embeddings_in_every_format_change_the_conditioning(word_pipeline, embeddings):
     _, paths = embeddings
-    before = crossattn(word_sampler, "a photo of <toy> by <thing> in <style>")
-    loaded = [word_sampler.load_embedding(paths[f]) for f in ("ckpt", "safetensors", "diffusers")]
+    before = crossattn(word_pipeline, "a photo of <toy> by <thing> in <style>")
+    loaded = [word_pipeline.load_embedding(paths[f]) for f in ("ckpt", "safetensors", "diffusers")]
     assert [(e.token, e.num_vectors) for e in loaded] == [("<toy>", 2), ("<style>", 1), ("<thing>", 3)]
-    assert word_sampler.placeholders == {"<toy>": 2, "<style>": 1, "<thing>": 3}
-    assert word_sampler.prompts_without_placeholders(["a <toy>", "a cat", "<STYLE> art"]) == ["a cat"]  # <style>: 1
+    assert word_pipeline.placeholders == {"<toy>": 2, "<style>": 1, "<thing>": 3}
+    assert word_pipeline.prompts_without_placeholders(["a <toy>", "a cat", "<STYLE> art"]) == ["a cat"]  # <style>: 1
 
-    plain = crossattn(word_sampler, "a photo of a cat")
-    with_words = crossattn(word_sampler, "a photo of <toy> by <thing> in <style>")
+    plain = crossattn(word_pipeline, "a photo of a cat")
+    with_words = crossattn(word_pipeline, "a photo of <toy> by <thing> in <style>")
     assert np.abs(with_words - before).max() > 1e-3
-    # reloading a token with new rows overwrites them in place (no recompile), and the old rows come back
-    toy = loaded[0]
-    word_sampler.add_embedding(type(toy)(toy.token, toy.clip_l + 1.0, toy.clip_g - 1.0, "edited"))
-    assert np.abs(crossattn(word_sampler, "a photo of <toy>") - with_words).max() > 1e-3
-    word_sampler.add_embedding(toy)
-    np.testing.assert_array_equal(crossattn(word_sampler, "a photo of <toy> by <thing> in <style>"), with_words)
-    np.testing.assert_array_equal(crossattn(word_sampler, "a photo of a cat"), plain)
+    # a word loaded again with other rows: `set_placeholder_rows` overwrites them in place, and the conditioner's
+    # graph, compiled before and kept, reads the new values; loading the first rows again brings the output back
+    toy, compiled = loaded[0], word_pipeline.conditioner
+    toy_alone = crossattn(word_pipeline, "a photo of <toy>")
+    word_pipeline.add_embedding(type(toy)(toy.token, toy.clip_l + 1.0, toy.clip_g - 1.0, "edited"))
+    assert word_pipeline.conditioner is compiled
+    assert np.abs(crossattn(word_pipeline, "a photo of <toy>") - toy_alone).max() > 1e-3
+    word_pipeline.add_embedding(toy)
+    np.testing.assert_array_equal(crossattn(word_pipeline, "a photo of <toy>"), toy_alone)
+    np.testing.assert_array_equal(crossattn(word_pipeline, "a photo of <toy> by <thing> in <style>"), with_words)
+    np.testing.assert_array_equal(crossattn(word_pipeline, "a photo of a cat"), plain)
 
 
-def test_bad_embeddings_change_nothing(word_sampler, embeddings):
+def test_bad_embeddings_change_nothing(word_pipeline, embeddings):
     _, paths = embeddings
-    word_sampler.load_embedding(paths["ckpt"])  # <toy>, 2 vectors
-    known = dict(word_sampler.placeholders)
-    sizes = [len(e.tokenizer) for e in word_sampler.engine.conditioner.text_embedders()]
+    word_pipeline.load_embedding(paths["ckpt"])  # <toy>, 2 vectors
+    known = dict(word_pipeline.placeholders)
+    sizes = [len(e.tokenizer) for e in word_pipeline.engine.conditioner.text_embedders()]
     with pytest.raises(EmbeddingFormatError, match="do not fit"):
-        word_sampler.load_embedding(paths["sdxl_widths"])
+        word_pipeline.load_embedding(paths["sdxl_widths"])
     with pytest.raises(EmbeddingFormatError, match="SD 1.x"):
-        word_sampler.load_embedding(paths["sd15"])
+        word_pipeline.load_embedding(paths["sd15"])
     with pytest.raises(EmbeddingFormatError, match="neither a safetensors file nor"):
-        word_sampler.load_embedding(paths["text"])
+        word_pipeline.load_embedding(paths["text"])
     with pytest.raises(SamplingError, match="already in the vocabulary"):
-        word_sampler.load_embedding(paths["ckpt"], token="cat")
+        word_pipeline.load_embedding(paths["ckpt"], token="cat")
     with pytest.raises(SamplingError, match="already loaded with 2 vectors"):
-        word_sampler.load_embedding(paths["diffusers"], token="<toy>")  # 3 vectors
-    assert word_sampler.placeholders == known
-    assert sizes == [len(e.tokenizer) for e in word_sampler.engine.conditioner.text_embedders()]
+        word_pipeline.load_embedding(paths["diffusers"], token="<toy>")  # 3 vectors
+    assert word_pipeline.placeholders == known
+    assert sizes == [len(e.tokenizer) for e in word_pipeline.engine.conditioner.text_embedders()]
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -299,7 +296,7 @@ def png_text(path):
         return dict(image.text), image.size
 
 
-def test_cli_txt2img_with_three_embedding_formats(tmp_path, embeddings, tiny_sdxl, sampler):
+def test_cli_txt2img_with_three_embedding_formats(tmp_path, embeddings, tiny_sdxl, pipeline):
     _, paths = embeddings
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"a photo of <toy> by <thing> in <style>\n\n{PROMPT}\n")
@@ -327,7 +324,7 @@ def test_cli_txt2img_with_three_embedding_formats(tmp_path, embeddings, tiny_sdx
     np.testing.assert_array_equal(grid[:, SIZE:], np.asarray(Image.open(out / names[2])))
 
     # the same seed and arguments give the same images, here in another process from the same weights
-    ours = sampler.generate(PROMPT, sampler="EulerAncestral", steps=3, height=SIZE, width=SIZE, seed=11, num_images=2)
+    ours = pipeline.generate(PROMPT, sampler="EulerAncestral", steps=3, height=SIZE, width=SIZE, seed=11, num_images=2)
     for j, name in enumerate(names[4:]):
         assert np.abs(np.asarray(Image.open(out / name)).astype(int) - ours[j]).max() <= 1
 

@@ -219,8 +219,8 @@ def test_gradient_reaches_only_new_rows(root, hf):
 
     # a step on the new rows changes the output; the frozen tables stay as they were
     for table, p, g in zip(tables, new_rows, grads):
-        table.set_new_embeddings(p.asnumpy() - 10.0 * g.asnumpy())
+        table.set_learned_rows(p.asnumpy() - 10.0 * g.asnumpy())
     assert float(loss_fn(*inputs)) < float(loss)
     for table, before in zip(tables, frozen):
         np.testing.assert_array_equal(table.weight.asnumpy(), before)
-    np.testing.assert_allclose(tables[0].get_new_embeddings()[1], rows[0][1])
+    np.testing.assert_allclose(tables[0].get_learned_rows()[1], rows[0][1])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from transformers import CLIPTokenizer as HFCLIPTokenizer
 
-from reference import hf_ids, write_tokenizer_folder
+from reference import hf_ids, write_tokenizer
 from gm.modules.encoders.tokenizer import (BIGG_PAD_ID, VIT_L_PAD_ID, CLIPTokenizer, bigg_tokenizer,
                                            clip_vocab_and_merges, vit_l_tokenizer)
 
@@ -39,7 +39,7 @@ PUBLISHED = {
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     """vocab.json + merges.txt as in a Hugging Face / diffusers tokenizer folder."""
-    return write_tokenizer_folder(tmp_path_factory.mktemp("clip_tokenizer"))
+    return write_tokenizer(tmp_path_factory.mktemp("clip_tokenizer"))
 
 
 @pytest.fixture(scope="module")

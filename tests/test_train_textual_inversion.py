@@ -28,10 +28,10 @@ from safetensors import safe_open
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from gm.data.dataset import EpochSampler
+from gm.data.dataset import EpochOrder
 from gm.models.autoencoder import AutoencoderKL
 from gm.models.loading import load_config
-from gm.sampling import SDXLSampler
+from gm.sampling import SDXLPipeline
 from gm.textual_inversion.checkpointing import (
     LOCK_FILE, MODEL_NAME, STATE_DIR, ResumeError, load_train_state, read_train_state, save_learned_embeddings,
 )
@@ -295,8 +295,8 @@ class Harness:
     def state(self):
         """(rows, exp_avg, exp_avg_sq) as lists of arrays per encoder."""
         optimizer = self.training.optimizer
-        return ([p.asnumpy().copy() for p in self.training.learned], [m.asnumpy().copy() for m in optimizer.exp_avg],
-                [v.asnumpy().copy() for v in optimizer.exp_avg_sq])
+        return ([p.asnumpy().copy() for p in self.training.learned_rows],
+                [m.asnumpy().copy() for m in optimizer.exp_avg], [v.asnumpy().copy() for v in optimizer.exp_avg_sq])
 
 
 @pytest.fixture(scope="module")
@@ -322,12 +322,12 @@ def harness(tmp_path_factory):
         AutoencoderKL.encode_moments = original
 
 
-def micro_batch(training, rank=0, world_size=1, seed_key=(0, 0), sampler=None):
+def micro_batch(training, rank=0, world_size=1, seed_key=(0, 0), order=None):
     """A micro-batch drawn as the trainer draws it (rank's data shard and noise stream)."""
-    if sampler is None:
-        sampler = EpochSampler(NUM_IMAGES, 1, 42, rank, world_size)
+    if order is None:
+        order = EpochOrder(NUM_IMAGES, 1, 42, rank, world_size)
     rng = np.random.RandomState([42, rank, *seed_key])
-    return draw_micro_batch(training.model, training.dataset, training.latents, sampler, rng)
+    return draw_micro_batch(training.model, training.dataset, training.latents, order, rng)
 
 
 def relative_difference(a, b):
@@ -339,7 +339,7 @@ def test_only_the_two_new_rows_train(harness):
     after training steps every other weight, both 49,408-row tables included, is bit-identical."""
     harness.reset()
     training = harness.training
-    model, learned, step = training.model, training.learned, training.train_step
+    model, learned, step = training.model, training.learned_rows, training.train_step
     assert [p.name for p in learned] == ROW_NAMES
     # building the train step renamed nothing: the model's parameters keep the checkpoint's names
     assert all(name == p.name for name, p in model.parameters_and_names())
@@ -396,19 +396,19 @@ def test_training_learns_the_toy(harness):
     Measured here: held-out loss 0.1962 -> 0.1929; red 1.7% -> 4.4% of the pixels, blue 10.5% -> 0.2%."""
     training = harness.training
     loss = TextualInversionLoss(training.model)
-    held_out = [micro_batch(training, seed_key=(1000, k), sampler=EpochSampler(NUM_IMAGES, NUM_IMAGES, 1000 + k))
+    held_out = [micro_batch(training, seed_key=(1000, k), order=EpochOrder(NUM_IMAGES, NUM_IMAGES, 1000 + k))
                 for k in range(4)]  # 32 draws, each image 4 times
-    sampler = SDXLSampler(training.model, placeholders={"<toy>": 2})
+    pipeline = SDXLPipeline(training.model, placeholders={"<toy>": 2})
 
     def measure():
-        images = sampler.generate("a photo of <toy>", steps=20, height=64, width=64, seed=0, num_images=8)
+        images = pipeline.generate("a photo of <toy>", steps=20, height=64, width=64, seed=0, num_images=8)
         return np.mean([float(loss(*draw).asnumpy()) for draw in held_out]), toy_colour_fractions(images)
 
     harness.reset()
     loss_before, colours_before = measure()
-    data = EpochSampler(NUM_IMAGES, 1, 7)
+    data = EpochOrder(NUM_IMAGES, 1, 7)
     for step in range(60):
-        harness.step([micro_batch(training, seed_key=(step, m), sampler=data) for m in range(2)], lr=5e-3)
+        harness.step([micro_batch(training, seed_key=(step, m), order=data) for m in range(2)], lr=5e-3)
     loss_after, colours_after = measure()
     harness.reset()
     assert loss_after < loss_before - 1e-3, (loss_before, loss_after)
@@ -417,14 +417,14 @@ def test_training_learns_the_toy(harness):
 
 
 def test_latents_are_encoded_once_and_the_encoder_released(harness):
-    """One VAE encoder call per (image, flip) before training, none after; the encoder is gone."""
+    """Every (image, flip) cached before training, by a child process on the CPU (the training process never
+    runs the encoder: tests/test_latent_cache.py checks the child's latents), and the encoder is gone."""
     training = harness.training
-    assert len(harness.encoder_calls) == NUM_IMAGES * 2  # flip_p 0.5: the image and its mirror
     assert sorted(training.latents.cache) == sorted((i, f) for i in range(NUM_IMAGES) for f in (False, True))
     assert not hasattr(training.model.first_stage_model, "encoder") and training.latents.autoencoder is None
     assert not [n for n, _ in training.model.parameters_and_names() if n.startswith("first_stage_model.encoder.")]
     training.run_step(0, LR)  # draws from the cache
-    assert len(harness.encoder_calls) == NUM_IMAGES * 2
+    assert harness.encoder_calls == []
     harness.reset()
 
 
@@ -436,7 +436,7 @@ def test_fp16_keeps_learned_rows_and_optimizer_state_fp32(tmp_path):
     resolve_defaults(args, config)
     training = Training(args, config)
     assert training.model.model.diffusion_model.dtype == ms.float16
-    assert [p.dtype for p in training.learned] == [ms.float32, ms.float32]
+    assert [p.dtype for p in training.learned_rows] == [ms.float32, ms.float32]
     assert all(p.dtype == ms.float32 for p in training.train_step.state_parameters()[:5])  # m, v, Adam step
     assert all(p.dtype == ms.float32 for p in training.train_step.accum)
     assert float(training.train_step.loss_scale.asnumpy()) == 2.0 ** 16 and training.train_step.dynamic_loss_scale
@@ -606,10 +606,10 @@ def test_gradient_accumulation_matches_one_big_batch(resume_runs, harness):
     1e-5 (relative), the rows to float32 rounding."""
     assert "effective batch   : 2 = 2 per device x 1 accumulation x 1 device(s)" in resume_runs["out_A"]
     training = harness.training
-    sampler = EpochSampler(NUM_IMAGES, 2, 42)
+    order = EpochOrder(NUM_IMAGES, 2, 42)
     harness.reset()
     for step in range(4):
-        batch = draw_micro_batch(training.model, training.dataset, training.latents, sampler,
+        batch = draw_micro_batch(training.model, training.dataset, training.latents, order,
                                  np.random.RandomState([42, 0, step, 0]))
         moments = batch[0].asnumpy()
         assert not np.array_equal(moments[0], moments[1])  # two images, so not the average of equal gradients
@@ -653,10 +653,10 @@ def test_data_parallel_two_workers(parallel_run, harness):
     # batch-of-1 computation as on its rank, and halving is exact in binary floating point, so the averaged
     # gradient (g0 + g1) / 2 of the ranks equals g0 / 2 + g1 / 2 of the accumulation bit for bit.
     training = harness.training
-    samplers = [EpochSampler(NUM_IMAGES, 1, 42, rank, 2) for rank in range(2)]
+    orders = [EpochOrder(NUM_IMAGES, 1, 42, rank, 2) for rank in range(2)]
     harness.reset()
     for step in range(2):
-        pair = [micro_batch(training, rank, 2, (step, 0), samplers[rank]) for rank in range(2)]
+        pair = [micro_batch(training, rank, 2, (step, 0), orders[rank]) for rank in range(2)]
         assert not np.array_equal(pair[0][0].asnumpy(), pair[1][0].asnumpy())  # the ranks drew different images
         harness.step(pair, lr=learning_rate("constant", LR, step, 2))
     rows, exp_avg, exp_avg_sq = harness.state()

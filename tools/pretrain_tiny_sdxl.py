@@ -80,7 +80,12 @@ def parse_args(argv=None):
     p.add_argument("--sample_steps", type=int, default=30,
                    help="Euler steps of the sample grid written at the end (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("config", "init_weight"):  # before minutes of drawing and training, not after them
+        path = getattr(args, flag)
+        if path is not None and not os.path.exists(path):
+            p.exit(2, f"error: --{flag} {path}: no such file or folder.\n")
+    return args
 
 
 # ------------------------------------------------------------------------------------------------- the world
@@ -144,6 +149,8 @@ def trainable(cell):
 def vae_loss_net(vae, kl_weight):
     from mindspore import nn, ops
 
+    from gm.models.autoencoder import posterior, posterior_sample
+
     class VAELoss(nn.Cell):
         """Mean squared reconstruction error through a posterior sample, plus kl_weight x KL(posterior || N(0, I))
         summed over the latent and averaged over the batch, relative to the number of pixels."""
@@ -154,9 +161,8 @@ def vae_loss_net(vae, kl_weight):
 
         def construct(self, images, noise):
             moments = self.vae.encode_moments(images)
-            channels = moments.shape[1] // 2
-            mean, logvar = moments[:, :channels], ops.clamp(moments[:, channels:], -30.0, 20.0)
-            recon = self.vae.decode(mean + ops.exp(0.5 * logvar) * noise)
+            mean, logvar, _ = posterior(moments)
+            recon = self.vae.decode(posterior_sample(moments, noise))
             kl = 0.5 * (ops.square(mean) + ops.exp(logvar) - 1.0 - logvar).sum() / images.size
             return ops.square(recon - images).mean() + kl_weight * kl
 
@@ -190,33 +196,37 @@ def encode_pool(vae, pool_images, batch=64):
 
 
 def fold_latent_scale(vae, moments, scale_factor):
-    """Rescale the VAE's latent so that latent x scale_factor has unit standard deviation over the pool: the
-    encoder's means (and standard deviations) are multiplied by s, the decoder's input by 1/s. Returns s."""
+    """Rescale the VAE's latent so that latent x scale_factor has unit standard deviation over the pool's
+    `moments` (the encoder's, before the fold): the encoder's means (and standard deviations) are multiplied by s,
+    the decoder's input by 1/s. Returns s and the pool's moments as the folded encoder gives them (scaled once
+    here; the engine's scale_factor applies on top, in the loss)."""
     from mindspore import Tensor
 
     channels = moments.shape[1] // 2
     s = 1.0 / (scale_factor * float(moments[:, :channels].std()))
-    weight, bias = vae.quant_conv.weight.asnumpy(), vae.quant_conv.bias.asnumpy()
+
+    def rescale(values, axis=0):  # moments along `axis`: means x s, log-variances + 2 log s
+        mean, logvar = np.split(values, 2, axis=axis)
+        return np.concatenate([mean * s, logvar + 2.0 * np.log(s)], axis=axis).astype(np.float32)
+
+    weight = vae.quant_conv.weight.asnumpy()
     weight[:channels] *= s
-    bias[:channels] *= s
-    bias[channels:] += 2.0 * np.log(s)  # log-variances
     vae.quant_conv.weight.set_data(Tensor(weight))
-    vae.quant_conv.bias.set_data(Tensor(bias))
+    vae.quant_conv.bias.set_data(Tensor(rescale(vae.quant_conv.bias.asnumpy())))
     vae.post_quant_conv.weight.set_data(Tensor(vae.post_quant_conv.weight.asnumpy() / s))
-    return s
+    return s, rescale(moments, axis=1)
 
 
 def train_unet(model, moments, captions, args, rng):
     from mindspore import Tensor
 
-    from gm.textual_inversion.train_step import TextualInversionLoss
+    from gm.textual_inversion.train_step import TextualInversionLoss, loss_inputs
 
     text_columns = [i for i, e in enumerate(model.conditioner.embedders) if e.input_key == "txt"]
     r, b = args.resolution, args.unet_batch
     sizes = {"original_size_as_tuple": np.array([[r, r]] * b, np.float32),
              "crop_coords_top_left": np.zeros((b, 2), np.float32),
              "target_size_as_tuple": np.array([[r, r]] * b, np.float32)}
-    latent_shape = (b, moments.shape[1] // 2) + moments.shape[2:]
     noise_rng = np.random.RandomState(args.seed)  # the loss's sigma sampler draws from a RandomState
 
     def draw():
@@ -225,9 +235,7 @@ def train_unet(model, moments, captions, args, rng):
         keep = cond[-1].asnumpy()
         dropped = rng.random(b) < args.caption_dropout
         keep[np.ix_(dropped, text_columns)] = 0.0
-        latent_noise = Tensor(rng.standard_normal(latent_shape).astype(np.float32))
-        noise, sigma_rand = model.loss_fn.draw_inputs(latent_shape, noise_rng)
-        return (Tensor(moments[index]), latent_noise, noise, sigma_rand) + cond[:-1] + (Tensor(keep),)
+        return loss_inputs(model, moments[index], cond[:-1] + (Tensor(keep),), noise_rng, latent_rng=rng)
 
     if args.unet_weighting == "v":
         from gm.modules.diffusionmodules.denoiser_weighting import VWeighting
@@ -250,10 +258,10 @@ def save_checkpoint(model, path):
 
 
 def save_samples(model, path, resolution, steps, seed):
-    from gm.sampling import SDXLSampler, make_grid, save_png
+    from gm.sampling import SDXLPipeline, make_grid, save_png
 
-    sampler = SDXLSampler(model)
-    images = sampler.generate(list(SAMPLE_CAPTIONS), sampler="EulerEDM", steps=steps, guidance_scale=5.0,
+    pipeline = SDXLPipeline(model)
+    images = pipeline.generate(list(SAMPLE_CAPTIONS), sampler="EulerEDM", steps=steps, guidance_scale=5.0,
                               height=resolution, width=resolution, seed=seed, num_images=4)
     save_png(path, make_grid(images, len(SAMPLE_CAPTIONS), 4))
 
@@ -282,23 +290,26 @@ def main(argv=None):
 
     from gm.device import set_device
     from gm.models.loading import create_model, load_config
+    from gm.weights.loader import WeightFileError
+    from gm.weights.state_dict import WeightMismatchError
 
     set_device("CPU")
     ms.set_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     start = time.perf_counter()
-    model = create_model(load_config(args.config), args.init_weight)
+    try:
+        model = create_model(load_config(args.config), args.init_weight)
+    except (WeightFileError, WeightMismatchError) as e:  # a config or weights file that is there but unusable
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     curves = {"VAE": train_vae(model, args, rng)} if args.vae_steps else {}
 
     pool = [scene(rng, args.resolution) for _ in tqdm(range(args.pool), desc="drawing the pool")]
     vae = model.first_stage_model
     moments = encode_pool(vae, [image for image, _ in pool])
-    s = fold_latent_scale(vae, moments, model.scale_factor)
-    channels = moments.shape[1] // 2
-    moments[:, :channels] *= s  # what the folded encoder now gives
-    moments[:, channels:] += 2.0 * np.log(s)
+    s, moments = fold_latent_scale(vae, moments, model.scale_factor)
     print(f"latent rescaled by {s:.4f}: latent x {model.scale_factor} has std "
-          f"{moments[:, :moments.shape[1] // 2].std() * model.scale_factor:.3f}")
+          f"{moments[:, :vae.embed_dim].std() * model.scale_factor:.3f}")
     curves["UNet"] = train_unet(model, moments, [caption for _, caption in pool], args, rng)
 
     save_checkpoint(model, args.output)

@@ -126,6 +126,9 @@ def scan_folder(data_root, placeholder_token):
     return items
 
 
+Choice = collections.namedtuple("Choice", ["top_left", "flipped", "prompt"])  # an example's random choices
+
+
 class TextualInversionDataset:
     """Images of one concept, square-cropped, each with a prompt holding the placeholder.
 
@@ -169,7 +172,8 @@ class TextualInversionDataset:
         return len(self.items)
 
     def draw(self, index, epoch=0):
-        """The random choices for example `index` in `epoch`: (crop top-left or None for centre, flipped, prompt).
+        """The random choices for example `index` in `epoch`: Choice(top_left: the crop's, None for the centre;
+        flipped; prompt).
 
         Seeded by (seed, epoch, index), so a resumed run draws the same examples."""
         rng = np.random.default_rng([self.seed, epoch, index])
@@ -184,7 +188,7 @@ class TextualInversionDataset:
             prompt = item.caption.replace(self.placeholder_token, self.placeholder_text)
         else:
             prompt = self.templates[int(rng.integers(len(self.templates)))].format(self.placeholder_text)
-        return top_left, flipped, prompt
+        return Choice(top_left, flipped, prompt)
 
     def variant(self, index, top_left=None, flipped=False):
         """Image `index` cropped at `top_left` (None: centre) and maybe mirrored, with its SDXL size conditioning:
@@ -206,11 +210,11 @@ class TextualInversionDataset:
 
     def example(self, index, epoch=0):
         """Example `index` as drawn in `epoch`: {"jpg": float32 [3, res, res], "txt": str, size conditioning}."""
-        top_left, flipped, prompt = self.draw(index, epoch)
-        return dict(self.variant(index, top_left, flipped), txt=prompt)
+        choice = self.draw(index, epoch)
+        return dict(self.variant(index, choice.top_left, choice.flipped), txt=choice.prompt)
 
     def batch(self, draws):
-        """Stack the examples of `draws` ((index, epoch) pairs, e.g. from EpochSampler) into numpy arrays."""
+        """Stack the examples of `draws` ((index, epoch) pairs, e.g. from EpochOrder) into numpy arrays."""
         examples = [self.example(index, epoch) for index, epoch in draws]
         batch = {"jpg": np.stack([e["jpg"] for e in examples]), "txt": [e["txt"] for e in examples]}
         for key in ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple"):
@@ -221,8 +225,8 @@ class TextualInversionDataset:
 Draw = collections.namedtuple("Draw", ["index", "epoch"])
 
 
-class EpochSampler:
-    """A deterministic, resumable stream of example indices, sharded over data-parallel ranks.
+class EpochOrder:
+    """The data order: a deterministic, resumable stream of example indices, sharded over data-parallel ranks.
 
     The stream is the concatenation of per-epoch permutations of range(n) (seeded by (seed, epoch));
     each step takes the next `batch_size * world_size` draws and rank r keeps its contiguous slice,
@@ -260,10 +264,6 @@ class EpochSampler:
                 self.epoch, self.position = self.epoch + 1, 0
         return draws[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
 
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
-
     def state_dict(self):
         """JSON-serialisable state; n, seed and shuffle are kept to refuse a resume on different data."""
         return {"epoch": self.epoch, "position": self.position, "n": self.n, "seed": self.seed, "shuffle": self.shuffle}
@@ -275,5 +275,5 @@ class EpochSampler:
                     f"cannot resume the data order: saved {key}={state[key]!r}, now {getattr(self, key)!r}")
         if not 0 <= state["position"] < self.n or state["epoch"] < 0:
             raise ValueError(
-                f"invalid sampler state: epoch {state['epoch']}, position {state['position']} for n={self.n}")
+                f"invalid data order state: epoch {state['epoch']}, position {state['position']} for n={self.n}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -114,10 +114,8 @@ def load_templates(path):
     return templates
 
 
-def get_templates(learnable_property="object", template_file=None):
-    """The templates to train with: those of `template_file` if given, else the built-in list."""
-    if template_file is not None:
-        return load_templates(template_file)
+def get_templates(learnable_property="object"):
+    """The built-in templates of `learnable_property` ("object", "style" or "face")."""
     if learnable_property not in TEMPLATES:
         raise ValueError(f"learnable_property must be one of {sorted(TEMPLATES)}, got {learnable_property!r}")
     return list(TEMPLATES[learnable_property])

@@ -14,21 +14,30 @@ from gm.modules.diffusionmodules.model import Decoder, Encoder
 from gm.modules.layers import Conv2d
 
 
+def posterior(moments):
+    """The encoder's moments [B, 2C, h, w] (means, then log-variances) -> (mean, clamped log-variance, std) of
+    the posterior N(mean, std^2). Plain code: graphs (the train step, the pretraining tool's VAE loss) inline it."""
+    channels = moments.shape[1] // 2
+    logvar = ops.clamp(moments[:, channels:], -30.0, 20.0)
+    return moments[:, :channels], logvar, ops.exp(0.5 * logvar)
+
+
+def posterior_sample(moments, noise):
+    """mean + std * noise: a draw from the posterior of `moments`, `noise` ~ N(0, I) shaped like the mean."""
+    mean, _, std = posterior(moments)
+    return mean + std * noise
+
+
 class DiagonalGaussianDistribution:
     """The posterior N(mean, std^2) given the encoder's moments [B, 2C, h, w] (means, then log-variances)."""
 
     def __init__(self, moments):
-        channels = moments.shape[1] // 2
-        self.mean = moments[:, :channels]
-        self.logvar = ops.clamp(moments[:, channels:], -30.0, 20.0)
-        self.std = ops.exp(0.5 * self.logvar)
+        self.moments = moments
+        self.mean, _, self.std = posterior(moments)
 
     def sample(self, noise):
-        """mean + std * noise, with `noise` ~ N(0, I) shaped like the mean (passed in for reproducibility)."""
-        return self.mean + self.std * noise
-
-    def mode(self):
-        return self.mean
+        """A draw with `noise` ~ N(0, I) shaped like the mean (passed in for reproducibility)."""
+        return posterior_sample(self.moments, noise)
 
 
 class AutoencoderKL(nn.Cell):
@@ -39,6 +48,8 @@ class AutoencoderKL(nn.Cell):
         super().__init__()
         self.embed_dim = embed_dim
         self.dtype = dtype
+        # how to build it again (latent caching rebuilds the encoder in a child process); the VAE computes in fp32
+        self.init_args = dict(embed_dim=embed_dim, ddconfig=dict(ddconfig), conv_impl=conv_impl, attn_impl=attn_impl)
         self.encoder = Encoder(**ddconfig, conv_impl=conv_impl, attn_impl=attn_impl)
         self.decoder = Decoder(**ddconfig, conv_impl=conv_impl, attn_impl=attn_impl)
         moments = 2 if ddconfig.get("double_z", True) else 1

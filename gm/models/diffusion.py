@@ -19,20 +19,19 @@ class OpenAIWrapper(nn.Cell):
 
 class DiffusionEngine(nn.Cell):
     """UNet (`model`), denoiser, text/size conditioner, VAE (`first_stage_model`) and, when configured,
-    the training loss and the default sampler.
+    the training loss.
 
     `requires_weights` marks configs (the real SDXL) that must never run from random initial weights.
     """
 
     def __init__(self, network_config, denoiser_config, conditioner_config, first_stage_config,
-                 scale_factor=0.13025, loss_fn_config=None, sampler_config=None, requires_weights=True):
+                 scale_factor=0.13025, loss_fn_config=None, requires_weights=True):
         super().__init__()
         self.model = OpenAIWrapper(instantiate_from_config(network_config))
         self.denoiser = instantiate_from_config(denoiser_config)
         self.conditioner = instantiate_from_config(conditioner_config)
         self.first_stage_model = instantiate_from_config(first_stage_config)
         self.loss_fn = instantiate_from_config(loss_fn_config) if loss_fn_config else None
-        self.sampler_config = sampler_config
         self.scale_factor = scale_factor
         self.requires_weights = requires_weights
 

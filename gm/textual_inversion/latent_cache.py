@@ -5,30 +5,51 @@ flips are on) is encoded once, before training; a step then samples its latent f
 N(mean, std^2) with fresh noise, exactly what encoding the image anew each step would give, and the VAE
 encoder is released (deleted from the autoencoder; the decoder stays for sampling). With caching off, images
 are encoded when drawn (the diffusers script's way).
+
+On the CPU the encoding runs in a child process (`python -m gm.textual_inversion.latent_cache JOB_DIR`): MindSpore's
+CPU memory pool never gives memory back to the system, so the encoder's working memory (gigabytes for the
+full-size VAE at 1024 px) would otherwise stay in the training process for its whole life. The child gets the
+encoder's weights and the images through files in a temporary folder and writes the moments back there.
 """
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
 import numpy as np
 from tqdm import tqdm
 
 import mindspore as ms
 from mindspore import Tensor
 
+from gm.device import keeps_graph_memory
 from gm.util import release_free_memory
+
+ENCODER_PARTS = ("encoder.", "quant_conv.")  # the autoencoder's parameters that `encode_moments` uses
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class TrainingLatents:
     """Posterior moments [2C, h, w] (means, then log-variances) and size conditioning per (index, flipped).
 
-    With `cache`, every (index, flipped) of `variants` is encoded now and `autoencoder.encoder` is deleted.
+    With `cache`, every (index, flipped) of `variants` is encoded now (in a child process where the device keeps
+    a graph's memory, see the module's docstring; `in_child` overrides) and `autoencoder.encoder` is deleted.
     """
 
-    def __init__(self, autoencoder, dataset, variants=(False,), cache=True, progress=True):
+    def __init__(self, autoencoder, dataset, variants=(False,), cache=True, progress=True, in_child=None):
         self.autoencoder, self.dataset = autoencoder, dataset
         self.cache = {}
         if cache:
             keys = [(i, flipped) for i in range(len(dataset)) for flipped in variants]
-            for key in tqdm(keys, desc="Caching VAE latents", unit="image", disable=not progress):
-                self.cache[key] = self._encode(key)
-            del autoencoder.encoder  # never needed again: free its memory before training
+            if in_child is None:
+                in_child = keeps_graph_memory(ms.get_context("device_target"))
+            if in_child:
+                self.cache = encode_in_child_process(autoencoder, dataset, keys, progress)
+            else:
+                for key in tqdm(keys, desc="Caching VAE latents", unit="image", disable=not progress):
+                    self.cache[key] = self._encode(key)
+            del autoencoder.encoder  # never needed again: free its weights before training
             self.autoencoder = None
             release_free_memory()  # what compiling the encoder's graph freed, before the train step compiles
 
@@ -44,3 +65,67 @@ class TrainingLatents:
         for name in ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple"):
             batch[name] = np.array([cond[name] for _, cond in entries], np.int64)
         return batch
+
+
+def encode_in_child_process(autoencoder, dataset, keys, progress=True):
+    """{key: (moments, size conditioning)} for the dataset's (index, flipped) `keys`, encoded by a child process
+    running `autoencoder`'s encoder (its constructor arguments and encoder weights passed through files)."""
+    from safetensors.numpy import save_file
+
+    with tempfile.TemporaryDirectory(prefix="sdxl-ti-latents-") as job_dir:
+        conditions = []
+        images = None
+        for i, key in enumerate(keys):
+            example = dataset.variant(key[0], flipped=key[1])
+            image = example.pop("jpg")
+            if images is None:  # written image by image: all of them need not be in memory at once
+                images = np.lib.format.open_memmap(os.path.join(job_dir, "images.npy"), "w+", np.float32,
+                                                   (len(keys),) + image.shape)
+            images[i] = image
+            conditions.append(example)
+        images.flush()
+        del images
+        weights = {name: param.asnumpy() for name, param in autoencoder.parameters_and_names()
+                   if name.startswith(ENCODER_PARTS)}
+        save_file(weights, os.path.join(job_dir, "encoder.safetensors"))
+        job = dict(autoencoder=autoencoder.init_args, dtype=str(autoencoder.dtype).lower(),
+                   device_target=ms.get_context("device_target"), ms_mode=ms.get_context("mode"), progress=progress)
+        with open(os.path.join(job_dir, "job.json"), "w", encoding="utf-8") as f:
+            json.dump(job, f)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+        code = subprocess.run([sys.executable, "-m", "gm.textual_inversion.latent_cache", job_dir], env=env).returncode
+        if code != 0:
+            reason = "killed: out of memory?" if code == -9 else f"exit code {code}"
+            raise RuntimeError(f"encoding the training images failed in the child process ({reason}); "
+                               "--cache_latents False encodes them in the training process instead, step by step")
+        moments = np.load(os.path.join(job_dir, "moments.npy"))
+    return {key: (moments[i], conditions[i]) for i, key in enumerate(keys)}
+
+
+def encode_job(job_dir):
+    """The child's side: build the encoder from `job.json`, load `encoder.safetensors`, encode `images.npy` one
+    image at a time, write `moments.npy`."""
+    from mindspore.nn.utils import no_init_parameters
+    from safetensors.numpy import load_file
+
+    from gm.device import set_device
+    from gm.models.autoencoder import AutoencoderKL
+
+    with open(os.path.join(job_dir, "job.json"), encoding="utf-8") as f:
+        job = json.load(f)
+    set_device(job["device_target"], job["ms_mode"])
+    with no_init_parameters():  # the decoder's parameters are never allocated
+        autoencoder = AutoencoderKL(**job["autoencoder"], dtype=getattr(ms, job["dtype"]))
+    params = dict(autoencoder.parameters_and_names())
+    for name, value in load_file(os.path.join(job_dir, "encoder.safetensors")).items():
+        params[name].set_data(Tensor(value, dtype=params[name].dtype))
+    images = np.load(os.path.join(job_dir, "images.npy"), mmap_mode="r")
+    moments = []
+    for image in tqdm(images, desc="Caching VAE latents", unit="image", disable=not job["progress"]):
+        moments.append(autoencoder.encode_moments(Tensor(np.array(image[None]), ms.float32)).asnumpy()[0])
+    np.save(os.path.join(job_dir, "moments.tmp.npy"), np.stack(moments))
+    os.replace(os.path.join(job_dir, "moments.tmp.npy"), os.path.join(job_dir, "moments.npy"))
+
+
+if __name__ == "__main__":
+    encode_job(sys.argv[1])

@@ -1,7 +1,9 @@
 """Placeholder tokens of textual inversion, shared by training and sampling.
 
 A learned word `<tok>` with n vectors is n new tokens `<tok>`, `<tok>_1`, ..., `<tok>_{n-1}` (diffusers'
-naming) in both SDXL text encoders; a prompt that says `<tok>` is expanded to all n before tokenization.
+naming) in both SDXL text encoders, each with a learned row in their token tables (`TokenEmbedding`); a prompt
+that says `<tok>` is expanded to all n before tokenization. The trainer, the benchmark and the pipeline add
+tokens and write their rows through these functions only.
 """
 import re
 
@@ -79,6 +81,26 @@ def add_placeholder_tokens(conditioner, token, rows_l, rows_g):
                     f"placeholder token {t!r} is already in the vocabulary of {type(embedder).__name__} (a word of "
                     "CLIP's or a token added before): pick a new string, e.g. a word in angle brackets like <my-thing>")
     return tuple(embedder.add_tokens(tokens, value) for embedder, value in zip(embedders, rows))
+
+
+def set_placeholder_rows(conditioner, token, rows_l, rows_g):
+    """Overwrite the learned rows of `token` (added before, with as many vectors) in both text embedders.
+
+    In place, so graphs compiled before (a pipeline's conditioner) read the new values without a recompile."""
+    for embedder, rows in zip(conditioner.text_embedders(), (rows_l, rows_g)):
+        table = embedder.token_embedding
+        ids = np.array(embedder.tokenizer.convert_tokens_to_ids(placeholder_tokens(token, len(rows))))
+        learned = table.get_learned_rows()
+        learned[ids - table.vocab_size] = rows
+        table.set_learned_rows(learned)
+
+
+def add_trainable_placeholder(conditioner, token, num_vectors, initializer_token, rng):
+    """Add `token` with `num_vectors` vectors to both text embedders, its rows started by `initial_rows`; returns
+    the learned rows to train (one Parameter per encoder). What the trainer and the step benchmark set up."""
+    rows = [initial_rows(embedder, initializer_token, num_vectors, rng) for embedder in conditioner.text_embedders()]
+    add_placeholder_tokens(conditioner, token, *rows)
+    return conditioner.learned_rows()
 
 
 def initial_rows(embedder, initializer_token, num_vectors, rng):

@@ -5,10 +5,23 @@ their posterior, noised at a random level, and denoised by the frozen UNet under
 that holds the placeholder, through both frozen text encoders. `TextualInversionTrainStep` differentiates it
 with respect to the learned rows only, accumulates micro-batches, then unscales (fp16 loss scale), averages
 across data-parallel ranks, skips the update if a gradient is not finite, clips and applies AdamW, all inside
-the graph.
+the graph. `loss_inputs` draws a micro-batch's noise on the host, for the trainer, the benchmark and the
+pretraining tool alike.
 """
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+from gm.models.autoencoder import posterior_sample
+
+
+def loss_inputs(engine, moments, cond_inputs, rng, latent_rng=None):
+    """The inputs of `TextualInversionLoss` for posterior `moments` (numpy [B, 2C, h, w]) and `cond_inputs`
+    (`conditioner.tokenize(batch)`): posterior noise from `latent_rng` (default `rng`), then diffusion noise and
+    noise levels from `rng` (a numpy RandomState, as the sigma sampler draws)."""
+    latent_shape = (moments.shape[0], moments.shape[1] // 2) + moments.shape[2:]
+    latent_noise = Tensor((rng if latent_rng is None else latent_rng).standard_normal(latent_shape), ms.float32)
+    noise, sigma_rand = engine.loss_fn.draw_inputs(latent_shape, rng)
+    return (Tensor(moments, ms.float32), latent_noise, noise, sigma_rand) + tuple(cond_inputs)
 
 
 class TextualInversionLoss(nn.Cell):
@@ -30,9 +43,7 @@ class TextualInversionLoss(nn.Cell):
 
     def loss_given_conditioning(self, moments, latent_noise, noise, sigma_rand, context, vector):
         """The same loss once the conditioner has run: `context` [B, L, D] (crossattn), `vector` [B, V]."""
-        channels = moments.shape[1] // 2
-        std = ops.exp(0.5 * ops.clamp(moments[:, channels:], -30.0, 20.0))
-        latents = (moments[:, :channels] + std * latent_noise) * self.scale_factor
+        latents = posterior_sample(moments, latent_noise) * self.scale_factor
         return self.loss_fn(self.model, self.denoiser, latents, context, vector, noise, sigma_rand).mean()
 
 

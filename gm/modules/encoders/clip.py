@@ -33,14 +33,14 @@ class Embedding(nn.Cell):
 
 
 class TokenEmbedding(Embedding):
-    """CLIP's token table, frozen, plus optional trainable rows for tokens added by textual inversion.
+    """CLIP's token table, frozen, plus the learned rows of tokens added by textual inversion.
 
-    `weight` [49408, d] is the checkpoint's table and never trains (`requires_grad=False`). Rows added with
-    `add_new_tokens` live in `new_embeddings` [n, d] (a name no checkpoint uses) and serve ids 49408 ... 49408+n-1,
-    so a gradient reaches only those n rows, never a dense [49408, d] one.
+    `weight` [49408, d] is the checkpoint's table and never trains (`requires_grad=False`). The learned rows, added
+    with `add_new_tokens`, live in the Parameter `new_embeddings` [n, d] (a name no checkpoint uses) and serve ids
+    49408 ... 49408+n-1, so a gradient reaches only those n rows, never a dense [49408, d] one.
 
     Adding rows changes the graph: add them before the model is first called (compiled) and before an optimizer
-    is built over `new_embeddings`. Afterwards `set_new_embeddings` may overwrite their values at any time.
+    is built over `new_embeddings`. Afterwards `set_learned_rows` may overwrite their values at any time.
     """
 
     def __init__(self, vocab_size=VOCAB_SIZE, dim=768, std=0.02):
@@ -58,23 +58,23 @@ class TokenEmbedding(Embedding):
         initial_rows = np.asarray(initial_rows, np.float32)
         dim = self.weight.shape[1]
         if initial_rows.ndim != 2 or initial_rows.shape[1] != dim:
-            raise ValueError(f"new token rows must have shape [n, {dim}], got {initial_rows.shape}")
+            raise ValueError(f"learned rows must have shape [n, {dim}], got {initial_rows.shape}")
         first = self.vocab_size + self.num_new_tokens
-        rows = initial_rows if self.new_embeddings is None else np.concatenate([self.get_new_embeddings(), initial_rows])
+        rows = initial_rows if self.new_embeddings is None else np.concatenate([self.get_learned_rows(), initial_rows])
         # Named after the table (its full path once inside a model), so optimizer states and saved files do not
         # confuse the two text encoders' rows.
         name = self.weight.name[: -len("weight")] + "new_embeddings"
         self.new_embeddings = Parameter(Tensor(rows, ms.float32), name=name, requires_grad=True)
         return list(range(first, first + len(initial_rows)))
 
-    def get_new_embeddings(self):
-        """The added rows as a float32 array [n, d] (empty [0, d] when there are none)."""
+    def get_learned_rows(self):
+        """The learned rows as a float32 array [n, d] (empty [0, d] when there are none)."""
         if self.new_embeddings is None:
             return np.zeros((0, self.weight.shape[1]), np.float32)
         return self.new_embeddings.asnumpy().astype(np.float32)
 
-    def set_new_embeddings(self, rows):
-        """Overwrite the added rows in place (same shape [n, d]).
+    def set_learned_rows(self, rows):
+        """Overwrite the learned rows in place (same shape [n, d]).
 
         Written into the Parameter's own buffer (`ops.assign`), which graphs compiled before keep reading;
         `set_data` would give it a new buffer that such a graph may no longer see."""

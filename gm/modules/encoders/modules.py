@@ -175,8 +175,8 @@ class GeneralConditioner(nn.Cell):
         """The embedders that read the prompt (and can learn new tokens), in config order."""
         return [self.embedders[i] for i in range(len(self.embedders)) if isinstance(self.embedders[i], TextEmbedder)]
 
-    def learned_embeddings(self):
-        """The trainable rows of added tokens, one Parameter per text encoder that has any."""
+    def learned_rows(self):
+        """The learned rows of added tokens, one Parameter (`new_embeddings`) per text encoder that has any."""
         return [e.token_embedding.new_embeddings for e in self.text_embedders()
                 if e.token_embedding.new_embeddings is not None]
 

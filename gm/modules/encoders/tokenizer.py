@@ -17,7 +17,7 @@ import json
 import os
 
 import numpy as np
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
 BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_bpe", "bpe_simple_vocab_16e6.txt.gz")
@@ -108,7 +108,6 @@ class CLIPTokenizer:
         if vocab is None:
             vocab, merges = clip_vocab_and_merges()
         self.pad_id, self.max_length = pad_id, max_length
-        self.vocab_size = len(vocab)
         tok = Tokenizer(BPE(vocab=vocab, merges=list(merges), continuing_subword_prefix="", end_of_word_suffix="</w>",
                             fuse_unk=False, unk_token=EOS_TOKEN))
         tok.normalizer = normalizers.Sequence(
@@ -118,7 +117,6 @@ class CLIPTokenizer:
             pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ])
-        tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens([AddedToken(BOS_TOKEN, special=True), AddedToken(EOS_TOKEN, special=True)])
         self._tokenizer = tok
         self.bos_id, self.eos_id = tok.token_to_id(BOS_TOKEN), tok.token_to_id(EOS_TOKEN)
@@ -159,10 +157,6 @@ class CLIPTokenizer:
     def encode(self, text):
         """The ids of `text` alone: no <|startoftext|>/<|endoftext|>, no truncation or padding."""
         return self._tokenizer.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids):
-        tokens = [self._tokenizer.id_to_token(i) for i in ids if i not in (self.bos_id, self.eos_id)]
-        return self._tokenizer.decoder.decode(tokens).replace("</w>", " ").strip()
 
     def __call__(self, texts):
         """str or list of str -> int32 array [B, max_length]."""

@@ -1,0 +1,57 @@
+"""Latents of the training images cached before training: in a child process on the CPU (MindSpore's CPU pool
+would keep the encoder's working memory in the training process for good), identical to encoding in-process."""
+import os
+
+import numpy as np
+import pytest
+
+from gm.data.dataset import TextualInversionDataset
+from gm.models.loading import create_model, load_config
+from gm.textual_inversion import latent_cache
+from gm.textual_inversion.latent_cache import TrainingLatents
+
+TINY = os.path.join("configs", "inference", "sd_xl_tiny.yaml")
+DATA = os.path.join("datasets", "synthetic_toy")
+
+
+def fresh_autoencoder(root, tiny_sdxl):
+    """Its own model each time: caching deletes the encoder."""
+    return create_model(load_config(os.path.join(root, TINY)), weight=tiny_sdxl.diffusers_folder).first_stage_model
+
+
+def test_child_process_latents_equal_in_process(root, tiny_sdxl):
+    """Every (image, flip) variant's moments, bit for bit, and its size conditioning; the encoder is released
+    either way."""
+    dataset = TextualInversionDataset(os.path.join(root, DATA), "<toy>", 64, flip_p=0.5)
+    keys = [(i, flipped) for i in range(len(dataset)) for flipped in (False, True)]
+    batches = []
+    for in_child in (False, True):
+        autoencoder = fresh_autoencoder(root, tiny_sdxl)
+        latents = TrainingLatents(autoencoder, dataset, (False, True), progress=False, in_child=in_child)
+        assert "encoder" not in autoencoder.name_cells() and latents.autoencoder is None
+        batches.append(latents.batch(keys))
+    in_process, child = batches
+    assert in_process["moments"].shape == (len(keys), 8, 8, 8)
+    assert in_process.keys() == child.keys()
+    for name in in_process:
+        np.testing.assert_array_equal(child[name], in_process[name], err_msg=name)
+
+
+def test_cpu_caches_in_a_child_process(root, tiny_sdxl, monkeypatch):
+    """The default on the CPU; a child that fails is one clear error that names the way out."""
+    calls = []
+    monkeypatch.setattr(latent_cache, "encode_in_child_process", lambda *args: calls.append(args) or {})
+    dataset = TextualInversionDataset(os.path.join(root, DATA), "<toy>", 64)
+    TrainingLatents(fresh_autoencoder(root, tiny_sdxl), dataset, progress=False)
+    assert len(calls) == 1
+    monkeypatch.undo()
+
+    class Broken(TextualInversionDataset):
+        def variant(self, index, top_left=None, flipped=False):
+            example = super().variant(index, top_left, flipped)
+            example["jpg"] = example["jpg"][:2]  # two colour channels: the encoder's first convolution refuses it
+            return example
+
+    broken = Broken(os.path.join(root, DATA), "<toy>", 64)
+    with pytest.raises(RuntimeError, match="failed in the child process .* --cache_latents False"):
+        TrainingLatents(fresh_autoencoder(root, tiny_sdxl), broken, progress=False)
