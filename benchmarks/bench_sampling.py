@@ -109,7 +109,8 @@ def run_reference(args):
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(args.weights, add_watermarker=False)
+    # fp32, as our side computes (the full config's files are stored in fp16)
+    pipe = StableDiffusionXLPipeline.from_pretrained(args.weights, add_watermarker=False, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     rss_model = memory_gb("VmRSS")
 

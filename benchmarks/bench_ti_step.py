@@ -260,10 +260,11 @@ def run_reference(args):
     peak_gflops = torch_matmul_peak()
     folder = args.weights
     tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
-    encoders = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
-                CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2")]
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    # fp32, as our side computes: transformers would otherwise keep the stored dtype (the full config's fp16 files)
+    encoders = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch.float32),
+                CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", dtype=torch.float32)]
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
     noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     rss_model = memory_gb("VmRSS")
     log("reference: model loaded")
