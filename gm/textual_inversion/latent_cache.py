@@ -54,9 +54,8 @@ class TrainingLatents:
             release_free_memory()  # what compiling the encoder's graph freed, before the train step compiles
 
     def _encode(self, key):
-        example = self.dataset.variant(key[0], flipped=key[1])
-        image = Tensor(example.pop("jpg")[None], ms.float32)
-        return self.autoencoder.encode_moments(image).asnumpy()[0], example
+        image, conditions = image_and_conditions(self.dataset, key)
+        return self.autoencoder.encode_moments(Tensor(image[None], ms.float32)).asnumpy()[0], conditions
 
     def batch(self, keys):
         """{"moments": [B, 2C, h, w], size conditioning [B, 2] arrays} for `keys`."""
@@ -65,6 +64,12 @@ class TrainingLatents:
         for name in ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple"):
             batch[name] = np.array([cond[name] for _, cond in entries], np.int64)
         return batch
+
+
+def image_and_conditions(dataset, key):
+    """(image float32 [3, res, res], its size conditioning) of the dataset's (index, flipped) `key`."""
+    example = dataset.variant(key[0], flipped=key[1])
+    return example.pop("jpg"), example
 
 
 def encode_in_child_process(autoencoder, dataset, keys, progress=True):
@@ -76,13 +81,12 @@ def encode_in_child_process(autoencoder, dataset, keys, progress=True):
         conditions = []
         images = None
         for i, key in enumerate(keys):
-            example = dataset.variant(key[0], flipped=key[1])
-            image = example.pop("jpg")
+            image, condition = image_and_conditions(dataset, key)
             if images is None:  # written image by image: all of them need not be in memory at once
                 images = np.lib.format.open_memmap(os.path.join(job_dir, "images.npy"), "w+", np.float32,
                                                    (len(keys),) + image.shape)
             images[i] = image
-            conditions.append(example)
+            conditions.append(condition)
         images.flush()
         del images
         weights = {name: param.asnumpy() for name, param in autoencoder.parameters_and_names()
