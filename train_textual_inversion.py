@@ -99,8 +99,8 @@ def build_parser():
                         f"config's training.weight, else {DEFAULT_WEIGHT} for the SDXL config; a small config without "
                         f"either starts from random weights)")
     g.add_argument("--recompute", type=str2bool, default=False,
-                   help="recompute UNet and text-encoder blocks in the backward pass to save memory (Ascend; on CPU "
-                        "MindSpore 2.10 keeps the activations anyway, so it only costs time: benchmarks/README.md)")
+                   help="recompute the UNet's blocks (and, on Ascend, the text encoders' layers) in the backward "
+                        "pass instead of keeping their activations: less memory, more time (benchmarks/README.md)")
 
     g = p.add_argument_group("the new word")
     g.add_argument("--placeholder_token", required=True, help='the new word, e.g. "<cat-toy>"')

@@ -6,7 +6,8 @@ Ours is the trainer's step: `TextualInversionTrainStep` over the learned rows on
 training image's VAE latents cached before training (the encoder then released). The reference is the training
 step of diffusers' examples/textual_inversion/textual_inversion_sdxl.py (both encoders' tokens trained), rewritten
 here: the VAE encodes the image every step, AdamW holds both full token tables, the original rows are copied back
-after each step, and `--recompute` turns on its gradient checkpointing, which covers the text encoders only.
+after each step, and `--recompute` turns on its gradient checkpointing (UNet and text encoders, as the diffusers
+scripts' `--gradient_checkpointing`).
 Both run fp32 at the same resolution, batch and thread count, each in its own process (so each peak memory is its
 own). Printed: median seconds per step after warm-up, graph compile time, peak resident memory, model FLOP
 utilisation (UNet and text encoders forward + backward, counted from the shapes, against the fp32 matmul peak
@@ -43,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: 64 tiny, else 512)")
     p.add_argument("--recompute", action="store_true",
-                   help="ours: recompute UNet and text-encoder blocks; reference: gradient checkpointing (text encoders)")
+                   help="ours: recompute UNet and text-encoder blocks; reference: gradient checkpointing (UNet, text encoders)")
     p.add_argument("--steps", type=int, default=None, help="timed steps after the warm-up (default: 5; full: 1)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps after compilation (default: 1; full: 0)")
     p.add_argument("--batch", type=int, default=1, help="images per step (default: 1, the scripts' default)")
@@ -284,6 +285,9 @@ def run_reference(args):
         placeholder_ids.append(ids)
     vae.requires_grad_(False)
     unet.requires_grad_(False)
+    if args.recompute:  # as diffusers' textual inversion scripts' --gradient_checkpointing
+        unet.enable_gradient_checkpointing()
+        unet.train()
     for encoder in encoders:  # everything of the text encoders but the token table (and bigG's projection)
         text_model(encoder).encoder.requires_grad_(False)
         text_model(encoder).final_layer_norm.requires_grad_(False)

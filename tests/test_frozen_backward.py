@@ -4,10 +4,13 @@
   equal torch's; with the weight frozen the graph keeps none of the unfolded input columns.
 - attention: `ChunkedAttention` (probabilities recomputed in the backward, query chunk by query chunk) equals torch
   and the plain autodiff path, forward and gradients, and keeps far less than the plain path.
-- the tiny UNet's gradient with respect to its text context equals diffusers'.
+- the tiny UNet's gradients with respect to its text context and pooled text embedding equal diffusers', also
+  with its blocks recomputed in the backward pass; recomputed blocks keep only their inputs.
 - the UNet's transformer changes layouts through its products' transpose flags: it keeps far less than the same
   blocks with Transpose kernels.
 """
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -136,9 +139,16 @@ def test_chunked_attention_matches_torch_and_autodiff(monkeypatch, lq, lk, chunk
         assert_close(grad.asnumpy(), grad_plain.asnumpy())
 
 
-def test_unet_context_gradient_matches_diffusers(tiny_sdxl, tiny_model):
-    """Textual inversion's gradient path: the frozen tiny UNet's gradient with respect to the text context."""
+@pytest.mark.parametrize("recompute", [False, True])
+def test_unet_input_gradients_match_diffusers(tiny_sdxl, tiny_model, root, recompute):
+    """Textual inversion's gradient path: the frozen tiny UNet's gradients with respect to the text context and the
+    pooled text embedding (through the vector `y` and every ResBlock's time embedding), also with each block
+    recomputed in the backward pass (`gm.modules.recompute`)."""
+    from omegaconf import OmegaConf
     from reference import sgm_vector
+    from gm.util import instantiate_from_config
+    from gm.weights.diffusers_unet import unet_diffusers_to_sgm
+    from gm.weights.state_dict import load_state_dict_into
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
@@ -149,18 +159,25 @@ def test_unet_context_gradient_matches_diffusers(tiny_sdxl, tiny_model):
     upstream = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
 
     context_t = torch.tensor(context, requires_grad=True)
-    cond = dict(text_embeds=torch.tensor(pooled), time_ids=torch.tensor(time_ids))
+    pooled_t = torch.tensor(pooled, requires_grad=True)
+    cond = dict(text_embeds=pooled_t, time_ids=torch.tensor(time_ids))
     out_t = tiny_sdxl.unet(torch.tensor(x), torch.tensor(t), context_t, added_cond_kwargs=cond).sample
     (out_t * torch.tensor(upstream)).sum().backward()
 
-    unet = tiny_model.model.diffusion_model
-    vector = Tensor(sgm_vector(pooled, time_ids))
+    if recompute:
+        config = OmegaConf.load(f"{root}/configs/inference/sd_xl_tiny.yaml").model.params.network_config
+        unet = instantiate_from_config(config, use_recompute=True)
+        load_state_dict_into(unet, unet_diffusers_to_sgm(tiny_sdxl.diffusers_state("unet")), "diffusers tiny UNet")
+    else:
+        unet = tiny_model.model.diffusion_model
 
-    def loss(context):  # no weights differentiated, as in textual inversion
+    def loss(context, vector):  # no weights differentiated, as in textual inversion
         return (unet(Tensor(x), Tensor(t), context, vector) * Tensor(upstream)).sum()
 
-    grad = ms.jit(ms.grad(loss, grad_position=0))(Tensor(context)).asnumpy()
-    assert_close(grad, context_t.grad.numpy(), rel=1e-3)
+    grad_context, grad_vector = ms.jit(ms.grad(loss, grad_position=(0, 1)))(
+        Tensor(context), Tensor(sgm_vector(pooled, time_ids)))
+    assert_close(grad_context.asnumpy(), context_t.grad.numpy(), rel=1e-3)
+    assert_close(grad_vector.asnumpy()[:, :pooled.shape[1]], pooled_t.grad.numpy(), rel=1e-3)
 
 
 PEAK_PROGRAM = """
@@ -184,15 +201,31 @@ print("peak", rss("VmHWM") - before)
 """
 
 
-def peak_mb(root, folder, body):
-    """Peak resident memory (MB) of one call of `fn(*args)` defined by `body`, above the memory before the call,
-    in a fresh process (MindSpore's CPU pool never gives memory back); graph mode compiles only from a file."""
+def run_program(root, folder, body, env=None):
+    """Run PEAK_PROGRAM around `body` in a fresh process (MindSpore's CPU pool never gives memory back; graph mode
+    compiles only from a file); returns its standard output."""
     program = folder / f"peak_{len(list(folder.iterdir()))}.py"
     program.write_text(PEAK_PROGRAM.format(root=root, body=textwrap.dedent(body)))
-    result = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, timeout=600)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("peak")]
-    assert lines, result.stderr[-3000:]
+    result = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, timeout=600,
+                            env=None if env is None else {**os.environ, **env})
+    assert "peak" in result.stdout, result.stderr[-3000:]
+    return result.stdout
+
+
+def peak_mb(root, folder, body):
+    """Peak resident memory (MB) of one call of `fn(*args)` defined by `body`, above the memory before the call
+    (compiling the graph included)."""
+    lines = [line for line in run_program(root, folder, body).splitlines() if line.startswith("peak")]
     return float(lines[-1].split()[1])
+
+
+def pool_peak_mb(root, folder, body):
+    """The most MindSpore's memory pool held during one call of `fn(*args)` (MB): the tensors a graph keeps, such
+    as the activations kept for the backward pass, without the compiled graph's own memory."""
+    out = run_program(root, folder, body, env={"MS_DEV_RUNTIME_CONF": "memory_statistics:True"})
+    found = re.search(r"dynamic memory pool.*? peak used mem:(\d+)M", out)
+    assert found, out[-3000:]
+    return float(found.group(1))
 
 
 CONV_STACK = """
@@ -307,3 +340,55 @@ def test_transformer_layouts_keep_no_transposes(root, tmp_path):
     heads_first = peak_mb(root, tmp_path, TRANSFORMER_STACK.format(transposing=False))
     transposing = peak_mb(root, tmp_path, TRANSFORMER_STACK.format(transposing=True))
     assert heads_first < 0.85 * transposing, (heads_first, transposing)
+
+
+RECOMPUTE_STACK = """
+from gm.modules.attention import SpatialTransformer
+from gm.modules.diffusionmodules.openaimodel import ResBlock, TimestepEmbedSequential
+
+class Net(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.CellList([
+            TimestepEmbedSequential(
+                [ResBlock(640, 1280), SpatialTransformer(640, 10, 64, 2, 2048, recompute={recompute})], {recompute})
+            for _ in range(3)
+        ])
+
+    def construct(self, x, emb, context):
+        for block in self.blocks:
+            x = block(x, emb, context)
+        return (x * x).sum()
+
+net = Net()
+for param in net.get_parameters():
+    param.requires_grad = False
+rng = np.random.default_rng(0)
+args = (ms.Tensor(rng.standard_normal((1, 640, 32, 32)).astype(np.float32)),
+        ms.Tensor(rng.standard_normal((1, 1280)).astype(np.float32)),
+        ms.Tensor(rng.standard_normal((1, 77, 2048)).astype(np.float32)))
+fn = ms.jit(ms.grad(net, grad_position=(1, 2)))
+"""
+
+
+def test_recomputed_blocks_keep_only_their_inputs(root, tmp_path):
+    """Three of SDXL's 640-wide UNet blocks (ResBlock + depth-2 transformer, 32x32), gradients with respect to the
+    time embedding and the text context: recomputed, each block keeps only its inputs until its backward pass, so
+    the activations held at once (MindSpore's pool peak) drop to about one block's.
+
+    The process's peak drops much less: every compiled kernel keeps memory of its own outside the pool, and
+    recomputation adds kernels (benchmarks/README.md has the full-size numbers)."""
+    recomputed = pool_peak_mb(root, tmp_path, RECOMPUTE_STACK.format(recompute=True))
+    stored = pool_peak_mb(root, tmp_path, RECOMPUTE_STACK.format(recompute=False))
+    assert recomputed < 0.6 * stored, (recomputed, stored)
+
+
+def test_recompute_is_mindspores_own_off_the_cpu(monkeypatch):
+    """The hand-written `Recompute` is the CPU's; on Ascend and GPU the block is marked for MindSpore's own."""
+    from gm.modules import recompute
+    from gm.modules.diffusionmodules.openaimodel import ResBlock
+
+    assert isinstance(recompute.recomputed(ResBlock(32, 64)), recompute.Recompute)
+    monkeypatch.setattr(recompute, "on_cpu", lambda: False)
+    block = ResBlock(32, 64)
+    assert recompute.recomputed(block) is block

@@ -6,8 +6,10 @@ Layout changes go through the products' transpose flags, not Transpose kernels (
 """
 from mindspore import nn
 
+from gm.modules.recompute import recomputed
 from gm.modules.layers import (
-    GroupNorm, LayerNorm, Linear, default_attention_impl, gelu, projected_attention, zero_module,
+    GroupNorm, LayerNorm, Linear, attention, default_attention_impl, flash_attention_allowed, gelu,
+    heads_first_attention, zero_module,
 )
 
 
@@ -42,16 +44,25 @@ class CrossAttention(nn.Cell):
         super().__init__()
         inner_dim = heads * dim_head
         context_dim = context_dim or query_dim
-        self.heads = heads
+        self.heads, self.dim_head = heads, dim_head
         self.attn_impl = attn_impl or default_attention_impl()
         self.to_q = Linear(query_dim, inner_dim, bias=False)
         self.to_k = Linear(context_dim, inner_dim, bias=False)
         self.to_v = Linear(context_dim, inner_dim, bias=False)
-        self.to_out = nn.SequentialCell([Linear(inner_dim, query_dim)])
+        self.to_out = nn.SequentialCell([Linear(inner_dim, query_dim)])  # sgm's key: to_out.0
+        # The same Linear by attribute: where a recomputed block's backward differentiates this cell again
+        # (`gm.modules.recompute`), MindSpore 2.10 cannot compile an indexed SequentialCell.
+        object.__setattr__(self, "out_proj", self.to_out[0])
 
     def construct(self, x, context=None):
-        return projected_attention(x, context, self.to_q, self.to_k, self.to_v, self.to_out[0], self.heads,
-                                   self.attn_impl)
+        if context is None:
+            context = x
+        if self.attn_impl == "flash" and flash_attention_allowed(x.dtype, self.heads, self.dim_head):
+            # Ascend's fused kernel, in token layout (transposes are cheap there)
+            return self.out_proj(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, "flash"))
+        out = heads_first_attention(self.to_q.to_columns(x), self.to_k.to_columns(context),
+                                    self.to_v.to_columns(context), self.heads)
+        return self.out_proj.from_columns(out)
 
 
 class BasicTransformerBlock(nn.Cell):
@@ -76,7 +87,7 @@ class SpatialTransformer(nn.Cell):
     """Transformer over the H*W positions of a feature map, with linear in/out projections
     (sgm's `use_linear=True`, the SDXL layout); the output projection starts at zero."""
 
-    def __init__(self, in_channels, n_heads, d_head, depth=1, context_dim=None, attn_impl=None):
+    def __init__(self, in_channels, n_heads, d_head, depth=1, context_dim=None, attn_impl=None, recompute=False):
         super().__init__()
         inner_dim = n_heads * d_head
         self.norm = GroupNorm(32, in_channels, eps=1e-6)
@@ -85,11 +96,13 @@ class SpatialTransformer(nn.Cell):
             [BasicTransformerBlock(inner_dim, n_heads, d_head, context_dim, attn_impl) for _ in range(depth)]
         )
         self.proj_out = zero_module(Linear(inner_dim, in_channels))
+        # what runs the blocks (a plain tuple, registering nothing twice): themselves, or recomputed
+        self.block_runs = tuple(recomputed(b) if recompute else b for b in self.transformer_blocks)
 
     def construct(self, x, context=None):
         b, c, h, w = x.shape
         x_in = x
         x = self.proj_in.from_columns(self.norm(x).reshape(b, c, h * w))  # [B, C, HW] -> tokens [B, HW, inner]
-        for block in self.transformer_blocks:
+        for block in self.block_runs:
             x = block(x, context)
         return self.proj_out.to_columns(x).reshape(b, c, h, w) + x_in

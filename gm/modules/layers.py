@@ -25,7 +25,7 @@ The same flags replace layout changes: on CPU every `Transpose` kernel (whicheve
 the UNet's attention head splits and token <-> feature-map layouts would be hundreds of them (an estimated 10 GB at
 1024 px). So the UNet's attention runs "heads first": projections computed as W x^T give [B, H*D, L], whose
 reshape to [B, H, D, L] moves nothing, and every product takes its operands' transposes by flag
-(`Linear.to_columns` / `Linear.from_columns`, `projected_attention`, `ChunkedAttention`).
+(`Linear.to_columns` / `Linear.from_columns`, `heads_first_attention`, `ChunkedAttention`).
 """
 import math
 
@@ -59,6 +59,9 @@ def default_attention_impl():
     return "flash" if ms.get_context("device_target") == "Ascend" else "vanilla"
 
 
+# Shape and dtype decisions made inside compiled graphs are `ms.constexpr` (run in Python at compile time): a
+# plain helper's branches fail to compile where a recomputed block's backward differentiates it again (`Recompute`).
+@ms.constexpr
 def flash_attention_allowed(dtype, heads, head_dim):
     """Whether Ascend's fused kernel takes these inputs (MindSpore's `flash_attention_score`: fp16 or bf16, at most
     256 heads, a head size that is a multiple of 16 up to 512); elsewhere `"flash"` falls back to `"vanilla"`."""
@@ -68,6 +71,13 @@ def flash_attention_allowed(dtype, heads, head_dim):
 # The most unfolded input (im2col columns) one convolution holds at once on the CPU: larger ones run in bands of
 # output rows. The full-size VAE's 128-channel 3x3 layers at 1024 px would otherwise unfold 4.8 GB at once.
 IM2COL_BAND_BYTES = 256 * 2 ** 20
+
+
+@ms.constexpr
+def band_rows(band_bytes, row_elements, dtype):
+    """Output rows per im2col band: as many as keep one band's unfolded input within `band_bytes` (at least one);
+    `row_elements`: the unfolded input's elements per output row."""
+    return max(1, band_bytes // (row_elements * (4 if dtype == ms.float32 else 2)))
 
 
 class Conv2d(nn.Cell):
@@ -111,18 +121,22 @@ class Conv2d(nn.Cell):
             return y.reshape(self.out_channels, n, h, w).transpose(1, 0, 2, 3)
         h_out = (h + 2 * p - k) // s + 1
         w_out = (w + 2 * p - k) // s + 1
-        rows_per_band = max(1, self.band_bytes // (c * k * k * w_out * (4 if x.dtype == ms.float32 else 2)))
+        rows_per_band = band_rows(self.band_bytes, c * k * k * w_out, x.dtype)
         # One 2-D product per sample: a batched product would broadcast (copy) the weight to every sample.
         outputs = []
         for i in range(n):
-            image = x if n == 1 else x[i:i + 1]
-            if h_out <= rows_per_band:
-                cols = ops.unfold(image, k, 1, p, s)  # [1, c*k*k, h_out*w_out]
-                outputs.append(_matmul(weight, cols.reshape(c * k * k, h_out * w_out)))
-            else:
-                outputs.append(self._im2col_bands(image, weight, h_out, w_out, rows_per_band))
+            outputs.append(self._image_product(x[i:i + 1], weight, h_out, w_out, rows_per_band))
         y = outputs[0] if n == 1 else ops.stack(outputs)
         return y.reshape(n, self.out_channels, h_out, w_out)
+
+    def _image_product(self, image, weight, h_out, w_out, rows_per_band):
+        """One image's [out, h_out*w_out]: unfolded whole, or band by band when that would be too large. (Its own
+        method: a branch inside a loop body fails to compile in a recomputed block's backward, MindSpore 2.10.)"""
+        if h_out > rows_per_band:
+            return self._im2col_bands(image, weight, h_out, w_out, rows_per_band)
+        c, k = image.shape[1], self.kernel_size
+        cols = ops.unfold(image, k, 1, self.padding, self.stride)  # [1, c*k*k, h_out*w_out]
+        return _matmul(weight, cols.reshape(c * k * k, h_out * w_out))
 
     def _im2col_bands(self, image, weight, h_out, w_out, rows_per_band):
         """One image's [out, h_out*w_out] computed band by band of output rows, so that only one band's unfolded
@@ -167,7 +181,9 @@ class Linear(nn.Cell):
 
         One 2-D product per sample: a batched product would copy the weight to every sample."""
         weight = self.weight.astype(x.dtype)
-        outs = [_matmul_transpose_b(weight, x[i]).reshape(1, weight.shape[0], x.shape[1]) for i in range(x.shape[0])]
+        outs = []
+        for i in range(x.shape[0]):
+            outs.append(_matmul_transpose_b(weight, x[i]).reshape(1, weight.shape[0], x.shape[1]))
         y = outs[0] if len(outs) == 1 else ops.cat(outs)
         if self.bias is not None:
             y = ops.bias_add(y, self.bias.astype(y.dtype))
@@ -176,13 +192,20 @@ class Linear(nn.Cell):
     def from_columns(self, x):
         """[B, in, L] -> [B, L, out] (the input transposed, by the product's flag), one 2-D product per sample."""
         weight = self.weight.astype(x.dtype)
+        bias = None if self.bias is None else self.bias.astype(x.dtype)  # cast once, outside the loop
         outs = []
         for i in range(x.shape[0]):
-            y = _matmul_transpose_ab(x[i], weight)
-            if self.bias is not None:
-                y = ops.bias_add(y, self.bias.astype(y.dtype))
-            outs.append(y)
+            outs.append(_tokens_from_columns(x[i], weight, bias))
         return outs[0].reshape((1,) + outs[0].shape) if len(outs) == 1 else ops.stack(outs)
+
+
+def _tokens_from_columns(columns, weight, bias):
+    """[in, L] -> [L, out]. Its own function: a branch inside a loop body fails to compile where a recomputed
+    block's backward differentiates it again (MindSpore 2.10)."""
+    y = _matmul_transpose_ab(columns, weight)
+    if bias is None:
+        return y
+    return ops.bias_add(y, bias)
 
 
 class GroupNorm(nn.Cell):
@@ -241,7 +264,7 @@ def attention(q, k, v, num_heads, impl="vanilla", mask=None):
     to [B, H, Lq, Lk] (e.g. CLIP's causal mask). `impl="flash"` uses Ascend's fused kernel; `"vanilla"` without a
     mask is `ChunkedAttention` (probabilities recomputed in the backward); with a mask (CLIP's 77 tokens, whose
     probabilities are small) it is plain autodiff. The head split costs Transpose kernels: the UNet, where they
-    add up, uses `projected_attention`.
+    add up, uses `heads_first_attention`.
     """
     b, lq, inner = q.shape
     lk = k.shape[1]
@@ -269,25 +292,16 @@ def attention(q, k, v, num_heads, impl="vanilla", mask=None):
     return out.transpose(0, 2, 1, 3).reshape(b, lq, inner)
 
 
-def projected_attention(x, context, to_q, to_k, to_v, to_out, num_heads, impl="vanilla"):
-    """to_out(attention(to_q(x), to_k(context), to_v(context))) for the UNet: x [B, Lq, C], context [B, Lk, C']
-    (x itself when None), `to_*` `Linear` cells -> [B, Lq, C_out].
-
-    `"vanilla"` runs heads first without a Transpose kernel: q^T, k^T, v^T as [B, H, D, L] (`Linear.to_columns`),
-    `ChunkedAttention` on them, and the output projection reads [B, H*D, Lq] through its flag. `"flash"` (Ascend,
-    where transposes are cheap) keeps the token layout.
-    """
-    if context is None:
-        context = x
-    if impl == "flash" and flash_attention_allowed(x.dtype, num_heads, to_q.weight.shape[0] // num_heads):
-        return to_out(attention(to_q(x), to_k(context), to_v(context), num_heads, impl))
-    q, k, v = to_q.to_columns(x), to_k.to_columns(context), to_v.to_columns(context)
+def heads_first_attention(q, k, v, num_heads):
+    """Attention on projections in column layout (`Linear.to_columns`), for the UNet: q [B, H*D, Lq], k, v
+    [B, H*D, Lk] -> [B, H*D, Lq], for `Linear.from_columns`. Heads first, without a Transpose kernel: the reshapes
+    to [B, H, D, L] move nothing, and `ChunkedAttention` takes its transposes by flag."""
     b, inner, lq = q.shape
     lk = k.shape[2]
     d = inner // num_heads
     q = q.reshape(b, num_heads, d, lq) * (1.0 / math.sqrt(d))
     out = _chunked_attention(q, k.reshape(b, num_heads, d, lk), v.reshape(b, num_heads, d, lk))
-    return to_out.from_columns(out.reshape(b, inner, lq))
+    return out.reshape(b, inner, lq)
 
 
 # Score elements [B, H, rows, Lk] one query chunk of `ChunkedAttention` may hold: 128 MB in fp32. Its backward holds
@@ -295,6 +309,7 @@ def projected_attention(x, context, to_q, to_k, to_v, to_out, num_heads, impl="v
 ATTENTION_CHUNK_ELEMENTS = 2 ** 25
 
 
+@ms.constexpr
 def query_chunks(batch, heads, lq, lk):
     """[(start, end)] of near-equal query chunks with at most ATTENTION_CHUNK_ELEMENTS scores each (at least 1 row)."""
     rows = ATTENTION_CHUNK_ELEMENTS // (batch * heads * lk)

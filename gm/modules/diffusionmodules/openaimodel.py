@@ -9,6 +9,7 @@ from mindspore import nn, ops
 
 from gm.modules.attention import SpatialTransformer
 from gm.modules.layers import Conv2d, GroupNorm, Linear, timestep_embedding, zero_module
+from gm.modules.recompute import recomputed
 
 
 def normalization(channels):
@@ -72,16 +73,24 @@ class ResBlock(nn.Cell):
 
 class TimestepEmbedSequential(nn.SequentialCell):
     """A sequence of layers, each given what it takes: ResBlocks the time embedding,
-    SpatialTransformers the text context, the rest only the feature map."""
+    SpatialTransformers the text context, the rest only the feature map. With `recompute`, ResBlocks are recomputed
+    in the backward pass (`gm.modules.recompute`; the layers stay registered here, under their checkpoint names)."""
+
+    def __init__(self, layers, recompute=False):
+        super().__init__(layers)
+        self.takes = tuple("emb" if isinstance(layer, ResBlock) else
+                           "context" if isinstance(layer, SpatialTransformer) else "x" for layer in layers)
+        self.runs = tuple(recomputed(layer) if recompute and isinstance(layer, ResBlock) else layer
+                          for layer in layers)
 
     def construct(self, x, emb, context=None):
-        for layer in self.cell_list:
-            if isinstance(layer, ResBlock):
-                x = layer(x, emb)
-            elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+        for i in range(len(self.runs)):
+            if self.takes[i] == "emb":
+                x = self.runs[i](x, emb)
+            elif self.takes[i] == "context":
+                x = self.runs[i](x, context)
             else:
-                x = layer(x)
+                x = self.runs[i](x)
         return x
 
 
@@ -91,7 +100,8 @@ class UNetModel(nn.Cell):
     Takes sgm's config params (`configs/inference/sd_xl_base.yaml`) for the layouts SDXL uses: linear
     transformer projections and `num_classes: sequential` (the vector `y` embedded by an MLP). Added:
     `attn_impl` / `conv_impl` (kernels, see `gm.modules.layers`), `dtype` (compute dtype) and
-    `use_recompute` (recompute each ResBlock / SpatialTransformer in the backward pass to save memory).
+    `use_recompute` (keep only each ResBlock's and transformer block's inputs for the backward pass, which runs the
+    block again: `gm.modules.recompute`).
     """
 
     def __init__(
@@ -143,23 +153,20 @@ class UNetModel(nn.Cell):
             )])
 
         def res_block(ch_in, ch_out):
-            block = ResBlock(ch_in, time_embed_dim, ch_out, conv_impl)
-            if use_recompute:
-                block.recompute()
-            return block
+            return ResBlock(ch_in, time_embed_dim, ch_out, conv_impl)
 
         def transformer(ch, depth):
             if num_heads == -1:
                 heads, dim_head = ch // num_head_channels, num_head_channels
             else:
                 heads, dim_head = num_heads, ch // num_heads
-            block = SpatialTransformer(ch, heads, dim_head, depth, context_dim, attn_impl)
-            if use_recompute:
-                block.recompute()
-            return block
+            return SpatialTransformer(ch, heads, dim_head, depth, context_dim, attn_impl, use_recompute)
+
+        def sequence(layers):
+            return TimestepEmbedSequential(layers, use_recompute)
 
         self.input_blocks = nn.CellList(
-            [TimestepEmbedSequential([Conv2d(in_channels, model_channels, 3, padding=1, impl=conv_impl)])]
+            [sequence([Conv2d(in_channels, model_channels, 3, padding=1, impl=conv_impl)])]
         )
         input_block_chans = [model_channels]
         ch, ds = model_channels, 1
@@ -169,16 +176,14 @@ class UNetModel(nn.Cell):
                 ch = mult * model_channels
                 if ds in attention_resolutions:
                     layers.append(transformer(ch, transformer_depth[level]))
-                self.input_blocks.append(TimestepEmbedSequential(layers))
+                self.input_blocks.append(sequence(layers))
                 input_block_chans.append(ch)
             if level != len(channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential([Downsample(ch, ch, conv_impl)]))
+                self.input_blocks.append(sequence([Downsample(ch, ch, conv_impl)]))
                 input_block_chans.append(ch)
                 ds *= 2
 
-        self.middle_block = TimestepEmbedSequential(
-            [res_block(ch, ch), transformer(ch, transformer_depth_middle), res_block(ch, ch)]
-        )
+        self.middle_block = sequence([res_block(ch, ch), transformer(ch, transformer_depth_middle), res_block(ch, ch)])
 
         self.output_blocks = nn.CellList()
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -190,7 +195,7 @@ class UNetModel(nn.Cell):
                 if level and i == num_res_blocks:
                     layers.append(Upsample(ch, ch, conv_impl))
                     ds //= 2
-                self.output_blocks.append(TimestepEmbedSequential(layers))
+                self.output_blocks.append(sequence(layers))
 
         self.out = nn.SequentialCell([
             normalization(ch),
