@@ -31,6 +31,7 @@ from tqdm import tqdm
 import mindspore as ms
 from mindspore import Tensor
 
+import gm
 from gm.data.dataset import DataError, EpochOrder, TextualInversionDataset
 from gm.data.templates import TemplateError, load_templates
 from gm.device import add_device_arguments, resolve_device, set_device
@@ -39,6 +40,7 @@ from gm.textual_inversion.checkpointing import (
     STATE_DIR, ResumeError, RunFolderInUse, embedding_name, embedding_paths, find_train_state, latest_train_state,
     load_train_state, read_train_state, run_folder_lock, save_learned_embeddings, save_train_state,
 )
+from gm.textual_inversion.embedding_io import EmbeddingFormatError
 from gm.textual_inversion.latent_cache import TrainingLatents
 from gm.textual_inversion.loss_log import LossLog
 from gm.textual_inversion.optim import SCHEDULES, AdamW, learning_rate
@@ -46,7 +48,7 @@ from gm.textual_inversion.placeholder import (
     PlaceholderError, add_trainable_placeholder, expand_placeholders, placeholder_tokens,
 )
 from gm.textual_inversion.train_step import TextualInversionLoss, TextualInversionTrainStep, loss_inputs
-from gm.weights.loader import WeightFileError, weight_format
+from gm.weights.loader import WeightFileError, layout_fingerprint, weight_format
 from gm.weights.state_dict import WeightMismatchError
 
 DEFAULT_CONFIG = "configs/training/sd_xl_base_finetune_textual_inversion.yaml"
@@ -248,6 +250,13 @@ def run_identity(args, config, world_size):
             "resolution": args.resolution, "seed": args.seed, "world_size": world_size}
 
 
+def embedding_facts(args, learning_rate_used):
+    """What an embedding file records of its training, besides its step (read back by the samplers)."""
+    return {"base_config": os.path.basename(args.config),
+            "base_layout": layout_fingerprint(args.weight) if args.weight else "random initial weights",
+            "learning_rate": learning_rate_used, "seed": args.seed, "trainer": f"sdxl-ti-mindspore {gm.__version__}"}
+
+
 class Training:
     """Everything a run trains with, built from the arguments: data and its order, the frozen model with the
     placeholder tokens added, cached latents, and the compiled train step over the learned rows; `resume` and
@@ -288,6 +297,7 @@ class Training:
         # what a training state holds besides the host side (step, data order)
         self.state_params = self.learned_rows + self.train_step.state_parameters()
         self.identity, self.schedule = run_identity(args, config, world_size), schedule_flags(args)
+        self.embedding_facts = embedding_facts(args, self.base_lr)
         self.args, self.rank, self.world_size = args, rank, world_size
         self.start_step, self.log, self.validation_pipeline = 0, None, None
 
@@ -337,9 +347,10 @@ class Training:
         if self.rank != 0:
             return
         args, (rows_l, rows_g) = self.args, self.rows()
-        save_learned_embeddings(args.save_path, args.placeholder_token, rows_l, rows_g, step, args.max_num_ckpt)
+        facts = dict(self.embedding_facts, step=step)
+        save_learned_embeddings(args.save_path, args.placeholder_token, rows_l, rows_g, step, args.max_num_ckpt, facts)
         if final:
-            save_learned_embeddings(args.save_path, args.placeholder_token, rows_l, rows_g)
+            save_learned_embeddings(args.save_path, args.placeholder_token, rows_l, rows_g, metadata=facts)
         save_train_state(args.save_path, step, self.state_params,
                          {"identity": self.identity, "sampler": self.order.state_dict(), "schedule": self.schedule})
         self.log.plot()
@@ -440,13 +451,15 @@ def schedule_changed(saved, schedule, steps, effective_batch):
 
 @contextlib.contextmanager
 def stop_on_write_error(save_path):
-    """A write that fails (a full disk, a vanished folder) stops the run with one line that names the last
-    complete training state; the files written before stay."""
+    """A write that fails (a full disk, a vanished folder, a file that does not read back as written) stops the
+    run with one line that names the last complete training state; the files written before stay."""
     try:
         yield
     except OSError as e:
         raise TrainingStopped(f"{e.strerror or e} ({e.filename or save_path}): the run stopped; "
                               f"{resume_hint(save_path)}.") from None
+    except EmbeddingFormatError as e:
+        raise TrainingStopped(f"{e} The run stopped; {resume_hint(save_path)}.") from None
 
 
 def resume_hint(save_path):

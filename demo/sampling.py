@@ -120,7 +120,7 @@ def sidebar(defaults):
             st.sidebar.error(str(e))
             continue
         embeddings.append(embedding)
-        st.sidebar.success(f"{embedding.token} ({embedding.num_vectors} vectors) from {os.path.basename(path)}")
+        st.sidebar.success(embedding.describe())
     return pipeline, embeddings, side
 
 

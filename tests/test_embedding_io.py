@@ -264,3 +264,49 @@ def test_non_finite_rows_are_refused(tmp_path, rows, bad):
     with pytest.raises(EmbeddingFormatError, match="NaN or infinite"):
         save_embedding(str(tmp_path / "new.safetensors"), clip_l, rows[1], TOKEN)
     assert not os.path.exists(tmp_path / "new.safetensors")
+
+
+FACTS = {"base_config": "sd_xl_base.yaml", "base_layout": "0123456789abcdef", "learning_rate": "0.005",
+         "seed": "42", "trainer": "sdxl-ti-mindspore 0.6.0", "step": "500"}
+
+
+@pytest.mark.parametrize("name", ["emb.ckpt", "emb.safetensors"])
+def test_training_facts_round_trip(tmp_path, rows, name):
+    path = save_embedding(str(tmp_path / name), *rows, TOKEN, metadata=dict(FACTS, seed=42))  # values as strings
+    embedding = load_embedding(path)
+    assert_same(embedding, rows)
+    assert embedding.metadata == FACTS
+    assert embedding.describe() == (f"{TOKEN} (3 vectors) from {name}: 500 steps on sd_xl_base.yaml (layout "
+                                    "0123456789abcdef), learning rate 0.005, seed 42, sdxl-ti-mindspore 0.6.0")
+    assert load_embedding(save_embedding(str(tmp_path / f"bare_{name}"), *rows, TOKEN)).describe() == \
+        f"{TOKEN} (3 vectors) from bare_{name}"
+    with pytest.raises(ValueError, match="token"):
+        save_embedding(str(tmp_path / name), *rows, TOKEN, metadata={"token": "<other>"})
+
+
+def test_a_file_that_does_not_read_back_is_refused_and_the_old_one_kept(tmp_path, rows, monkeypatch):
+    """A writer that silently stores other values (here: every row + 1): the read-back check refuses the file,
+    names it, and leaves the previous file and no temporary behind."""
+    for name in ("emb.safetensors", "emb.ckpt"):
+        path = str(tmp_path / name)
+        save_embedding(path, *rows, TOKEN)
+        before = open(path, "rb").read()
+        if name.endswith(".safetensors"):
+            real = safetensors.numpy.save_file
+
+            def altered(tensors, filename, metadata=None):
+                real({k: v + 1 for k, v in tensors.items()}, filename, metadata=metadata)
+
+            monkeypatch.setattr(safetensors.numpy, "save_file", altered)
+        else:
+            real = ms.save_checkpoint
+
+            def altered(params, filename, **kwargs):
+                real([dict(p, data=p["data"] + 1) for p in params], filename, **kwargs)
+
+            monkeypatch.setattr(ms, "save_checkpoint", altered)
+        with pytest.raises(EmbeddingFormatError, match=f"{name}: the file written does not read back as written"):
+            save_embedding(path, *rows, TOKEN)
+        monkeypatch.undo()
+        assert open(path, "rb").read() == before
+    assert sorted(os.listdir(tmp_path)) == ["emb.ckpt", "emb.safetensors"]

@@ -218,3 +218,15 @@ def test_run_folder_lock_lasts_as_long_as_its_process(tmp_path):
         with pytest.raises(RunFolderInUse):  # exclusive within one process too (each open file is its own)
             with run_folder_lock(folder):
                 pass
+
+
+def test_an_export_that_does_not_read_back_stops_the_run(tmp_path):
+    """The trainer's saves run under `stop_on_write_error`: an embedding file refused by its read-back check
+    becomes one `error:` line (TrainingStopped, exit 1) that says what was kept."""
+    import train_textual_inversion as trainer
+    from gm.textual_inversion.embedding_io import EmbeddingFormatError
+
+    with pytest.raises(trainer.TrainingStopped, match=r"does not read back as written.*The run stopped; no training "
+                                                      r"state was saved"):
+        with trainer.stop_on_write_error(str(tmp_path)):
+            raise EmbeddingFormatError("toy_4.safetensors: the file written does not read back as written (...)")

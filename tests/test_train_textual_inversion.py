@@ -688,6 +688,8 @@ def test_rows_that_turn_non_finite_stop_the_run_before_they_are_written(failure_
     assert [int(r[0]) for r in loss_rows(save)] == [1]
     embedding = load_embedding(os.path.join(save, "toy_1.safetensors"))  # finite: it loads
     assert np.array_equal(embedding.clip_l, state_rows(read_state(save, 1))[0])
+    assert embedding.metadata["step"] == "1" and embedding.metadata["seed"] == "42"  # the training's facts
+    assert embedding.metadata["trainer"].startswith("sdxl-ti-mindspore ")
 
 
 def test_full_disk_at_a_save_stops_with_one_line_and_keeps_the_last_state(failure_runs):

@@ -97,11 +97,12 @@ def embedding_paths(save_path, token, step=None):
             os.path.join(save_path, f"{embedding_name(token)}{suffix}.safetensors"))
 
 
-def save_learned_embeddings(save_path, token, rows_l, rows_g, step=None, max_num_ckpt=None):
-    """Write the learned rows in both formats; keep at most `max_num_ckpt` step-numbered pairs."""
+def save_learned_embeddings(save_path, token, rows_l, rows_g, step=None, max_num_ckpt=None, metadata=None):
+    """Write the learned rows in both formats (each read back before it replaces anything), with `metadata` (the
+    training's facts); keep at most `max_num_ckpt` step-numbered pairs."""
     paths = embedding_paths(save_path, token, step)
     for path in paths:
-        save_embedding(path, rows_l, rows_g, token)
+        save_embedding(path, rows_l, rows_g, token, metadata=metadata)
     if step is not None and max_num_ckpt:
         steps = sorted(_numbered_steps(save_path, token))
         for old in steps[:-max_num_ckpt]:

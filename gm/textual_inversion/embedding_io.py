@@ -8,7 +8,10 @@ Formats:
   (readers that ignore it use the file name as the token).
 - "diffusers": what diffusers' textual_inversion_sdxl.py writes: `learned_embeds.safetensors`
   (encoder 1) and `learned_embeds_2.safetensors` (encoder 2), each {token: [n, d]}.
-All are written in float32 and atomically (a temporary file in the same folder, then os.replace).
+All are written in float32 and atomically (a temporary file in the same folder, then os.replace). A .ckpt or
+.safetensors file is read back before it replaces anything: a file that does not read back as written is an error,
+and the previous file stays. Both carry the training's facts as string metadata (`metadata`: base model, step,
+learning rate, seed, the project's version), which `load_embedding` returns.
 """
 import dataclasses
 import os
@@ -38,10 +41,21 @@ class LearnedEmbedding:
     clip_g: np.ndarray  # [n, d2] float32 rows for the OpenCLIP bigG text encoder
     source: str  # the path it was read from
     format: str = "ckpt"
+    metadata: dict = dataclasses.field(default_factory=dict)  # training facts stored with it (strings)
 
     @property
     def num_vectors(self):
         return self.clip_l.shape[0]
+
+    def describe(self):
+        """One line for the user: the word, its vectors, its file and, when stored with it, how it was trained."""
+        line = f"{self.token} ({self.num_vectors} vectors) from {os.path.basename(self.source)}"
+        facts = self.metadata
+        if "step" in facts:
+            line += (f": {facts['step']} steps on {facts.get('base_config', '?')} (layout "
+                     f"{facts.get('base_layout', '?')}), learning rate {facts.get('learning_rate', '?')}, seed "
+                     f"{facts.get('seed', '?')}, {facts.get('trainer', '?')}")
+        return line
 
 
 def _rows(clip_l, clip_g, source):
@@ -66,8 +80,12 @@ def _rows(clip_l, clip_g, source):
 
 # ---------------------------------------------------------------------------------------------- writing
 
-def _write_safetensors(path, tensors, metadata):
-    atomic_write(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata=metadata), ".safetensors")
+def _write_safetensors(path, tensors, metadata, expected=None):
+    def write(tmp):
+        safetensors.numpy.save_file(tensors, tmp, metadata=metadata)
+        if expected is not None:
+            _check_read_back(_load_safetensors(tmp), expected, path)
+    atomic_write(path, write, ".safetensors")
 
 
 def _check_ckpt_name(path):
@@ -75,18 +93,36 @@ def _check_ckpt_name(path):
         raise EmbeddingFormatError(f"{path}: MindSpore only reads and writes checkpoints named *.ckpt (lower case)")
 
 
-def _write_ckpt(path, clip_l, clip_g, token):
-    params = [{"name": "clip_l", "data": ms.Tensor(clip_l)}, {"name": "clip_g", "data": ms.Tensor(clip_g)}]
-    extras = {"token": token, "num_vectors": int(clip_l.shape[0])}
-    # mindspore appends ".ckpt" to a name without it: the temporary name must end with it
-    atomic_write(path, lambda tmp: ms.save_checkpoint(params, tmp, append_dict=extras, crc_check=True), ".ckpt")
+def _write_ckpt(path, expected):
+    params = [{"name": "clip_l", "data": ms.Tensor(expected.clip_l)}, {"name": "clip_g", "data": ms.Tensor(expected.clip_g)}]
+    extras = dict(expected.metadata, token=expected.token, num_vectors=int(expected.num_vectors))
+
+    def write(tmp):  # mindspore appends ".ckpt" to a name without it: the temporary name must end with it
+        ms.save_checkpoint(params, tmp, append_dict=extras, crc_check=True)
+        _check_read_back(_load_ckpt(tmp), expected, path)
+    atomic_write(path, write, ".ckpt")
 
 
-def save_embedding(path, clip_l, clip_g, token, format=None):
+def _check_read_back(found, expected, path):
+    """Raise EmbeddingFormatError unless the embedding read back from a just-written file is the one written."""
+    problems = [f"{name} {getattr(found, name).dtype} {getattr(found, name).shape} differs from the "
+                f"{getattr(expected, name).dtype} {getattr(expected, name).shape} rows written"
+                for name in ("clip_l", "clip_g") if not np.array_equal(getattr(found, name), getattr(expected, name))]
+    if found.token != expected.token:
+        problems.append(f"token {found.token!r} instead of {expected.token!r}")
+    if found.metadata != expected.metadata:
+        problems.append(f"metadata {found.metadata} instead of {expected.metadata}")
+    if problems:
+        raise EmbeddingFormatError(f"{path}: the file written does not read back as written ({'; '.join(problems)}); "
+                                   "it was not saved, and the previous file there is kept.")
+
+
+def save_embedding(path, clip_l, clip_g, token, format=None, metadata=None):
     """Write both encoders' rows ([n, d1], [n, d2]) for `token`; returns `path`.
 
     `format` (one of FORMATS) defaults to the one the extension names: .ckpt or .safetensors (the
-    SDXL community format). "diffusers" treats `path` as a folder and writes its two files there.
+    SDXL community format). "diffusers" treats `path` as a folder and writes its two files there. `metadata`:
+    training facts ({name: string}) stored in a .ckpt or .safetensors file.
     """
     if not token or not isinstance(token, str):
         raise ValueError(f"token must be a non-empty string, got {token!r}")
@@ -99,12 +135,17 @@ def save_embedding(path, clip_l, clip_g, token, format=None):
     if format == "ckpt":
         _check_ckpt_name(path)
     clip_l, clip_g = _rows(clip_l, clip_g, path)
+    metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+    reserved = sorted(set(metadata) & {"token", "num_vectors", "clip_l", "clip_g"})
+    if reserved:
+        raise ValueError(f"metadata may not name {', '.join(reserved)}: the file's own entries")
+    expected = LearnedEmbedding(token, clip_l, clip_g, path, format, metadata)
 
     if format == "ckpt":
-        _write_ckpt(path, clip_l, clip_g, token)
+        _write_ckpt(path, expected)
     elif format == "safetensors":
         _write_safetensors(path, {"clip_l": clip_l, "clip_g": clip_g},
-                           {"token": token, "num_vectors": str(clip_l.shape[0])})
+                           dict(metadata, token=token, num_vectors=str(clip_l.shape[0])), expected)
     else:
         for name, rows in zip(DIFFUSERS_FILES, (clip_l, clip_g)):
             _write_safetensors(os.path.join(path, name), {token: rows}, {"format": "pt"})
@@ -187,7 +228,8 @@ def _load_safetensors(path):
         clip_l, clip_g = _rows(tensors["clip_l"], tensors["clip_g"], path)
         _check_num_vectors(metadata.get("num_vectors"), clip_l, path)
         token = metadata.get("token") or os.path.splitext(os.path.basename(path))[0]  # A1111: the name is the token
-        return LearnedEmbedding(token, clip_l, clip_g, path, "safetensors")
+        facts = {k: v for k, v in metadata.items() if k not in ("token", "num_vectors")}
+        return LearnedEmbedding(token, clip_l, clip_g, path, "safetensors", facts)
     pair = _diffusers_pair(path)
     if len(tensors) == 1 and pair is not None:
         return _load_diffusers(*pair, source=path)
@@ -210,7 +252,8 @@ def _load_ckpt(path):
     clip_l, clip_g = _rows(params["clip_l"].asnumpy(), params["clip_g"].asnumpy(), path)
     if "num_vectors" in params:
         _check_num_vectors(int(params["num_vectors"].asnumpy()), clip_l, path)
-    return LearnedEmbedding(str(params["token"]), clip_l, clip_g, path, "ckpt")
+    facts = {k: v for k, v in params.items() if isinstance(v, str) and k != "token"}
+    return LearnedEmbedding(str(params["token"]), clip_l, clip_g, path, "ckpt", facts)
 
 
 def load_embedding(path, token=None):

@@ -10,6 +10,7 @@ One code path for training, sampling and tools:
 against a config in seconds; `load_weights` reads one tensor at a time into the already-built model.
 """
 import functools
+import hashlib
 import json
 import os
 import struct
@@ -322,6 +323,13 @@ def open_weights(path):
 def read_shapes(path):
     """{sgm name: shape} of a checkpoint, from headers only (no tensor data is read)."""
     return open_weights(path).shapes()
+
+
+def layout_fingerprint(path):
+    """16 hex digits of sha256 over a checkpoint's sorted names and shapes (headers only, any format): which model
+    layout an embedding was trained on, recorded in its metadata. The same for two files of one layout."""
+    lines = sorted(f"{name}:{list(shape)}" for name, shape in read_shapes(path).items())
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------- checking
