@@ -105,7 +105,8 @@ def build_parser():
     g = p.add_argument_group("the new word")
     g.add_argument("--placeholder_token", required=True, help='the new word, e.g. "<cat-toy>"')
     g.add_argument("--initializer_token", default=None,
-                   help="a word whose embedding starts every vector (default: small random vectors)")
+                   help='a word or phrase, e.g. "plush cat toy": its tokens\' embeddings start the vectors in order, '
+                        "cycling when there are more vectors than tokens (default: small random vectors)")
     g.add_argument("--num_vectors", type=int, default=1, help="vectors per encoder for the word (default: 1)")
 
     g = p.add_argument_group("optimisation")

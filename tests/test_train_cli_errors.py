@@ -31,7 +31,7 @@ CASES = {
     "data_path_empty": (tiny(data="{tmp}/empty"), ["no images", "empty"]),
     "no_usable_image": (tiny(data="{tmp}/broken"), ["could be read", "broken"]),
     "placeholder_in_vocabulary": (tiny(token="cat"), ["'cat'", "already in the vocabulary"]),
-    "initializer_not_one_word": (tiny("--initializer_token", "cat-toy"), ["--initializer_token", "single word"]),
+    "initializer_without_a_word": (tiny("--initializer_token", " "), ["--initializer_token ' '", "no word"]),
     "num_vectors_0": (tiny("--num_vectors", "0"), ["--num_vectors must be at least 1"]),
     "total_step_0": (tiny("--total_step", "0"), ["--total_step must be at least 1"]),
     "accumulation_0": (tiny("--gradient_accumulation_steps", "0"), ["--gradient_accumulation_steps must be at least 1"]),
