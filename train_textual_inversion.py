@@ -35,6 +35,7 @@ from gm.data.dataset import DataError, EpochOrder, TextualInversionDataset
 from gm.data.templates import TemplateError, load_templates
 from gm.device import add_device_arguments, resolve_device, set_device
 from gm.models.loading import create_model, load_config
+from gm.modules.diffusionmodules.denoiser_weighting import EpsMinSNRWeighting, EpsWeighting
 from gm.textual_inversion.checkpointing import (
     STATE_DIR, ResumeError, RunFolderInUse, embedding_name, embedding_paths, find_train_state, latest_train_state,
     load_train_state, read_train_state, run_folder_lock, save_learned_embeddings, save_train_state,
@@ -126,6 +127,12 @@ def build_parser():
     g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay (default: 1e-2)")
     g.add_argument("--max_grad_norm", type=float, default=1.0,
                    help="clip the gradient's global norm to this; 0 turns clipping off (default: 1.0)")
+    g.add_argument("--snr_gamma", type=float, default=None,
+                   help="min-SNR-gamma loss weighting (Hang et al. 2023): each sample's eps loss weighted by "
+                        "min(SNR, gamma) / SNR; 5 is the paper's choice (default: off, the plain eps loss)")
+    g.add_argument("--noise_offset", type=float, default=0.0,
+                   help="offset noise, as kohya's: add this times an N(0, 1) constant per sample and channel to the "
+                        "noise, e.g. 0.05 (default: 0, off)")
     g.add_argument("--seed", type=int, default=42,
                    help="seed of initialisation, data order, augmentation and noise (default: %(default)s)")
 
@@ -173,7 +180,9 @@ def check_args(args):
         raise UsageError(f"--flip_p must be between 0 and 1, got {args.flip_p}")
     if args.learning_rate <= 0:
         raise UsageError(f"--learning_rate must be positive, got {args.learning_rate}")
-    for flag in ("seed", "max_grad_norm", "adam_weight_decay"):
+    if args.snr_gamma is not None and args.snr_gamma <= 0:
+        raise UsageError(f"--snr_gamma must be positive (5 is the paper's choice), got {args.snr_gamma}")
+    for flag in ("seed", "max_grad_norm", "adam_weight_decay", "noise_offset"):
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag} must not be negative, got {getattr(args, flag)}")
     # The UNet halves the latent twice (three levels) and the VAE divides by 8: sides must be multiples of 32.
@@ -227,6 +236,18 @@ def resolve_defaults(args, config):
         args.validation_prompt = VALIDATION_PROMPTS[args.learnable_property].format(args.placeholder_token)
 
 
+def set_loss_options(loss_fn, snr_gamma, noise_offset):
+    """--snr_gamma and --noise_offset on the config's loss (sgm's StandardDiffusionLoss); off, it stays as the
+    config built it."""
+    if snr_gamma is not None:
+        if not isinstance(loss_fn.loss_weighting, EpsWeighting):
+            raise UsageError(f"--snr_gamma weights the eps objective, but the config weights the loss with "
+                             f"{type(loss_fn.loss_weighting).__name__}, not EpsWeighting.")
+        loss_fn.loss_weighting = EpsMinSNRWeighting(snr_gamma)
+    if noise_offset:
+        loss_fn.offset_noise_level = noise_offset
+
+
 def setup_device(args):
     """MindSpore context; (rank, world size) of this process."""
     try:
@@ -269,6 +290,7 @@ class Training:
         self.model = create_model(config, args.weight, precision=args.precision, recompute=args.recompute)
         for param in self.model.get_parameters():
             param.requires_grad = False  # every weight is frozen; the rows added below are the only trainables
+        set_loss_options(self.model.loss_fn, args.snr_gamma, args.noise_offset)
         self.learned_rows = add_trainable_placeholder(self.model.conditioner, args.placeholder_token,
                                                       args.num_vectors, args.initializer_token,
                                                       np.random.RandomState(args.seed))

@@ -43,6 +43,8 @@ CASES = {
     "save_path_in_use": (tiny(), ["--save_path", "in use by another training", f"process {os.getpid()}"]),
     "save_path_under_a_file": (tiny("--save_path", "{tmp}/a_file/run"),
                                ["--save_path", "a_file is a file, not a folder"]),
+    "snr_gamma_negative": (tiny("--snr_gamma", "-5"), ["--snr_gamma must be positive", "got -5.0"]),
+    "noise_offset_negative": (tiny("--noise_offset", "-0.1"), ["--noise_offset must not be negative, got -0.1"]),
     "learning_rate_nan": (tiny("--learning_rate", "nan"), ["--learning_rate must be a finite number, got nan"]),
     "weights_given_as_config": (
         ["--config", WEIGHTS, "--data_path", DATA, "--placeholder_token", "<toy>", "--device_target", "CPU"],
