@@ -45,6 +45,10 @@ CASES = {
                                ["--save_path", "a_file is a file, not a folder"]),
     "snr_gamma_negative": (tiny("--snr_gamma", "-5"), ["--snr_gamma must be positive", "got -5.0"]),
     "noise_offset_negative": (tiny("--noise_offset", "-0.1"), ["--noise_offset must not be negative, got -0.1"]),
+    "train_encoders_bad": (tiny("--train_encoders", "l,x"), ["--train_encoders must be l,g", "'l,x'"]),
+    "learning_rate_clip_l_0": (tiny("--learning_rate_clip_l", "0"), ["--learning_rate_clip_l must be positive, got 0.0"]),
+    "learning_rate_clip_g_negative": (tiny("--learning_rate_clip_g", "-0.0001"),
+                                      ["--learning_rate_clip_g must be positive, got -0.0001"]),
     "learning_rate_nan": (tiny("--learning_rate", "nan"), ["--learning_rate must be a finite number, got nan"]),
     "weights_given_as_config": (
         ["--config", WEIGHTS, "--data_path", DATA, "--placeholder_token", "<toy>", "--device_target", "CPU"],
@@ -144,6 +148,12 @@ def test_bad_input_is_refused_clearly(results, name):
     for word in words:
         assert word in errors[0], (word, errors[0])
     assert after == before, "files were written or changed: " + str(set(after.items()) ^ set(before.items()))
+
+
+@pytest.mark.parametrize("name", ["initializer_without_a_word", "snr_gamma_negative", "noise_offset_negative",
+                                  "train_encoders_bad", "learning_rate_clip_l_0", "learning_rate_clip_g_negative"])
+def test_bad_option_values_exit_2(results, name):
+    assert results[name][0] == 2, results[name][2]
 
 
 def test_unreadable_image_is_named_in_a_warning(results):
