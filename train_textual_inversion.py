@@ -36,6 +36,7 @@ from gm.data.dataset import DataError, EpochOrder, TextualInversionDataset
 from gm.data.templates import TemplateError, load_templates
 from gm.device import add_device_arguments, resolve_device, set_device
 from gm.models.loading import create_model, load_config
+from gm.modules.diffusionmodules.denoiser_weighting import EpsMinSNRWeighting, EpsWeighting
 from gm.textual_inversion.checkpointing import (
     STATE_DIR, ResumeError, RunFolderInUse, embedding_name, embedding_paths, find_train_state, latest_train_state,
     load_train_state, read_train_state, run_folder_lock, save_learned_embeddings, save_train_state,
@@ -58,6 +59,8 @@ PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
 CONFIG_DEFAULTS = {"resolution": 1024, "total_step": 3000, "save_interval": 500, "infer_interval": 500}
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 INTERRUPTED = 130  # the shell's code for Ctrl-C
+ENCODERS = ("l", "g")  # the order of the learned rows: CLIP ViT-L, OpenCLIP bigG (the config's)
+TRAIN_ENCODERS = ("l,g", "l", "g")
 VALIDATION_PROMPTS = {"object": "a photo of {}", "style": "a painting in the style of {}", "face": "a photo of {}"}
 
 
@@ -107,8 +110,12 @@ def build_parser():
     g = p.add_argument_group("the new word")
     g.add_argument("--placeholder_token", required=True, help='the new word, e.g. "<cat-toy>"')
     g.add_argument("--initializer_token", default=None,
-                   help="a word whose embedding starts every vector (default: small random vectors)")
+                   help='a word or phrase, e.g. "plush cat toy": its tokens\' embeddings start the vectors in order, '
+                        "cycling when there are more vectors than tokens (default: small random vectors)")
     g.add_argument("--num_vectors", type=int, default=1, help="vectors per encoder for the word (default: 1)")
+    g.add_argument("--train_encoders", default="l,g",
+                   help="the text encoders whose rows train: l,g (both), l (CLIP ViT-L) or g (OpenCLIP bigG); the "
+                        "other's rows keep their initial values and are saved with them (default: %(default)s)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--total_step", type=int, default=None,
@@ -118,6 +125,10 @@ def build_parser():
     g.add_argument("--gradient_accumulation_steps", type=int, default=1,
                    help="micro-batches averaged per optimizer step (default: 1)")
     g.add_argument("--learning_rate", type=float, default=5e-4, help="AdamW learning rate (default: %(default)s)")
+    g.add_argument("--learning_rate_clip_l", type=float, default=None,
+                   help="learning rate of the CLIP ViT-L rows, on the same schedule (default: --learning_rate)")
+    g.add_argument("--learning_rate_clip_g", type=float, default=None,
+                   help="learning rate of the OpenCLIP bigG rows, on the same schedule (default: --learning_rate)")
     g.add_argument("--scale_lr", type=str2bool, default=False,
                    help="multiply the learning rate by the effective batch size (as diffusers does)")
     g.add_argument("--lr_scheduler", choices=SCHEDULES, default="constant",
@@ -127,6 +138,12 @@ def build_parser():
     g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay (default: 1e-2)")
     g.add_argument("--max_grad_norm", type=float, default=1.0,
                    help="clip the gradient's global norm to this; 0 turns clipping off (default: 1.0)")
+    g.add_argument("--snr_gamma", type=float, default=None,
+                   help="min-SNR-gamma loss weighting (Hang et al. 2023): each sample's eps loss weighted by "
+                        "min(SNR, gamma) / SNR; 5 is the paper's choice (default: off, the plain eps loss)")
+    g.add_argument("--noise_offset", type=float, default=0.0,
+                   help="offset noise, as kohya's: add this times an N(0, 1) constant per sample and channel to the "
+                        "noise, e.g. 0.05 (default: 0, off)")
     g.add_argument("--seed", type=int, default=42,
                    help="seed of initialisation, data order, augmentation and noise (default: %(default)s)")
 
@@ -172,9 +189,15 @@ def check_args(args):
         raise UsageError(f"--lr_warmup_steps must be at least 0, got {args.lr_warmup_steps}")
     if not 0.0 <= args.flip_p <= 1.0:
         raise UsageError(f"--flip_p must be between 0 and 1, got {args.flip_p}")
-    if args.learning_rate <= 0:
-        raise UsageError(f"--learning_rate must be positive, got {args.learning_rate}")
-    for flag in ("seed", "max_grad_norm", "adam_weight_decay"):
+    for flag in ("learning_rate", "learning_rate_clip_l", "learning_rate_clip_g"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    if args.train_encoders not in TRAIN_ENCODERS:
+        raise UsageError(f"--train_encoders must be l,g (both text encoders), l (CLIP ViT-L) or g (OpenCLIP bigG), "
+                         f"got {args.train_encoders!r}")
+    if args.snr_gamma is not None and args.snr_gamma <= 0:
+        raise UsageError(f"--snr_gamma must be positive (5 is the paper's choice), got {args.snr_gamma}")
+    for flag in ("seed", "max_grad_norm", "adam_weight_decay", "noise_offset"):
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag} must not be negative, got {getattr(args, flag)}")
     # The UNet halves the latent twice (three levels) and the VAE divides by 8: sides must be multiples of 32.
@@ -228,6 +251,18 @@ def resolve_defaults(args, config):
         args.validation_prompt = VALIDATION_PROMPTS[args.learnable_property].format(args.placeholder_token)
 
 
+def set_loss_options(loss_fn, snr_gamma, noise_offset):
+    """--snr_gamma and --noise_offset on the config's loss (sgm's StandardDiffusionLoss); off, it stays as the
+    config built it."""
+    if snr_gamma is not None:
+        if not isinstance(loss_fn.loss_weighting, EpsWeighting):
+            raise UsageError(f"--snr_gamma weights the eps objective, but the config weights the loss with "
+                             f"{type(loss_fn.loss_weighting).__name__}, not EpsWeighting.")
+        loss_fn.loss_weighting = EpsMinSNRWeighting(snr_gamma)
+    if noise_offset:
+        loss_fn.offset_noise_level = noise_offset
+
+
 def setup_device(args):
     """MindSpore context; (rank, world size) of this process."""
     try:
@@ -277,6 +312,7 @@ class Training:
         self.model = create_model(config, args.weight, precision=args.precision, recompute=args.recompute)
         for param in self.model.get_parameters():
             param.requires_grad = False  # every weight is frozen; the rows added below are the only trainables
+        set_loss_options(self.model.loss_fn, args.snr_gamma, args.noise_offset)
         self.learned_rows = add_trainable_placeholder(self.model.conditioner, args.placeholder_token,
                                                       args.num_vectors, args.initializer_token,
                                                       np.random.RandomState(args.seed))
@@ -290,10 +326,8 @@ class Training:
         # ---- the train step over the learned rows only (compiled at its first call)
         self.effective_batch = args.train_batch_size * args.gradient_accumulation_steps * world_size
         self.base_lr = base_learning_rate(args.learning_rate, args.scale_lr, self.effective_batch)
-        self.optimizer = AdamW(self.learned_rows, weight_decay=args.adam_weight_decay)
-        self.train_step = TextualInversionTrainStep(
-            TextualInversionLoss(self.model), self.learned_rows, self.optimizer, args.gradient_accumulation_steps,
-            args.max_grad_norm, dynamic_loss_scale=args.precision == "fp16", world_size=world_size)
+        self.optimizer, self.train_step = build_train_step(TextualInversionLoss(self.model), self.learned_rows, args,
+                                                           world_size)
         # what a training state holds besides the host side (step, data order)
         self.state_params = self.learned_rows + self.train_step.state_parameters()
         self.identity, self.schedule = run_identity(args, config, world_size), schedule_flags(args)
@@ -427,10 +461,35 @@ def stop_on_signal(announce):
         yield stop
 
 
+def build_train_step(loss_net, learned_rows, args, world_size=1):
+    """(AdamW, the train step) over the learned rows of the encoders --train_encoders names, each at its encoder's
+    learning rate (a constant multiple of the scheduled one). The other encoder's rows get no gradient and no
+    update: they stay their initial values, bit for bit."""
+    rates = encoder_learning_rates(args)
+    params, lr_scales = [], []
+    for name, rows in zip(ENCODERS, learned_rows):
+        rows.requires_grad = name in rates
+        if rows.requires_grad:
+            params.append(rows)
+            lr_scales.append(rates[name] / args.learning_rate)
+    optimizer = AdamW(params, weight_decay=args.adam_weight_decay, lr_scales=lr_scales)
+    train_step = TextualInversionTrainStep(loss_net, params, optimizer, args.gradient_accumulation_steps,
+                                           args.max_grad_norm, dynamic_loss_scale=args.precision == "fp16",
+                                           world_size=world_size)
+    return optimizer, train_step
+
+
+def encoder_learning_rates(args):
+    """{encoder: its learning rate} of the encoders --train_encoders names, before --scale_lr and the schedule."""
+    return {name: getattr(args, f"learning_rate_clip_{name}") or args.learning_rate
+            for name in args.train_encoders.split(",")}
+
+
 def schedule_flags(args):
     """The flags that set the learning rate of each step: saved with the state, to warn when a resume changes it."""
     return {"lr_scheduler": args.lr_scheduler, "learning_rate": args.learning_rate, "scale_lr": args.scale_lr,
-            "lr_warmup_steps": args.lr_warmup_steps, "total_step": args.total_step}
+            "lr_warmup_steps": args.lr_warmup_steps, "total_step": args.total_step,
+            "learning_rate_clip_l": args.learning_rate_clip_l, "learning_rate_clip_g": args.learning_rate_clip_g}
 
 
 def base_learning_rate(learning_rate, scale_lr, effective_batch):
@@ -442,9 +501,13 @@ def schedule_changed(saved, schedule, steps, effective_batch):
     the `saved` ones did: only then does a resumed run differ from one started with these flags (e.g. a longer
     --total_step changes nothing under 'constant', but the past rates of 'linear')."""
     def rates(flags):
-        base = base_learning_rate(flags["learning_rate"], flags["scale_lr"], effective_batch)
-        return [learning_rate(flags["lr_scheduler"], base, step, flags["total_step"], flags["lr_warmup_steps"])
-                for step in range(steps)]
+        rates = []
+        for name in ENCODERS:  # a state saved before the per-encoder rates has neither: both at --learning_rate
+            encoder_lr = flags.get(f"learning_rate_clip_{name}") or flags["learning_rate"]
+            base = base_learning_rate(encoder_lr, flags["scale_lr"], effective_batch)
+            rates += [learning_rate(flags["lr_scheduler"], base, step, flags["total_step"], flags["lr_warmup_steps"])
+                      for step in range(steps)]
+        return rates
 
     return rates(saved) != rates(schedule)
 
@@ -592,7 +655,7 @@ def sample_validation_grid(run, args, step):
 
 
 def print_summary(args, run):
-    tokens = run.tokens
+    tokens, rates = run.tokens, encoder_learning_rates(args)
     lines = [
         "",
         f"Textual inversion of {args.placeholder_token!r} ({args.learnable_property}) on {args.config}",
@@ -600,12 +663,14 @@ def print_summary(args, run):
         f"  tokens added      : {len(tokens)} to each text encoder ({', '.join(tokens[:4])}"
         f"{' ...' if len(tokens) > 4 else ''})"
         f"{f', initialised from {args.initializer_token!r}' if args.initializer_token else ', random initial vectors'}",
-        f"  trainable params  : {sum(p.size for p in run.learned_rows):,} "
-        f"({' + '.join(str(tuple(p.shape)) for p in run.learned_rows)}); every model weight frozen",
+        f"  trainable params  : {sum(p.size for p in run.train_step.params):,} "
+        f"({' + '.join(str(tuple(p.shape)) for p in run.train_step.params)}); every model weight frozen",
         f"  effective batch   : {run.effective_batch} = {args.train_batch_size} per device x "
         f"{args.gradient_accumulation_steps} accumulation x {run.world_size} device(s)",
         f"  steps             : {run.start_step} -> {args.total_step} at {args.resolution}px, lr {run.base_lr:g} "
         f"({args.lr_scheduler}), {args.precision}",
+        "  text encoders     : " + ", ".join(f"clip_{name} lr {run.base_lr * rates[name] / args.learning_rate:g}"
+                                             if name in rates else f"clip_{name} frozen" for name in ENCODERS),
         f"  outputs           : {args.save_path}",
         "",
     ]

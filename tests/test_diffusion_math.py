@@ -13,6 +13,9 @@ What is equal to diffusers and what is not:
 The stand-in eps network is tanh-based. MindSpore's CPU tanh kernel is off by up to 1e-4, so the
 MindSpore side computes tanh(z) as 2 sigmoid(2z) - 1 (accurate to 1e-6).
 """
+import os
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -32,6 +35,10 @@ from gm.modules.diffusionmodules.guiders import VanillaCFG
 from gm.modules.diffusionmodules.loss import StandardDiffusionLoss
 from gm.modules.diffusionmodules.sampling_utils import img2img_noised_input, linear_multistep_coeff, randn_like_fn
 from gm.modules.diffusionmodules.sigma_sampling import DiscreteSampling, EDMSampling
+from gm.models.loading import load_config
+from gm.textual_inversion.train_step import loss_inputs
+from gm.util import instantiate_from_config
+from train_textual_inversion import UsageError, parse_args, set_loss_options
 
 PKG = "gm.modules.diffusionmodules."
 LEGACY = {"target": PKG + "discretizer.LegacyDDPMDiscretization",
@@ -274,6 +281,79 @@ def test_sigma_samplers_and_offset_noise():
         plain.draw_inputs((2, 3, 4, 4), np.random.RandomState(5))[0].asnumpy()
     assert np.abs(diff).max() > 1e-3
     np.testing.assert_allclose(diff, np.broadcast_to(diff[:, :, :1, :1], diff.shape), atol=1e-6)
+
+
+DISCRETE_SAMPLING = {"target": PKG + "sigma_sampling.DiscreteSampling",
+                     "params": {"discretization_config": LEGACY, "num_idx": 1000}}
+TINY_TI_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "training",
+                              "sd_xl_tiny_textual_inversion.yaml")
+
+
+def test_min_snr_gamma_weighting_by_hand(discrete_denoiser):
+    """--snr_gamma 5: per sample, the eps-MSE times min(SNR, 5) / SNR, SNR = alpha_bar / (1 - alpha_bar) from the
+    DDPM betas, computed here in numpy; the timesteps put SNR on both sides of gamma."""
+    loss_fn = StandardDiffusionLoss(DISCRETE_SAMPLING, {"target": PKG + "denoiser_weighting.EpsMinSNRWeighting",
+                                                        "params": {"gamma": 5.0}})
+    rng = np.random.RandomState(0)
+    x = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    noise = rng.standard_normal(x.shape).astype(np.float32)
+    idx = np.array([10, 100, 400, 999], np.int32)
+    ours = loss_fn(StandInEpsNet(), discrete_denoiser, Tensor(x), COND["crossattn"], COND["vector"], Tensor(noise),
+                   Tensor(idx)).asnumpy()
+
+    alpha_bar = np.cumprod(1 - np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2)[idx]
+    snr = alpha_bar / (1 - alpha_bar)
+    assert (snr > 5).sum() == 2 and (snr < 5).sum() == 2
+    a = alpha_bar.reshape(-1, 1, 1, 1)
+    x_in = np.sqrt(a) * x + np.sqrt(1 - a) * noise  # what the UNet sees: DDPM's noised latents
+    eps = 0.9 * x_in + 0.3 * np.tanh(0.7 * x_in + 0.002 * idx.reshape(-1, 1, 1, 1))
+    expected = ((eps - noise) ** 2).mean((1, 2, 3)) * np.minimum(snr, 5.0) / snr
+    np.testing.assert_allclose(ours, expected, rtol=1e-4)
+
+
+def test_noise_offset_by_hand():
+    """--noise_offset 0.1: `loss_inputs` draws from its one RandomState the posterior noise, then the diffusion
+    noise plus 0.1 x an N(0, 1) of shape [B, C, 1, 1] (kohya's offset noise), then the timesteps."""
+    loss_fn = StandardDiffusionLoss(DISCRETE_SAMPLING, {"target": PKG + "denoiser_weighting.EpsWeighting"},
+                                    offset_noise_level=0.1)
+    moments = np.random.RandomState(0).standard_normal((2, 8, 3, 3)).astype(np.float32)  # [B, 2C, h, w]
+    _, latent_noise, noise, idx = loss_inputs(SimpleNamespace(loss_fn=loss_fn), moments, (), np.random.RandomState(7))
+
+    rng = np.random.RandomState(7)
+    expected_latent_noise = rng.standard_normal((2, 4, 3, 3))
+    base = rng.standard_normal((2, 4, 3, 3))
+    offset = rng.standard_normal((2, 4)).reshape(2, 4, 1, 1)
+    np.testing.assert_array_equal(latent_noise.asnumpy(), expected_latent_noise.astype(np.float32))
+    np.testing.assert_array_equal(noise.asnumpy(), (base + 0.1 * offset).astype(np.float32))
+    np.testing.assert_array_equal(idx.asnumpy(), rng.randint(0, 1000, (2,)))
+
+
+def test_loss_options_off_leave_the_loss_bit_identical(discrete_denoiser):
+    """The trainer's defaults (no --snr_gamma, --noise_offset 0) leave the config's loss as it was: the same
+    draws and losses, bit for bit; each option on changes them; --snr_gamma needs the eps objective."""
+    config = load_config(TINY_TI_CONFIG).model.params.loss_fn_config
+    args = parse_args(["--data_path", "data", "--placeholder_token", "<toy>"])
+    rng = np.random.RandomState(0)
+    x = Tensor(rng.standard_normal((3, 4, 2, 2)).astype(np.float32))
+
+    def loss_and_draws(loss_fn):
+        noise, idx = loss_fn.draw_inputs(x.shape, np.random.RandomState(3))
+        loss = loss_fn(StandInEpsNet(), discrete_denoiser, x, COND["crossattn"], COND["vector"], noise, idx)
+        return loss.asnumpy(), noise.asnumpy(), idx.asnumpy()
+
+    def configured(snr_gamma, noise_offset):
+        loss_fn = instantiate_from_config(config)
+        set_loss_options(loss_fn, snr_gamma, noise_offset)
+        return loss_and_draws(loss_fn)
+
+    expected = loss_and_draws(instantiate_from_config(config))
+    for ours, theirs in zip(configured(args.snr_gamma, args.noise_offset), expected):
+        np.testing.assert_array_equal(ours, theirs)
+    assert not np.array_equal(configured(1.0, 0.0)[0], expected[0])
+    assert not np.array_equal(configured(None, 0.1)[1], expected[1])
+    v_loss = StandardDiffusionLoss(DISCRETE_SAMPLING, {"target": PKG + "denoiser_weighting.VWeighting"})
+    with pytest.raises(UsageError, match="--snr_gamma weights the eps objective, .* VWeighting"):
+        set_loss_options(v_loss, 5.0, 0.0)
 
 
 # ----------------------------------------------------------------------------------- samplers vs diffusers

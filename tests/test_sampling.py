@@ -23,8 +23,8 @@ from gm.models.loading import load_config
 from gm.modules.diffusionmodules.discretizer import LegacyDDPMDiscretization
 from gm.sampling import SDXLPipeline, SamplingError, build_engine, make_grid
 from gm.textual_inversion.embedding_io import EmbeddingFormatError, save_embedding
-from gm.textual_inversion.placeholder import (add_placeholder_tokens, expand_placeholders, find_placeholders,
-                                              placeholder_tokens)
+from gm.textual_inversion.placeholder import (PlaceholderError, add_placeholder_tokens, add_trainable_placeholder,
+                                              expand_placeholders, find_placeholders, placeholder_tokens)
 from gm.util import instantiate_from_config
 
 from reference import SCHEDULER, sdxl_conditioning, run_unet
@@ -116,6 +116,25 @@ def test_add_placeholder_tokens_to_both_encoders_or_neither():
             add_placeholder_tokens(conditioner, token, np.ones((1, 32)) if token != "<toy>" else np.ones((2, 32)),
                                    rows_g)
         assert (len(clip_l.tokenizer), len(clip_g.tokenizer), clip_l.token_embedding.num_new_tokens) == sizes
+
+
+def test_initializer_phrase_starts_the_vectors_in_order_cycling():
+    """--initializer_token "plush cat toy" with 5 vectors: the rows of plush, cat, toy, plush, cat, in both
+    encoders, bit for bit; with 2 vectors the first two; "cat-toy" (three tokens) is a phrase like any other;
+    a phrase without a token is refused."""
+    config = load_config(TINY_CONFIG).model.params.conditioner_config
+    for phrase, num_vectors, order in [("plush cat toy", 5, [0, 1, 2, 0, 1]), ("plush cat toy", 2, [0, 1]),
+                                       ("cat-toy", 4, [0, 1, 2, 0])]:
+        conditioner = instantiate_from_config(config)
+        learned = add_trainable_placeholder(conditioner, "<toy>", num_vectors, phrase, np.random.RandomState(0))
+        for embedder, rows in zip(conditioner.text_embedders(), learned):
+            ids = embedder.tokenizer.encode(phrase)
+            assert len(ids) == 3, ids
+            table = embedder.token_embedding.weight.asnumpy()
+            assert len({table[i].tobytes() for i in ids}) == 3  # three different rows: the order is visible
+            assert np.array_equal(rows.asnumpy(), table[[ids[k] for k in order]]), (phrase, num_vectors)
+    with pytest.raises(PlaceholderError, match="--initializer_token ' ' has no word in it"):
+        add_trainable_placeholder(instantiate_from_config(config), "<toy>", 2, " ", np.random.RandomState(0))
 
 
 # ------------------------------------------------------------------------------------------------ parity

@@ -31,7 +31,7 @@ CASES = {
     "data_path_empty": (tiny(data="{tmp}/empty"), ["no images", "empty"]),
     "no_usable_image": (tiny(data="{tmp}/broken"), ["could be read", "broken"]),
     "placeholder_in_vocabulary": (tiny(token="cat"), ["'cat'", "already in the vocabulary"]),
-    "initializer_not_one_word": (tiny("--initializer_token", "cat-toy"), ["--initializer_token", "single word"]),
+    "initializer_without_a_word": (tiny("--initializer_token", " "), ["--initializer_token ' '", "no word"]),
     "num_vectors_0": (tiny("--num_vectors", "0"), ["--num_vectors must be at least 1"]),
     "total_step_0": (tiny("--total_step", "0"), ["--total_step must be at least 1"]),
     "accumulation_0": (tiny("--gradient_accumulation_steps", "0"), ["--gradient_accumulation_steps must be at least 1"]),
@@ -43,6 +43,12 @@ CASES = {
     "save_path_in_use": (tiny(), ["--save_path", "in use by another training", f"process {os.getpid()}"]),
     "save_path_under_a_file": (tiny("--save_path", "{tmp}/a_file/run"),
                                ["--save_path", "a_file is a file, not a folder"]),
+    "snr_gamma_negative": (tiny("--snr_gamma", "-5"), ["--snr_gamma must be positive", "got -5.0"]),
+    "noise_offset_negative": (tiny("--noise_offset", "-0.1"), ["--noise_offset must not be negative, got -0.1"]),
+    "train_encoders_bad": (tiny("--train_encoders", "l,x"), ["--train_encoders must be l,g", "'l,x'"]),
+    "learning_rate_clip_l_0": (tiny("--learning_rate_clip_l", "0"), ["--learning_rate_clip_l must be positive, got 0.0"]),
+    "learning_rate_clip_g_negative": (tiny("--learning_rate_clip_g", "-0.0001"),
+                                      ["--learning_rate_clip_g must be positive, got -0.0001"]),
     "learning_rate_nan": (tiny("--learning_rate", "nan"), ["--learning_rate must be a finite number, got nan"]),
     "weights_given_as_config": (
         ["--config", WEIGHTS, "--data_path", DATA, "--placeholder_token", "<toy>", "--device_target", "CPU"],
@@ -142,6 +148,12 @@ def test_bad_input_is_refused_clearly(results, name):
     for word in words:
         assert word in errors[0], (word, errors[0])
     assert after == before, "files were written or changed: " + str(set(after.items()) ^ set(before.items()))
+
+
+@pytest.mark.parametrize("name", ["initializer_without_a_word", "snr_gamma_negative", "noise_offset_negative",
+                                  "train_encoders_bad", "learning_rate_clip_l_0", "learning_rate_clip_g_negative"])
+def test_bad_option_values_exit_2(results, name):
+    assert results[name][0] == 2, results[name][2]
 
 
 def test_unreadable_image_is_named_in_a_warning(results):

@@ -1,6 +1,9 @@
 """The optimizer side of textual-inversion training, on small stand-ins (seconds, no SDXL graph):
 AdamW against torch.optim.AdamW, the LR schedules against diffusers' get_scheduler, gradient clipping against
-torch's clip_grad_norm_, and the fp16 dynamic loss scale of the train step (a non-finite step is skipped)."""
+torch's clip_grad_norm_, the fp16 dynamic loss scale of the train step (a non-finite step is skipped), and the
+trainer's per-encoder learning rates and frozen encoder (`build_train_step`)."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -10,9 +13,12 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from gm.textual_inversion.optim import SCHEDULES, AdamW, learning_rate
+from gm.models.loading import load_config
 from gm.textual_inversion.train_step import TextualInversionTrainStep
+from train_textual_inversion import build_train_step, check_args, parse_args, resolve_defaults
 
 SHAPES = ((2, 32), (2, 64))  # the learned rows of the tiny model's two text encoders
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def random_rows(seed):
@@ -133,3 +139,56 @@ def test_dynamic_loss_scale_skips_non_finite_steps():
     step(lr, Tensor(False), *grads())
     step(lr, Tensor(True), *grads())
     assert float(step.loss_scale.asnumpy()) == 2.0 ** 16 and int(step.skipped_steps.asnumpy()) == 1
+
+
+def trainer_args(save_path, *flags):
+    """The trainer's arguments on the tiny config, checked as the script checks them; no weight decay or clipping,
+    so an update is AdamW's step alone."""
+    args = parse_args(["--config", os.path.join(ROOT, "configs", "training", "sd_xl_tiny_textual_inversion.yaml"),
+                       "--data_path", os.path.join(ROOT, "datasets", "synthetic_toy"), "--placeholder_token", "<toy>",
+                       "--device_target", "CPU", "--save_path", str(save_path), "--adam_weight_decay", "0",
+                       "--max_grad_norm", "0", *flags])
+    resolve_defaults(args, load_config(args.config))
+    check_args(args)
+    return args
+
+
+@pytest.mark.parametrize("train_encoders, trained", [("l", [True, False]), ("g", [False, True]), ("l,g", [True, True])])
+def test_a_frozen_encoders_rows_stay_bit_identical(tmp_path, train_encoders, trained):
+    """--train_encoders l or g: after three steps the other encoder's rows are their initial values bit for bit
+    (no gradient, no optimizer state), while the trained ones moved."""
+    init = random_rows(6)
+    rows = [Parameter(Tensor(x), name=f"text{i}.new_embeddings") for i, x in enumerate(init)]
+    optimizer, step = build_train_step(RowsLoss(rows), rows, trainer_args(tmp_path, "--train_encoders", train_encoders))
+    rng = np.random.RandomState(7)
+    for _ in range(3):
+        step(Tensor(1e-2, ms.float32), Tensor(True), *[Tensor(rng.normal(0, 1, s).astype(np.float32)) for s in SHAPES])
+    for param, start, moves in zip(rows, init, trained):
+        assert param.requires_grad is moves
+        if moves:
+            assert (np.abs(param.asnumpy() - start).max(1) > 0).all()
+        else:
+            assert np.array_equal(param.asnumpy(), start)
+    assert [p.name for p in optimizer.params] == [p.name for p, moves in zip(rows, trained) if moves]
+    assert len(step.accum) == sum(trained)
+
+
+def test_per_encoder_learning_rates_scale_each_encoders_update(tmp_path):
+    """--learning_rate 1e-3 --learning_rate_clip_l 3e-3 --learning_rate_clip_g 5e-4: AdamW's first step (no weight
+    decay) moves each element by lr g / (|g| + eps), so each encoder's update is its rate / 1e-3 times the one
+    without per-encoder rates."""
+    init, rng = random_rows(8), np.random.RandomState(9)
+    grads = [rng.normal(0, 1e-2, s).astype(np.float32) for s in SHAPES]
+
+    def first_update(*flags):
+        rows = [Parameter(Tensor(x), name=f"text{i}.new_embeddings") for i, x in enumerate(init)]
+        _, step = build_train_step(RowsLoss(rows), rows, trainer_args(tmp_path, "--learning_rate", "1e-3", *flags))
+        step(Tensor(1e-3, ms.float32), Tensor(True), *[Tensor(g) for g in grads])  # the scheduled rate: 1e-3
+        return [p.asnumpy().astype(np.float64) - x for p, x in zip(rows, init)]
+
+    same = first_update()
+    for update, g in zip(same, grads):
+        np.testing.assert_allclose(update, -1e-3 * g / (np.abs(g) + 1e-8), rtol=1e-3)
+    per_encoder = first_update("--learning_rate_clip_l", "3e-3", "--learning_rate_clip_g", "5e-4")
+    np.testing.assert_allclose(per_encoder[0], 3.0 * same[0], rtol=1e-3)
+    np.testing.assert_allclose(per_encoder[1], 0.5 * same[1], rtol=1e-3)

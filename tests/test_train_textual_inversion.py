@@ -718,6 +718,8 @@ def test_full_disk_at_a_save_stops_with_one_line_and_keeps_the_last_state(failur
     ("constant_with_warmup", {"lr_warmup_steps": 2}, True),  # steps 1-3 warmed up over 4 steps, not 2
     ("linear", {"total_step": 20}, True),  # the rates of steps 1-3 depend on the length
     ("cosine", {"total_step": 20}, True),
+    ("constant", {"learning_rate_clip_l": 5e-4}, False),  # the rate --learning_rate gave it anyway
+    ("constant", {"learning_rate_clip_g": 1e-3}, True),
 ])
 def test_resume_warns_only_when_past_learning_rates_change(scheduler, change, changed):
     """Resumed after 4 steps with other schedule flags: the run matches an uninterrupted one started with the

@@ -11,11 +11,17 @@ from mindspore import Parameter, ParameterTuple, nn, ops
 
 
 class AdamW(nn.Cell):
-    """p <- p - lr * (wd * p + m_hat / (sqrt(v_hat) + eps)); moments kept in fp32 beside each parameter."""
+    """p <- p - lr * (wd * p + m_hat / (sqrt(v_hat) + eps)); moments kept in fp32 beside each parameter.
 
-    def __init__(self, params, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2):
+    `lr_scales` (one per parameter, default 1) multiply the learning rate given at each step: per-encoder rates
+    that follow one schedule."""
+
+    def __init__(self, params, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, lr_scales=None):
         super().__init__()
         self.params = ParameterTuple(params)
+        self.lr_scales = tuple(lr_scales) if lr_scales is not None else (1.0,) * len(self.params)
+        if len(self.lr_scales) != len(self.params):
+            raise ValueError(f"{len(self.lr_scales)} lr_scales for {len(self.params)} parameters")
         self.exp_avg = self.params.clone(prefix="exp_avg", init="zeros")
         self.exp_avg_sq = self.params.clone(prefix="exp_avg_sq", init="zeros")
         for moment in list(self.exp_avg) + list(self.exp_avg_sq):
@@ -38,7 +44,8 @@ class AdamW(nn.Cell):
             ops.assign(m, m_new)
             ops.assign(v, v_new)
             update = (m_new / bias_correction1) / (ops.sqrt(v_new / bias_correction2) + self.eps)
-            ops.assign(param, param * (1.0 - lr * self.weight_decay) - lr * update)
+            param_lr = lr * self.lr_scales[i]
+            ops.assign(param, param * (1.0 - param_lr * self.weight_decay) - param_lr * update)
         return step
 
     def state_parameters(self):

@@ -104,16 +104,16 @@ def add_trainable_placeholder(conditioner, token, num_vectors, initializer_token
 
 
 def initial_rows(embedder, initializer_token, num_vectors, rng):
-    """Starting rows [num_vectors, width] for one text embedder: the initializer word's embedding in every row,
-    or, without one, small random vectors (normal, with the spread of the embedder's own table)."""
+    """Starting rows [num_vectors, width] for one text embedder: the embeddings of the initializer phrase's tokens
+    in order, cycling when there are more vectors than tokens (and the first num_vectors when fewer, as kohya's
+    sd-scripts does), or, without a phrase, small random vectors (normal, with the spread of the embedder's table)."""
     table = embedder.token_embedding.weight
     if initializer_token:
         ids = embedder.tokenizer.encode(initializer_token)
-        if len(ids) != 1:
-            raise PlaceholderError(
-                f"--initializer_token {initializer_token!r} is not a single word of the vocabulary (it splits into "
-                f"{len(ids)} tokens): pick one common word, e.g. 'toy' or 'painting'.")
-        row = table[ids[0]].asnumpy()
-        return np.repeat(row[None].astype(np.float32), num_vectors, axis=0)
+        if not ids:
+            raise PlaceholderError(f"--initializer_token {initializer_token!r} has no word in it: give a word or a "
+                                   "phrase, e.g. 'toy' or 'plush cat toy'.")
+        # row by row: the whole table of the real bigG is 250 MB
+        return np.stack([table[ids[i % len(ids)]].asnumpy() for i in range(num_vectors)]).astype(np.float32)
     std = float(table.asnumpy().std())
     return rng.normal(0.0, std, (num_vectors, table.shape[1])).astype(np.float32)

@@ -28,3 +28,17 @@ class EpsWeighting(nn.Cell):
 
     def construct(self, sigma):
         return sigma**-2.0
+
+
+class EpsMinSNRWeighting(nn.Cell):
+    """Min-SNR-gamma (Hang et al. 2023) for the eps objective: the eps-MSE of each sample weighted by
+    min(SNR, gamma) / SNR, SNR = alpha_bar / (1 - alpha_bar) = sigma^-2. Times EpsWeighting's sigma^-2 (which turns
+    |D - x|^2 into the eps-MSE) that is min(sigma^-2, gamma): high-noise samples keep their weight, the easy
+    low-noise ones no longer dominate."""
+
+    def __init__(self, gamma=5.0):
+        super().__init__()
+        self.gamma = gamma
+
+    def construct(self, sigma):
+        return ops.minimum(sigma**-2.0, self.gamma)
