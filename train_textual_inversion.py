@@ -93,6 +93,13 @@ def build_parser():
     g.add_argument("--resolution", type=int, default=None,
                    help="training image size (default: the config's training.resolution, else 1024)")
     g.add_argument("--flip_p", type=float, default=0.5, help="probability of a horizontal flip (default: 0.5)")
+    g.add_argument("--caption_dropout", type=float, default=0.0,
+                   help="probability of prompting an image that has a caption (name.txt) with a template instead "
+                        "(default: 0)")
+    g.add_argument("--shuffle_caption", type=str2bool, default=False,
+                   help="shuffle each caption's comma-separated tags at every draw, but the first --keep_tokens")
+    g.add_argument("--keep_tokens", type=int, default=0,
+                   help="with --shuffle_caption: leading tags kept in place (default: 0)")
     g.add_argument("--cache_latents", type=str2bool, default=True,
                    help="encode each image once before training and release the VAE encoder (default: True)")
     g.add_argument("--overwrite", action="store_true", help="start afresh in a --save_path holding another run")
@@ -187,8 +194,11 @@ def check_args(args):
         raise UsageError(f"--max_num_ckpt must be at least 1, got {args.max_num_ckpt}")
     if args.lr_warmup_steps < 0:
         raise UsageError(f"--lr_warmup_steps must be at least 0, got {args.lr_warmup_steps}")
-    if not 0.0 <= args.flip_p <= 1.0:
-        raise UsageError(f"--flip_p must be between 0 and 1, got {args.flip_p}")
+    for flag in ("flip_p", "caption_dropout"):
+        if not 0.0 <= getattr(args, flag) <= 1.0:
+            raise UsageError(f"--{flag} must be between 0 and 1, got {getattr(args, flag)}")
+    if args.keep_tokens < 0:
+        raise UsageError(f"--keep_tokens must not be negative, got {args.keep_tokens}")
     for flag in ("learning_rate", "learning_rate_clip_l", "learning_rate_clip_g"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise UsageError(f"--{flag} must be positive, got {getattr(args, flag)}")
@@ -304,7 +314,8 @@ class Training:
         self.dataset = TextualInversionDataset(
             args.data_path, args.placeholder_token, args.resolution, args.learnable_property, templates,
             placeholder_text=expand_placeholders(args.placeholder_token, placeholder), flip_p=args.flip_p,
-            seed=args.seed)
+            seed=args.seed, caption_dropout=args.caption_dropout, shuffle_caption=args.shuffle_caption,
+            keep_tokens=args.keep_tokens)
         self.order = EpochOrder(len(self.dataset), args.train_batch_size, args.seed, rank, world_size)
 
         # ---- the frozen model, with the placeholder tokens added to both text encoders

@@ -259,3 +259,53 @@ def test_ranks_get_disjoint_shards():
         assert sorted(d.index for d in draws if d.epoch == epoch) == [0, 1, 2]
     with pytest.raises(ValueError, match="rank"):
         EpochOrder(3, 1, rank=2, world_size=2)
+
+
+@pytest.fixture(scope="module")
+def tagged(tmp_path_factory):
+    """Two images: one captioned with five comma-separated tags, one without a caption."""
+    root = tmp_path_factory.mktemp("tagged")
+    Image.new("RGB", (20, 20), RED).save(root / "a.png")
+    (root / "a.txt").write_text(f"photo, {TOKEN}, red, on a table, studio light")
+    Image.new("RGB", (20, 20), BLUE).save(root / "b.png")
+    return str(root)
+
+
+def test_caption_options_off_draw_what_they_always_drew(tagged):
+    """An option draws from the example's generator only when it is on: crops and flips stay the same draws."""
+    plain = TextualInversionDataset(tagged, TOKEN, resolution=16, center_crop=False, flip_p=0.5, seed=3)
+    assert plain.draw(0, 0).prompt == f"photo, {TOKEN}, red, on a table, studio light"
+    both = TextualInversionDataset(tagged, TOKEN, resolution=16, center_crop=False, flip_p=0.5, seed=3,
+                                   caption_dropout=0.5, shuffle_caption=True)
+    for index in range(2):
+        for epoch in range(20):
+            assert plain.draw(index, epoch)[:2] == both.draw(index, epoch)[:2]
+            if index == 1:  # no caption: the template draw is the same
+                assert plain.draw(index, epoch) == both.draw(index, epoch)
+
+
+def test_caption_dropout_uses_templates_instead(tagged):
+    templates = {t.format(TOKEN) for t in OBJECT_TEMPLATES}
+    always = TextualInversionDataset(tagged, TOKEN, resolution=16, caption_dropout=1.0)
+    assert all(always.draw(0, epoch).prompt in templates for epoch in range(20))
+    half = TextualInversionDataset(tagged, TOKEN, resolution=16, caption_dropout=0.5)
+    dropped = [half.draw(0, epoch).prompt in templates for epoch in range(400)]
+    assert 0.4 < np.mean(dropped) < 0.6
+    assert dropped == [half.draw(0, epoch).prompt in templates for epoch in range(400)]  # seeded: resumable
+    with pytest.raises(ValueError, match="caption_dropout"):
+        TextualInversionDataset(tagged, TOKEN, resolution=16, caption_dropout=1.5)
+
+
+def test_shuffle_caption_keeps_the_leading_tags(tagged):
+    tags = ["photo", TOKEN, "red", "on a table", "studio light"]
+    data = TextualInversionDataset(tagged, TOKEN, resolution=16, shuffle_caption=True, keep_tokens=2,
+                                   placeholder_text=f"{TOKEN} {TOKEN}_1")
+    orders = set()
+    for epoch in range(30):
+        found = data.draw(0, epoch).prompt.split(", ")
+        assert found[:2] == ["photo", f"{TOKEN} {TOKEN}_1"]  # kept in place, the placeholder expanded
+        assert sorted(found[2:]) == sorted(tags[2:])
+        orders.add(tuple(found))
+    assert len(orders) == 6  # every order of the three other tags turns up
+    with pytest.raises(ValueError, match="keep_tokens"):
+        TextualInversionDataset(tagged, TOKEN, resolution=16, keep_tokens=-1)

@@ -46,6 +46,8 @@ CASES = {
     "snr_gamma_negative": (tiny("--snr_gamma", "-5"), ["--snr_gamma must be positive", "got -5.0"]),
     "noise_offset_negative": (tiny("--noise_offset", "-0.1"), ["--noise_offset must not be negative, got -0.1"]),
     "train_encoders_bad": (tiny("--train_encoders", "l,x"), ["--train_encoders must be l,g", "'l,x'"]),
+    "caption_dropout_over_1": (tiny("--caption_dropout", "1.5"), ["--caption_dropout must be between 0 and 1, got 1.5"]),
+    "keep_tokens_negative": (tiny("--keep_tokens", "-1"), ["--keep_tokens must not be negative, got -1"]),
     "learning_rate_clip_l_0": (tiny("--learning_rate_clip_l", "0"), ["--learning_rate_clip_l must be positive, got 0.0"]),
     "learning_rate_clip_g_negative": (tiny("--learning_rate_clip_g", "-0.0001"),
                                       ["--learning_rate_clip_g must be positive, got -0.0001"]),
@@ -151,7 +153,8 @@ def test_bad_input_is_refused_clearly(results, name):
 
 
 @pytest.mark.parametrize("name", ["initializer_without_a_word", "snr_gamma_negative", "noise_offset_negative",
-                                  "train_encoders_bad", "learning_rate_clip_l_0", "learning_rate_clip_g_negative"])
+                                  "train_encoders_bad", "learning_rate_clip_l_0", "learning_rate_clip_g_negative",
+                                  "caption_dropout_over_1", "keep_tokens_negative"])
 def test_bad_option_values_exit_2(results, name):
     assert results[name][0] == 2, results[name][2]
 

@@ -129,6 +129,13 @@ def scan_folder(data_root, placeholder_token):
 Choice = collections.namedtuple("Choice", ["top_left", "flipped", "prompt"])  # an example's random choices
 
 
+def shuffled_tags(caption, keep_tokens, rng):
+    """`caption`'s comma-separated tags, the first `keep_tokens` in place and the rest in `rng`'s order."""
+    tags = [tag.strip() for tag in caption.split(",")]
+    rest = tags[keep_tokens:]
+    return ", ".join(tags[:keep_tokens] + [rest[i] for i in rng.permutation(len(rest))])
+
+
 class TextualInversionDataset:
     """Images of one concept, square-cropped, each with a prompt holding the placeholder.
 
@@ -142,10 +149,14 @@ class TextualInversionDataset:
             defaults to the token.
         center_crop: crop the centre, else a random position.
         flip_p: probability of a horizontal flip.
+        caption_dropout: probability of prompting an image that has a caption with a template instead.
+        shuffle_caption: shuffle a caption's comma-separated tags, all but the first `keep_tokens` (kohya's
+            sd-scripts' --shuffle_caption / --keep_tokens).
     """
 
     def __init__(self, data_root, placeholder_token, resolution=1024, learnable_property="object", templates=None,
-                 placeholder_text=None, center_crop=True, flip_p=0.0, interpolation="bicubic", seed=0):
+                 placeholder_text=None, center_crop=True, flip_p=0.0, interpolation="bicubic", seed=0,
+                 caption_dropout=0.0, shuffle_caption=False, keep_tokens=0):
         if not placeholder_token or not isinstance(placeholder_token, str):
             raise ValueError(f"placeholder_token must be a non-empty string, got {placeholder_token!r}")
         if interpolation not in INTERPOLATIONS:
@@ -156,6 +167,10 @@ class TextualInversionDataset:
             raise ValueError(f"seed must be >= 0, got {seed}")
         if not 0.0 <= flip_p <= 1.0:
             raise ValueError(f"flip_p must be in [0, 1], got {flip_p}")
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        if keep_tokens < 0:
+            raise ValueError(f"keep_tokens must be >= 0, got {keep_tokens}")
         self.templates = list(templates) if templates is not None else get_templates(learnable_property)
         for template in self.templates:
             check_template(template)
@@ -164,6 +179,7 @@ class TextualInversionDataset:
         self.resolution = resolution
         self.center_crop = center_crop
         self.flip_p = flip_p
+        self.caption_dropout, self.shuffle_caption, self.keep_tokens = caption_dropout, shuffle_caption, keep_tokens
         self.interpolation = interpolation
         self.seed = seed
         self.items = scan_folder(data_root, placeholder_token)
@@ -184,11 +200,16 @@ class TextualInversionDataset:
             top_left = (int(rng.integers(0, height - self.resolution + 1)),
                         int(rng.integers(0, width - self.resolution + 1)))
         flipped = bool(self.flip_p > 0 and rng.random() < self.flip_p)
-        if item.caption is not None:
-            prompt = item.caption.replace(self.placeholder_token, self.placeholder_text)
-        else:
-            prompt = self.templates[int(rng.integers(len(self.templates)))].format(self.placeholder_text)
-        return Choice(top_left, flipped, prompt)
+        # each option draws only when it is on, so that without it a run draws what it always drew
+        caption = item.caption
+        if caption is not None and self.caption_dropout > 0 and rng.random() < self.caption_dropout:
+            caption = None
+        if caption is None:
+            return Choice(top_left, flipped,
+                          self.templates[int(rng.integers(len(self.templates)))].format(self.placeholder_text))
+        if self.shuffle_caption:
+            caption = shuffled_tags(caption, self.keep_tokens, rng)
+        return Choice(top_left, flipped, caption.replace(self.placeholder_token, self.placeholder_text))
 
     def variant(self, index, top_left=None, flipped=False):
         """Image `index` cropped at `top_left` (None: centre) and maybe mirrored, with its SDXL size conditioning:

@@ -73,6 +73,13 @@ def flash_attention_allowed(dtype, heads, head_dim):
 IM2COL_BAND_BYTES = 256 * 2 ** 20
 
 
+def _samples(x):
+    """[n, ...] as n tensors [1, ...]; a batch of one is itself (no slice kernel)."""
+    if x.shape[0] == 1:
+        return (x,)
+    return ops.split(x, 1, 0)
+
+
 @ms.constexpr
 def band_rows(band_bytes, row_elements, dtype):
     """Output rows per im2col band: as many as keep one band's unfolded input within `band_bytes` (at least one);
@@ -124,8 +131,8 @@ class Conv2d(nn.Cell):
         rows_per_band = band_rows(self.band_bytes, c * k * k * w_out, x.dtype)
         # One 2-D product per sample: a batched product would broadcast (copy) the weight to every sample.
         outputs = []
-        for i in range(n):
-            outputs.append(self._image_product(x[i:i + 1], weight, h_out, w_out, rows_per_band))
+        for image in _samples(x):
+            outputs.append(self._image_product(image, weight, h_out, w_out, rows_per_band))
         y = outputs[0] if n == 1 else ops.stack(outputs)
         return y.reshape(n, self.out_channels, h_out, w_out)
 
