@@ -32,7 +32,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 import gm
-from gm.data.dataset import DataError, EpochOrder, TextualInversionDataset
+from gm.data.dataset import DataError, EpochOrder, TextualInversionDataset, prompt_batch
 from gm.data.templates import TemplateError, load_templates
 from gm.device import add_device_arguments, resolve_device, set_device
 from gm.models.loading import create_model, load_config
@@ -645,7 +645,7 @@ def draw_micro_batch(model, dataset, latents, order, rng):
     draws = order.next_batch()
     choices = [dataset.draw(draw.index, draw.epoch) for draw in draws]
     batch = latents.batch([(draw.index, choice.flipped) for draw, choice in zip(draws, choices)])
-    batch["txt"] = [choice.prompt for choice in choices]
+    batch.update(prompt_batch(choices))
     return loss_inputs(model, batch.pop("moments"), model.conditioner.tokenize(batch), rng)
 
 

@@ -309,3 +309,29 @@ def test_shuffle_caption_keeps_the_leading_tags(tagged):
     assert len(orders) == 6  # every order of the three other tags turns up
     with pytest.raises(ValueError, match="keep_tokens"):
         TextualInversionDataset(tagged, TOKEN, resolution=16, keep_tokens=-1)
+
+
+def test_captions_of_one_text_encoder(tmp_path):
+    """`name.clip_g.txt` / `name.clip_l.txt` give that encoder its own prompt (batch key "txt_clip_g" ...); the
+    other encoder reads `name.txt` or a template; caption dropout drops all of an image's captions at once."""
+    Image.new("RGB", (20, 20), RED).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text(f"a photo of {TOKEN}")
+    (tmp_path / "a.clip_g.txt").write_text(f"{TOKEN}, red, plush")
+    Image.new("RGB", (20, 20), BLUE).save(tmp_path / "b.png")
+    (tmp_path / "b.clip_l.txt").write_text(f"a toy: {TOKEN}")
+    data = TextualInversionDataset(str(tmp_path), TOKEN, resolution=16)
+    batch = data.batch([(0, 0), (1, 0)])
+    template_b = data.draw(1, 0).prompt
+    assert template_b in {t.format(TOKEN) for t in OBJECT_TEMPLATES}
+    assert batch["txt"] == [f"a photo of {TOKEN}", template_b]
+    assert batch["txt_clip_g"] == [f"{TOKEN}, red, plush", template_b]
+    assert batch["txt_clip_l"] == [f"a photo of {TOKEN}", f"a toy: {TOKEN}"]
+    assert data.example(1)["txt_clip_l"] == f"a toy: {TOKEN}" and "txt_clip_g" not in data.example(1)
+    assert "txt_clip_l" not in data.batch([(0, 0)])  # only where an example has an encoder's own caption
+
+    dropped = TextualInversionDataset(str(tmp_path), TOKEN, resolution=16, caption_dropout=1.0)
+    assert dropped.draw(0, 0).encoder_prompts == () and dropped.draw(1, 0).encoder_prompts == ()
+
+    (tmp_path / "b.clip_l.txt").write_text("a toy")
+    with pytest.raises(DataError, match="b.clip_l.txt must contain the placeholder"):
+        TextualInversionDataset(str(tmp_path), TOKEN, resolution=16)

@@ -224,3 +224,12 @@ def test_gradient_reaches_only_new_rows(root, hf):
     for table, before in zip(tables, frozen):
         np.testing.assert_array_equal(table.weight.asnumpy(), before)
     np.testing.assert_allclose(tables[0].get_learned_rows()[1], rows[0][1])
+
+
+def test_each_text_encoder_reads_its_own_prompt_when_given(conditioner, tiny_sdxl):
+    """"txt_clip_l" / "txt_clip_g" (from name.clip_l.txt / name.clip_g.txt) replace "txt" for that encoder only."""
+    shared, own = ["a red star", "a blue circle"], ["a yellow ring", "a green square"]
+    for encoder, index in (("clip_l", 0), ("clip_g", 1)):
+        inputs = conditioner.tokenize(dict(conditioner_batch(shared), **{f"txt_{encoder}": own}))
+        np.testing.assert_array_equal(inputs[index].asnumpy(), tiny_sdxl.token_ids(own)[index])
+        np.testing.assert_array_equal(inputs[1 - index].asnumpy(), tiny_sdxl.token_ids(shared)[1 - index])

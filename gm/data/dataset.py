@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from gm.data.templates import check_template, get_templates
+from gm.modules.encoders.modules import TEXT_ENCODERS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CAPTION_EXTENSION = ".txt"
@@ -81,6 +82,7 @@ class ImageItem:
     path: str
     original_size: tuple  # (height, width) of the upright source image
     caption: str = None  # from the .txt beside the image; None: prompts come from the templates
+    encoder_captions: tuple = ()  # ((encoder, caption), ...) from name.clip_l.txt / name.clip_g.txt: that encoder's
 
 
 def _read_caption(path, placeholder_token):
@@ -120,13 +122,28 @@ def scan_folder(data_root, placeholder_token):
         caption = None
         if stem in captions:
             caption = _read_caption(os.path.join(data_root, captions[stem]), placeholder_token)
-        items.append(ImageItem(path, (height, width), caption))
+        encoder_captions = tuple((encoder, _read_caption(os.path.join(data_root, captions[f"{stem}.{encoder}"]),
+                                                         placeholder_token))
+                                 for encoder in TEXT_ENCODERS if f"{stem}.{encoder}" in captions)
+        items.append(ImageItem(path, (height, width), caption, encoder_captions))
     if not items:
         raise DataError(f"none of the {len(image_names)} image files in {data_root} could be read")
     return items
 
 
-Choice = collections.namedtuple("Choice", ["top_left", "flipped", "prompt"])  # an example's random choices
+# an example's random choices; encoder_prompts: ((encoder, prompt), ...) where a caption file is that encoder's own
+Choice = collections.namedtuple("Choice", ["top_left", "flipped", "prompt", "encoder_prompts"], defaults=((),))
+
+
+def prompt_batch(choices):
+    """The prompts of `choices` as batch entries: "txt", and "txt_<encoder>" for a text encoder with its own prompt
+    in any of them (the shared prompt where an example has none)."""
+    batch = {"txt": [c.prompt for c in choices]}
+    for encoder in TEXT_ENCODERS:
+        own = [dict(c.encoder_prompts).get(encoder) for c in choices]
+        if any(prompt is not None for prompt in own):
+            batch[f"txt_{encoder}"] = [c.prompt if prompt is None else prompt for c, prompt in zip(choices, own)]
+    return batch
 
 
 def shuffled_tags(caption, keep_tokens, rng):
@@ -140,7 +157,8 @@ class TextualInversionDataset:
     """Images of one concept, square-cropped, each with a prompt holding the placeholder.
 
     Args:
-        data_root: folder of images (jpg, jpeg, png, webp, bmp); `name.txt` beside `name.png` is its prompt.
+        data_root: folder of images (jpg, jpeg, png, webp, bmp); `name.txt` beside `name.png` is its prompt;
+            `name.clip_l.txt` / `name.clip_g.txt` one text encoder's prompt instead.
         placeholder_token: the new token; captions must contain it.
         resolution: side of the square training crop.
         learnable_property: "object", "style" or "face": the built-in templates used when `templates` is None.
@@ -201,15 +219,21 @@ class TextualInversionDataset:
                         int(rng.integers(0, width - self.resolution + 1)))
         flipped = bool(self.flip_p > 0 and rng.random() < self.flip_p)
         # each option draws only when it is on, so that without it a run draws what it always drew
-        caption = item.caption
-        if caption is not None and self.caption_dropout > 0 and rng.random() < self.caption_dropout:
-            caption = None
-        if caption is None:
-            return Choice(top_left, flipped,
-                          self.templates[int(rng.integers(len(self.templates)))].format(self.placeholder_text))
+        captions = item.encoder_captions
+        if item.caption is not None or captions:
+            if self.caption_dropout > 0 and rng.random() < self.caption_dropout:
+                return Choice(top_left, flipped, self._template(rng))  # every caption of the image dropped
+        prompt = self._prompt(item.caption, rng) if item.caption is not None else self._template(rng)
+        return Choice(top_left, flipped, prompt, tuple((encoder, self._prompt(caption, rng))
+                                                       for encoder, caption in captions))
+
+    def _template(self, rng):
+        return self.templates[int(rng.integers(len(self.templates)))].format(self.placeholder_text)
+
+    def _prompt(self, caption, rng):
         if self.shuffle_caption:
             caption = shuffled_tags(caption, self.keep_tokens, rng)
-        return Choice(top_left, flipped, caption.replace(self.placeholder_token, self.placeholder_text))
+        return caption.replace(self.placeholder_token, self.placeholder_text)
 
     def variant(self, index, top_left=None, flipped=False):
         """Image `index` cropped at `top_left` (None: centre) and maybe mirrored, with its SDXL size conditioning:
@@ -230,14 +254,17 @@ class TextualInversionDataset:
         }
 
     def example(self, index, epoch=0):
-        """Example `index` as drawn in `epoch`: {"jpg": float32 [3, res, res], "txt": str, size conditioning}."""
+        """Example `index` as drawn in `epoch`: {"jpg": float32 [3, res, res], "txt": str, size conditioning}, and
+        "txt_<encoder>" where that encoder has its own caption."""
         choice = self.draw(index, epoch)
-        return dict(self.variant(index, choice.top_left, choice.flipped), txt=choice.prompt)
+        return dict(self.variant(index, choice.top_left, choice.flipped), txt=choice.prompt,
+                    **{f"txt_{encoder}": prompt for encoder, prompt in choice.encoder_prompts})
 
     def batch(self, draws):
         """Stack the examples of `draws` ((index, epoch) pairs, e.g. from EpochOrder) into numpy arrays."""
-        examples = [self.example(index, epoch) for index, epoch in draws]
-        batch = {"jpg": np.stack([e["jpg"] for e in examples]), "txt": [e["txt"] for e in examples]}
+        choices = [self.draw(index, epoch) for index, epoch in draws]
+        examples = [self.variant(index, c.top_left, c.flipped) for (index, _), c in zip(draws, choices)]
+        batch = dict(prompt_batch(choices), jpg=np.stack([e["jpg"] for e in examples]))
         for key in ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple"):
             batch[key] = np.array([e[key] for e in examples], dtype=np.int64)
         return batch

@@ -14,6 +14,8 @@ from gm.modules.encoders.tokenizer import bigg_tokenizer, vit_l_tokenizer
 from gm.modules.layers import timestep_embedding
 from gm.util import instantiate_from_config
 
+TEXT_ENCODERS = ("clip_l", "clip_g")  # SDXL's text encoders in config order, named as embedding files name them
+
 
 class AbstractEmbModel(nn.Cell):
     """An embedder of one batch entry (`input_key`); `is_trainable` is set by the conditioner from its config."""
@@ -183,13 +185,20 @@ class GeneralConditioner(nn.Cell):
     def tokenize(self, batch, force_zero_embeddings=None):
         """Host side: batch dict -> (one Tensor per embedder ..., keep [B, n_embedders] float32).
 
-        batch: "txt" list of str; "original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple"
-        [B, 2] arrays (the keys the config names). Embedders whose input key is in `force_zero_embeddings`
+        batch: "txt" list of str ("txt_clip_l" / "txt_clip_g", if there, instead for that text encoder);
+        "original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple" [B, 2] arrays (the keys the config
+        names). Embedders whose input key is in `force_zero_embeddings`
         (sgm's argument, e.g. ["txt"] for SDXL's empty negative prompt) get keep = 0: their outputs become zeros.
         Rows of several tokenized batches may be concatenated (keep is per sample).
         """
         force = set(force_zero_embeddings or ())
-        inputs = [embedder.preprocess(batch[embedder.input_key]) for embedder in self.embedders]
+        text_embedders = self.text_embedders()
+        inputs = []
+        for embedder in self.embedders:
+            value = batch[embedder.input_key]
+            if embedder in text_embedders:  # a text encoder's own prompts: "txt_clip_l", "txt_clip_g"
+                value = batch.get(f"{embedder.input_key}_{TEXT_ENCODERS[text_embedders.index(embedder)]}", value)
+            inputs.append(embedder.preprocess(value))
         sizes = {x.shape[0] for x in inputs}
         if len(sizes) != 1:
             raise ValueError(f"batch entries disagree on the batch size: {sizes}")
