@@ -151,6 +151,10 @@ def build_parser():
     g.add_argument("--noise_offset", type=float, default=0.0,
                    help="offset noise, as kohya's: add this times an N(0, 1) constant per sample and channel to the "
                         "noise, e.g. 0.05 (default: 0, off)")
+    g.add_argument("--embedding_norm", choices=("free", "preserve"), default="free",
+                   help="preserve: after every update, scale each learned vector back to its initial norm (with "
+                        "random initial vectors, the vocabulary's mean norm), as OneTrainer can; free: leave it "
+                        "(default: %(default)s)")
     g.add_argument("--seed", type=int, default=42,
                    help="seed of initialisation, data order, augmentation and noise (default: %(default)s)")
 
@@ -337,8 +341,10 @@ class Training:
         # ---- the train step over the learned rows only (compiled at its first call)
         self.effective_batch = args.train_batch_size * args.gradient_accumulation_steps * world_size
         self.base_lr = base_learning_rate(args.learning_rate, args.scale_lr, self.effective_batch)
+        random_start = args.embedding_norm == "preserve" and not args.initializer_token
+        row_norms = vocabulary_norms(self.model.conditioner, self.learned_rows) if random_start else None
         self.optimizer, self.train_step = build_train_step(TextualInversionLoss(self.model), self.learned_rows, args,
-                                                           world_size)
+                                                           world_size, row_norms)
         # what a training state holds besides the host side (step, data order)
         self.state_params = self.learned_rows + self.train_step.state_parameters()
         self.identity, self.schedule = run_identity(args, config, world_size), schedule_flags(args)
@@ -472,22 +478,37 @@ def stop_on_signal(announce):
         yield stop
 
 
-def build_train_step(loss_net, learned_rows, args, world_size=1):
+def build_train_step(loss_net, learned_rows, args, world_size=1, row_norms=None):
     """(AdamW, the train step) over the learned rows of the encoders --train_encoders names, each at its encoder's
     learning rate (a constant multiple of the scheduled one). The other encoder's rows get no gradient and no
-    update: they stay their initial values, bit for bit."""
+    update: they stay their initial values, bit for bit. With --embedding_norm preserve, each row is scaled back to
+    its norm in `row_norms` ([n] per encoder; default: its initial norm) after every update."""
     rates = encoder_learning_rates(args)
-    params, lr_scales = [], []
-    for name, rows in zip(ENCODERS, learned_rows):
+    if row_norms is None:
+        row_norms = [np.linalg.norm(rows.asnumpy().astype(np.float32), axis=1) for rows in learned_rows]
+    params, lr_scales, norms = [], [], []
+    for name, rows, row_norm in zip(ENCODERS, learned_rows, row_norms):
         rows.requires_grad = name in rates
         if rows.requires_grad:
             params.append(rows)
             lr_scales.append(rates[name] / args.learning_rate)
+            norms.append(row_norm)
     optimizer = AdamW(params, weight_decay=args.adam_weight_decay, lr_scales=lr_scales)
     train_step = TextualInversionTrainStep(loss_net, params, optimizer, args.gradient_accumulation_steps,
                                            args.max_grad_norm, dynamic_loss_scale=args.precision == "fp16",
-                                           world_size=world_size)
+                                           world_size=world_size,
+                                           row_norms=norms if args.embedding_norm == "preserve" else None)
     return optimizer, train_step
+
+
+def vocabulary_norms(conditioner, learned_rows):
+    """[n] per encoder: the mean norm of its vocabulary's rows, the norm --embedding_norm preserve keeps for
+    random initial vectors."""
+    norms = []
+    for embedder, rows in zip(conditioner.text_embedders(), learned_rows):
+        table = embedder.token_embedding.weight.asnumpy().astype(np.float32)
+        norms.append(np.full(rows.shape[0], np.linalg.norm(table, axis=1).mean(), np.float32))
+    return norms
 
 
 def encoder_learning_rates(args):

@@ -192,3 +192,43 @@ def test_per_encoder_learning_rates_scale_each_encoders_update(tmp_path):
     per_encoder = first_update("--learning_rate_clip_l", "3e-3", "--learning_rate_clip_g", "5e-4")
     np.testing.assert_allclose(per_encoder[0], 3.0 * same[0], rtol=1e-3)
     np.testing.assert_allclose(per_encoder[1], 0.5 * same[1], rtol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["free", "preserve"])
+def test_embedding_norm_preserve_keeps_each_vectors_norm(tmp_path, mode):
+    """--embedding_norm preserve: after every update each learned vector is scaled back to its initial norm (or to
+    the norms given, e.g. the vocabulary's mean for random initial vectors); its direction still trains."""
+    init, rng = random_rows(10), np.random.RandomState(11)
+
+    def train(row_norms=None):
+        rows = [Parameter(Tensor(x), name=f"text{i}.new_embeddings") for i, x in enumerate(init)]
+        _, step = build_train_step(RowsLoss(rows), rows, trainer_args(tmp_path, "--embedding_norm", mode),
+                                   row_norms=row_norms)
+        for _ in range(3):
+            step(Tensor(0.1, ms.float32), Tensor(True), *[Tensor(rng.normal(0, 1, s).astype(np.float32))
+                                                        for s in SHAPES])
+        return [p.asnumpy() for p in rows]
+
+    trained = train()
+    for rows, start in zip(trained, init):
+        assert (np.abs(rows / np.linalg.norm(rows, axis=1, keepdims=True)
+                       - start / np.linalg.norm(start, axis=1, keepdims=True)).max(1) > 1e-3).all()  # turned
+        kept = np.allclose(np.linalg.norm(rows, axis=1), np.linalg.norm(start, axis=1), rtol=1e-5)
+        assert kept is (mode == "preserve")
+    if mode == "preserve":
+        given = train([np.full(2, 2.0, np.float32), np.full(2, 3.0, np.float32)])
+        np.testing.assert_allclose(np.linalg.norm(given[0], axis=1), 2.0, rtol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(given[1], axis=1), 3.0, rtol=1e-5)
+
+
+def test_random_initial_vectors_keep_the_vocabularys_mean_norm():
+    from types import SimpleNamespace
+    from train_textual_inversion import vocabulary_norms
+
+    tables = [np.diag([3.0, 4.0, 5.0]).astype(np.float32), np.full((2, 4), 0.5, np.float32)]  # norms 3,4,5 and 1
+    conditioner = SimpleNamespace(text_embedders=lambda: [
+        SimpleNamespace(token_embedding=SimpleNamespace(weight=Tensor(t))) for t in tables])
+    rows = [np.zeros((2, 3), np.float32), np.zeros((2, 4), np.float32)]
+    norms = vocabulary_norms(conditioner, rows)
+    np.testing.assert_allclose(norms[0], [4.0, 4.0])
+    np.testing.assert_allclose(norms[1], [1.0, 1.0])

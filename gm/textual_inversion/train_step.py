@@ -68,7 +68,8 @@ class TextualInversionTrainStep(nn.Cell):
     """
 
     def __init__(self, loss_net, params, optimizer, accumulation_steps=1, max_grad_norm=0.0,
-                 dynamic_loss_scale=False, init_loss_scale=2.0 ** 16, scale_window=2000, world_size=1):
+                 dynamic_loss_scale=False, init_loss_scale=2.0 ** 16, scale_window=2000, world_size=1,
+                 row_norms=None):
         # no name prefixes: the rows keep their model names, the state its own (accum.<row>, exp_avg.<row> ...)
         super().__init__(auto_prefix=False)
         self.params = ParameterTuple(params)
@@ -87,6 +88,8 @@ class TextualInversionTrainStep(nn.Cell):
         self.scale_window = scale_window
         self.world_size = world_size
         self.all_reduce = ops.AllReduce() if world_size > 1 else None
+        # --embedding_norm preserve: each row's norm after every update, [n, 1] per parameter
+        self.row_norms = None if row_norms is None else [Tensor(n, ms.float32).reshape(-1, 1) for n in row_norms]
 
     def construct(self, lr, apply_update, *inputs):
         scaled_loss, grads = self.grad_fn(*inputs)
@@ -108,12 +111,21 @@ class TextualInversionTrainStep(nn.Cell):
             if self.max_grad_norm > 0:
                 grads = self._clip(grads)
             self.optimizer(grads, lr)
+            if self.row_norms is not None:
+                self._renormalise()
         else:
             ops.assign_add(self.skipped_steps, Tensor(1, ms.int32))
         if self.dynamic_loss_scale:
             self._update_loss_scale(finite)
         for i in range(len(self.accum)):
             ops.assign(self.accum[i], ops.zeros_like(self.accum[i]))
+
+    def _renormalise(self):
+        """Scale each learned row back to its norm in `row_norms` (OneTrainer's "preserve embedding norm")."""
+        for i in range(len(self.params)):
+            rows = self.params[i]
+            norms = ops.sqrt(ops.sum(ops.square(rows), 1, keepdim=True))
+            ops.assign(rows, rows * (self.row_norms[i] / norms))
 
     def _clip(self, grads):
         """Scale all gradients by min(1, max_norm / global_norm), as torch's clip_grad_norm_."""
