@@ -174,7 +174,6 @@ def main(argv=None):
         for embedding in embeddings:
             pipeline.add_embedding(embedding)
             print(f"Loaded {embedding.describe()}")
-            print(f"Loaded {embedding.source}: {embedding.token} ({embedding.num_vectors} vectors)")
         os.makedirs(args.save_path, exist_ok=True)
         if not os.access(args.save_path, os.W_OK):
             raise PermissionError(f"--save_path {args.save_path} is not writable")
