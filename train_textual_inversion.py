@@ -36,6 +36,7 @@ from gm.data.dataset import DataError, EpochOrder, TextualInversionDataset, prom
 from gm.data.templates import TemplateError, load_templates
 from gm.device import add_device_arguments, resolve_device, set_device
 from gm.models.loading import create_model, load_config
+from gm.modules.encoders.modules import TEXT_ENCODERS
 from gm.modules.diffusionmodules.denoiser_weighting import EpsMinSNRWeighting, EpsWeighting
 from gm.textual_inversion.checkpointing import (
     STATE_DIR, ResumeError, RunFolderInUse, embedding_name, embedding_paths, find_train_state, latest_train_state,
@@ -46,7 +47,7 @@ from gm.textual_inversion.latent_cache import TrainingLatents
 from gm.textual_inversion.loss_log import LossLog
 from gm.textual_inversion.optim import SCHEDULES, AdamW, learning_rate
 from gm.textual_inversion.placeholder import (
-    PlaceholderError, add_trainable_placeholder, expand_placeholders, placeholder_tokens,
+    PlaceholderError, add_trainable_placeholder, expand_placeholders, nearest_words, placeholder_tokens,
 )
 from gm.textual_inversion.train_step import TextualInversionLoss, TextualInversionTrainStep, loss_inputs
 from gm.weights.loader import WeightFileError, layout_fingerprint, weight_format
@@ -716,6 +717,10 @@ def print_outputs(args, run, step, timing):
     if timing["compile"] is not None:
         speed = f", then {np.mean(timing['steps']):.2f} s/step" if timing["steps"] else ""
         print(f"  time                  : graph compiled in {timing['compile']:.1f} s (first step){speed}")
+    for name, embedder, rows in zip(TEXT_ENCODERS, run.model.conditioner.text_embedders(), run.rows()):
+        words = nearest_words(embedder, rows)
+        print(f"  {'nearest words ' + name:<22}: " + "; ".join(f"{token}: {', '.join(near)}"
+                                                             for token, near in zip(run.tokens, words)))
     print(f"  embedding (MindSpore) : {ckpt}")
     print(f"  embedding (SDXL community format, for kohya/A1111/ComfyUI): {safetensors_path}")
     print(f"  loss log and curve    : {os.path.join(args.save_path, 'loss.csv')}, loss.png")

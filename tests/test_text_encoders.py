@@ -233,3 +233,15 @@ def test_each_text_encoder_reads_its_own_prompt_when_given(conditioner, tiny_sdx
         inputs = conditioner.tokenize(dict(conditioner_batch(shared), **{f"txt_{encoder}": own}))
         np.testing.assert_array_equal(inputs[index].asnumpy(), tiny_sdxl.token_ids(own)[index])
         np.testing.assert_array_equal(inputs[1 - index].asnumpy(), tiny_sdxl.token_ids(shared)[1 - index])
+
+
+def test_nearest_words_of_learned_rows(conditioner):
+    """The final summary's nearest vocabulary words: a row equal to a word's own row (scaled: cosine ignores the
+    norm) has that word first; ids become words without BPE's end-of-word mark."""
+    from gm.textual_inversion.placeholder import nearest_words
+
+    for embedder in conditioner.text_embedders():
+        ids = [embedder.tokenizer.encode(word)[0] for word in ("cat", "toy")]
+        rows = embedder.token_embedding.weight.asnumpy()[ids] * np.array([[3.0], [0.5]], np.float32)
+        words = nearest_words(embedder, rows, k=2)
+        assert [w[0] for w in words] == ["cat", "toy"] and all(len(w) == 2 for w in words)

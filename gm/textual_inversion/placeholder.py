@@ -117,3 +117,13 @@ def initial_rows(embedder, initializer_token, num_vectors, rng):
         return np.stack([table[ids[i % len(ids)]].asnumpy() for i in range(num_vectors)]).astype(np.float32)
     std = float(table.asnumpy().std())
     return rng.normal(0.0, std, (num_vectors, table.shape[1])).astype(np.float32)
+
+
+def nearest_words(embedder, rows, k=3):
+    """For each learned row of one text embedder ([n, width]), the `k` vocabulary words whose token rows are
+    nearest by cosine: what the vector has come to resemble (a row far from every word is normal for an object)."""
+    table = embedder.token_embedding.weight.asnumpy().astype(np.float32)
+    table /= np.linalg.norm(table, axis=1, keepdims=True) + 1e-12
+    rows = np.asarray(rows, np.float32)
+    similarity = (rows / (np.linalg.norm(rows, axis=1, keepdims=True) + 1e-12)) @ table.T
+    return [[embedder.tokenizer.word(i) for i in np.argsort(-row)[:k]] for row in similarity]

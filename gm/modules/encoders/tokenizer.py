@@ -154,6 +154,10 @@ class CLIPTokenizer:
     def convert_tokens_to_ids(self, tokens):
         return [self._tokenizer.token_to_id(t) for t in tokens]
 
+    def word(self, token_id):
+        """The vocabulary entry `token_id`, without BPE's end-of-word mark ("toy</w>" -> "toy")."""
+        return self._tokenizer.id_to_token(int(token_id)).replace("</w>", "")
+
     def encode(self, text):
         """The ids of `text` alone: no <|startoftext|>/<|endoftext|>, no truncation or padding."""
         return self._tokenizer.encode(text, add_special_tokens=False).ids
