@@ -82,7 +82,7 @@ class ImageItem:
     path: str
     original_size: tuple  # (height, width) of the upright source image
     caption: str = None  # from the .txt beside the image; None: prompts come from the templates
-    encoder_captions: tuple = ()  # ((encoder, caption), ...) from name.clip_l.txt / name.clip_g.txt: that encoder's
+    encoder_captions: tuple = ()  # ((encoder, caption), ...): name.clip_l.txt / name.clip_g.txt, one encoder's own
 
 
 def _read_caption(path, placeholder_token):
