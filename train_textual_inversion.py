@@ -48,6 +48,7 @@ from gm.textual_inversion.loss_log import LossLog
 from gm.textual_inversion.optim import SCHEDULES, AdamW, learning_rate
 from gm.textual_inversion.placeholder import (
     PlaceholderError, add_trainable_placeholder, expand_placeholders, nearest_words, placeholder_tokens,
+    vocabulary_norms,
 )
 from gm.textual_inversion.train_step import TextualInversionLoss, TextualInversionTrainStep, loss_inputs
 from gm.weights.loader import WeightFileError, layout_fingerprint, weight_format
@@ -60,7 +61,7 @@ PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
 CONFIG_DEFAULTS = {"resolution": 1024, "total_step": 3000, "save_interval": 500, "infer_interval": 500}
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 INTERRUPTED = 130  # the shell's code for Ctrl-C
-ENCODERS = ("l", "g")  # the order of the learned rows: CLIP ViT-L, OpenCLIP bigG (the config's)
+ENCODERS = tuple(name.removeprefix("clip_") for name in TEXT_ENCODERS)  # "l", "g": --train_encoders' letters
 TRAIN_ENCODERS = ("l,g", "l", "g")
 VALIDATION_PROMPTS = {"object": "a photo of {}", "style": "a painting in the style of {}", "face": "a photo of {}"}
 
@@ -502,16 +503,6 @@ def build_train_step(loss_net, learned_rows, args, world_size=1, row_norms=None)
     return optimizer, train_step
 
 
-def vocabulary_norms(conditioner, learned_rows):
-    """[n] per encoder: the mean norm of its vocabulary's rows, the norm --embedding_norm preserve keeps for
-    random initial vectors."""
-    norms = []
-    for embedder, rows in zip(conditioner.text_embedders(), learned_rows):
-        table = embedder.token_embedding.weight.asnumpy().astype(np.float32)
-        norms.append(np.full(rows.shape[0], np.linalg.norm(table, axis=1).mean(), np.float32))
-    return norms
-
-
 def encoder_learning_rates(args):
     """{encoder: its learning rate} of the encoders --train_encoders names, before --scale_lr and the schedule."""
     return {name: getattr(args, f"learning_rate_clip_{name}") or args.learning_rate
@@ -702,8 +693,9 @@ def print_summary(args, run):
         f"{args.gradient_accumulation_steps} accumulation x {run.world_size} device(s)",
         f"  steps             : {run.start_step} -> {args.total_step} at {args.resolution}px, lr {run.base_lr:g} "
         f"({args.lr_scheduler}), {args.precision}",
-        "  text encoders     : " + ", ".join(f"clip_{name} lr {run.base_lr * rates[name] / args.learning_rate:g}"
-                                             if name in rates else f"clip_{name} frozen" for name in ENCODERS),
+        "  text encoders     : " + ", ".join(f"{encoder} lr {run.base_lr * rates[name] / args.learning_rate:g}"
+                                             if name in rates else f"{encoder} frozen"
+                                             for name, encoder in zip(ENCODERS, TEXT_ENCODERS)),
         f"  outputs           : {args.save_path}",
         "",
     ]

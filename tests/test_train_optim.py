@@ -223,7 +223,7 @@ def test_embedding_norm_preserve_keeps_each_vectors_norm(tmp_path, mode):
 
 def test_random_initial_vectors_keep_the_vocabularys_mean_norm():
     from types import SimpleNamespace
-    from train_textual_inversion import vocabulary_norms
+    from gm.textual_inversion.placeholder import vocabulary_norms
 
     tables = [np.diag([3.0, 4.0, 5.0]).astype(np.float32), np.full((2, 4), 0.5, np.float32)]  # norms 3,4,5 and 1
     conditioner = SimpleNamespace(text_embedders=lambda: [

@@ -94,7 +94,7 @@ def _check_ckpt_name(path):
 
 
 def _write_ckpt(path, expected):
-    params = [{"name": "clip_l", "data": ms.Tensor(expected.clip_l)}, {"name": "clip_g", "data": ms.Tensor(expected.clip_g)}]
+    params = [{"name": name, "data": ms.Tensor(getattr(expected, name))} for name in ("clip_l", "clip_g")]
     extras = dict(expected.metadata, token=expected.token, num_vectors=int(expected.num_vectors))
 
     def write(tmp):  # mindspore appends ".ckpt" to a name without it: the temporary name must end with it

@@ -119,6 +119,16 @@ def initial_rows(embedder, initializer_token, num_vectors, rng):
     return rng.normal(0.0, std, (num_vectors, table.shape[1])).astype(np.float32)
 
 
+def vocabulary_norms(conditioner, learned_rows):
+    """[n] per encoder: the mean norm of its vocabulary's rows, the norm --embedding_norm preserve keeps for
+    random initial vectors."""
+    norms = []
+    for embedder, rows in zip(conditioner.text_embedders(), learned_rows):
+        table = embedder.token_embedding.weight.asnumpy().astype(np.float32)
+        norms.append(np.full(rows.shape[0], np.linalg.norm(table, axis=1).mean(), np.float32))
+    return norms
+
+
 def nearest_words(embedder, rows, k=3):
     """For each learned row of one text embedder ([n, width]), the `k` vocabulary words whose token rows are
     nearest by cosine: what the vector has come to resemble (a row far from every word is normal for an object)."""
