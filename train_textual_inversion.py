@@ -15,10 +15,12 @@ sample, save) -> the final files. Ctrl-C saves and stops after the current step.
 --save_path: the run holds a lock there until it ends.
 """
 import argparse
+import collections
 import contextlib
 import hashlib
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -44,7 +46,7 @@ from gm.textual_inversion.checkpointing import (
 )
 from gm.textual_inversion.embedding_io import EmbeddingFormatError
 from gm.textual_inversion.latent_cache import TrainingLatents
-from gm.textual_inversion.loss_log import LossLog
+from gm.textual_inversion.loss_log import LossLog, vector_health
 from gm.textual_inversion.optim import SCHEDULES, AdamW, learning_rate
 from gm.textual_inversion.placeholder import (
     PlaceholderError, add_trainable_placeholder, expand_placeholders, nearest_words, placeholder_tokens,
@@ -64,6 +66,9 @@ INTERRUPTED = 130  # the shell's code for Ctrl-C
 ENCODERS = tuple(name.removeprefix("clip_") for name in TEXT_ENCODERS)  # "l", "g": --train_encoders' letters
 TRAIN_ENCODERS = ("l,g", "l", "g")
 VALIDATION_PROMPTS = {"object": "a photo of {}", "style": "a painting in the style of {}", "face": "a photo of {}"}
+# a word the run learns: its token, its images, its vectors, what it stands for (the templates), and the flag that
+# gave it (for messages)
+Concept = collections.namedtuple("Concept", ["token", "data_path", "num_vectors", "learnable_property", "flag"])
 
 
 class UsageError(ValueError):
@@ -85,10 +90,10 @@ def str2bool(value):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data and outputs")
-    g.add_argument("--data_path", required=True, help="folder of 3-20 images (jpg, png, webp, bmp) of the concept")
+    g.add_argument("--data_path", default=None, help="folder of 3-20 images (jpg, png, webp, bmp) of the concept")
     g.add_argument("--save_path", default=None,
                    help="where outputs go, one training at a time (default: runs/<placeholder name>)")
-    g.add_argument("--learnable_property", choices=["object", "style", "face"], default="object",
+    g.add_argument("--learnable_property", choices=list(VALIDATION_PROMPTS), default="object",
                    help="what the word stands for; picks the prompt templates (default: %(default)s)")
     g.add_argument("--template_file", default=None,
                    help="a text file of prompt templates, one per line, each with {} for the placeholder")
@@ -117,7 +122,12 @@ def build_parser():
                         "pass instead of keeping their activations: less memory, more time (benchmarks/README.md)")
 
     g = p.add_argument_group("the new word")
-    g.add_argument("--placeholder_token", required=True, help='the new word, e.g. "<cat-toy>"')
+    g.add_argument("--placeholder_token", default=None, help='the new word, e.g. "<cat-toy>" (with --data_path)')
+    g.add_argument("--concept", action="append", default=None, metavar="TOKEN:DATA_PATH[:NUM_VECTORS[:PROPERTY]]",
+                   help="one more word to learn in the same run from its own folder (repeatable), e.g. "
+                        "'<my-dog>:photos/dog:4:object'; vectors and property default to --num_vectors and "
+                        "--learnable_property. Each micro-batch comes from one word's images, in turn, and each word "
+                        "gets its own embedding files")
     g.add_argument("--initializer_token", default=None,
                    help='a word or phrase, e.g. "plush cat toy": its tokens\' embeddings start the vectors in order, '
                         "cycling when there are more vectors than tokens (default: small random vectors)")
@@ -187,6 +197,65 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
+def concepts_of(args):
+    """The words this run learns, in the order their rows are added: --placeholder_token with --data_path, then each
+    --concept."""
+    concepts = []
+    if args.placeholder_token is not None or args.data_path is not None:
+        if args.placeholder_token is None or args.data_path is None:
+            raise UsageError("--placeholder_token and --data_path go together (the word and its images); or give "
+                             "each word as --concept TOKEN:DATA_PATH.")
+        concepts.append(Concept(args.placeholder_token, args.data_path, args.num_vectors, args.learnable_property,
+                                "--placeholder_token"))
+    concepts += [parse_concept(text, args.num_vectors, args.learnable_property) for text in args.concept or ()]
+    if not concepts:
+        raise UsageError("nothing to learn: give --placeholder_token and --data_path, or --concept TOKEN:DATA_PATH.")
+    return concepts
+
+
+def parse_concept(text, num_vectors, learnable_property):
+    """--concept TOKEN:DATA_PATH[:NUM_VECTORS[:PROPERTY]] as a Concept; the path may hold colons."""
+    flag = f"--concept {text!r}"
+    token, _, rest = text.partition(":")
+    parts = rest.split(":")
+    if len(parts) > 1 and parts[-1] in VALIDATION_PROMPTS:
+        learnable_property = parts.pop()
+    if len(parts) > 1 and parts[-1].lstrip("-").isdigit():
+        num_vectors = int(parts.pop())
+    data_path = ":".join(parts)
+    if not token or not data_path:
+        raise UsageError(f"{flag}: expected TOKEN:DATA_PATH[:NUM_VECTORS[:PROPERTY]], e.g. '<my-dog>:photos/dog:4:object'.")
+    return Concept(token, data_path, num_vectors, learnable_property, flag)
+
+
+def check_concepts(concepts):
+    """Each word's folder exists, its token is one word with at least one vector, and no two words share a token
+    (the tokenizers lower-case prompts, so neither may they differ only in case)."""
+    owners = {}
+    for concept in concepts:
+        given = concept.flag == "--placeholder_token"  # the word of --placeholder_token and --data_path
+        token_flag, path_flag = ("--placeholder_token", "--data_path") if given else (concept.flag, concept.flag)
+        if concept.num_vectors < 1:
+            raise UsageError(f"{concept.flag}: NUM_VECTORS must be at least 1, got {concept.num_vectors}")
+        if not os.path.isdir(concept.data_path):
+            raise UsageError(f"{path_flag} {concept.data_path}: no such folder.")
+        if not concept.token.strip() or any(c.isspace() for c in concept.token):
+            raise UsageError(f"{token_flag} {concept.token!r}: must be one word without spaces.")
+        for token in placeholder_tokens(concept.token, concept.num_vectors):
+            owner = owners.setdefault(token.lower(), concept.token)
+            if owner != concept.token:
+                raise UsageError(f"{concept.flag}: {token!r} is already a token of the word {owner!r} in this run; "
+                                 "each word needs a token of its own.")
+    names = [embedding_name(concept.token) for concept in concepts]
+    for i, (concept, name) in enumerate(zip(concepts, names)):
+        # one file name per word, and <w>_<n>.safetensors is the word <w> at step n: no other word may be named so
+        clash = [concepts[j].token for j, other in enumerate(names)
+                 if j != i and (other == name or re.fullmatch(re.escape(other) + r"_\d+", name))]
+        if clash:
+            raise UsageError(f"{concept.flag}: its embedding files ({name}.safetensors, ...) would clash with those "
+                             f"of the word {clash[0]!r}; rename one of the two words.")
+
+
 def check_args(args):
     """Reject bad arguments before anything is built or written (the weights first: the most likely miss)."""
     for flag, value in vars(args).items():
@@ -225,12 +294,9 @@ def check_args(args):
         raise UsageError(str(e)) from None
     if args.weight:
         weight_format(args.weight)  # a missing or unreadable file is reported now, not after minutes of setup
-    if not os.path.isdir(args.data_path):
-        raise UsageError(f"--data_path {args.data_path}: no such folder.")
+    check_concepts(args.concepts)
     if args.template_file:
         load_templates(args.template_file)
-    if not args.placeholder_token.strip() or any(c.isspace() for c in args.placeholder_token):
-        raise UsageError(f"--placeholder_token {args.placeholder_token!r}: must be one word without spaces.")
     check_writable(args.save_path)
     run_files = [n for n in (STATE_DIR, "loss.csv", "args.yaml") if os.path.exists(os.path.join(args.save_path, n))]
     if run_files and not (args.resume or args.overwrite):
@@ -252,19 +318,18 @@ def check_writable(save_path):
 
 
 def resolve_defaults(args, config):
-    """Fill defaults that depend on the config or on other flags."""
+    """Fill defaults that depend on the config or on other flags; `args.concepts`: the words to learn."""
+    args.concepts = concepts_of(args)
     for flag, default in CONFIG_DEFAULTS.items():  # a small model's config may set shorter runs
         if getattr(args, flag) is None:
             setattr(args, flag, int(OmegaConf.select(config, f"training.{flag}", default=default)))
     if args.save_path is None:
-        args.save_path = os.path.join("runs", embedding_name(args.placeholder_token))
+        args.save_path = os.path.join("runs", embedding_name(args.concepts[0].token))
     if args.weight is None and OmegaConf.select(config, "training.weight"):
         # the tiny quick-start config names its shipped pretrained file, relative to the project's top folder
         args.weight = os.path.relpath(os.path.join(PROJECT_ROOT, config.training.weight))
     if args.weight is None and config.model.params.get("requires_weights", True):
         args.weight = DEFAULT_WEIGHT
-    if args.validation_prompt is None:
-        args.validation_prompt = VALIDATION_PROMPTS[args.learnable_property].format(args.placeholder_token)
 
 
 def set_loss_options(loss_fn, snr_gamma, noise_offset):
@@ -295,7 +360,7 @@ def setup_device(args):
 
 def run_identity(args, config, world_size):
     """What a training state must share with this run to be resumed by it."""
-    return {"placeholder_token": args.placeholder_token, "num_vectors": args.num_vectors,
+    return {"words": [[concept.token, concept.num_vectors] for concept in args.concepts],
             "model": hashlib.sha256(OmegaConf.to_yaml(config.model).encode()).hexdigest()[:16],
             "weight": os.path.abspath(args.weight) if args.weight else None,
             "resolution": args.resolution, "seed": args.seed, "world_size": world_size}
@@ -314,15 +379,16 @@ class Training:
     `save` read and write its training state."""
 
     def __init__(self, args, config, rank=0, world_size=1):
-        # ---- data: images and their prompts, where the placeholder stands for all its vectors
-        placeholder = {args.placeholder_token: args.num_vectors}
+        # ---- data: each word's images and their prompts, where its placeholder stands for all its vectors
+        self.concepts = args.concepts
         templates = load_templates(args.template_file) if args.template_file else None
-        self.dataset = TextualInversionDataset(
-            args.data_path, args.placeholder_token, args.resolution, args.learnable_property, templates,
-            placeholder_text=expand_placeholders(args.placeholder_token, placeholder), flip_p=args.flip_p,
-            seed=args.seed, caption_dropout=args.caption_dropout, shuffle_caption=args.shuffle_caption,
-            keep_tokens=args.keep_tokens)
-        self.order = EpochOrder(len(self.dataset), args.train_batch_size, args.seed, rank, world_size)
+        self.datasets = [TextualInversionDataset(
+            concept.data_path, concept.token, args.resolution, concept.learnable_property, templates,
+            placeholder_text=expand_placeholders(concept.token, {concept.token: concept.num_vectors}),
+            flip_p=args.flip_p, seed=args.seed, caption_dropout=args.caption_dropout,
+            shuffle_caption=args.shuffle_caption, keep_tokens=args.keep_tokens) for concept in self.concepts]
+        self.orders = [EpochOrder(len(dataset), args.train_batch_size, args.seed, rank, world_size)
+                       for dataset in self.datasets]
 
         # ---- the frozen model, with the placeholder tokens added to both text encoders
         ms.set_seed(args.seed)
@@ -330,15 +396,18 @@ class Training:
         for param in self.model.get_parameters():
             param.requires_grad = False  # every weight is frozen; the rows added below are the only trainables
         set_loss_options(self.model.loss_fn, args.snr_gamma, args.noise_offset)
-        self.learned_rows = add_trainable_placeholder(self.model.conditioner, args.placeholder_token,
-                                                      args.num_vectors, args.initializer_token,
-                                                      np.random.RandomState(args.seed))
-        self.tokens = placeholder_tokens(args.placeholder_token, args.num_vectors)
+        init_rng = np.random.RandomState(args.seed)
+        for concept in self.concepts:  # each word's rows after the previous word's
+            self.learned_rows = add_trainable_placeholder(self.model.conditioner, concept.token, concept.num_vectors,
+                                                          args.initializer_token, init_rng)
+        self.tokens = [t for concept in self.concepts for t in placeholder_tokens(concept.token, concept.num_vectors)]
+        self.initial_rows = self.rows()  # (kept for the log: how far each vector moved)
 
-        # ---- latents of the training images, encoded once (the VAE encoder is then released)
+        # ---- latents of the training images, encoded once (the VAE encoder is released after the last word's)
         variants = (False, True) if args.flip_p > 0 else (False,)
-        self.latents = TrainingLatents(self.model.first_stage_model, self.dataset, variants, cache=args.cache_latents,
-                                       progress=rank == 0)
+        self.latents = [TrainingLatents(self.model.first_stage_model, dataset, variants, cache=args.cache_latents,
+                                        progress=rank == 0, release_encoder=k == len(self.datasets) - 1)
+                        for k, dataset in enumerate(self.datasets)]
 
         # ---- the train step over the learned rows only (compiled at its first call)
         self.effective_batch = args.train_batch_size * args.gradient_accumulation_steps * world_size
@@ -358,7 +427,8 @@ class Training:
         """Continue from the training state `state_dir` (its host state `host`, checked by `read_resume_state`)."""
         load_train_state(state_dir, self.state_params)
         try:
-            self.order.load_state_dict(host["sampler"])  # the data order, under its first name in the file
+            for order, state in zip(self.orders, host["data_orders"], strict=True):
+                order.load_state_dict(state)
         except (KeyError, ValueError) as e:
             raise ResumeError(f"{state_dir}: the training images changed since it was saved ({e}).") from None
         self.start_step = host["step"]
@@ -373,39 +443,56 @@ class Training:
             return
         args = self.args
         resolved = {"world_size": self.world_size, "effective_batch_size": self.effective_batch,
-                    "learning_rate_used": self.base_lr, "tokens": self.tokens, "start_step": self.start_step}
-        OmegaConf.save(OmegaConf.create({"args": vars(args), "resolved": resolved, "config": config}),
+                    "learning_rate_used": self.base_lr, "tokens": self.tokens, "start_step": self.start_step,
+                    "words": [dict(concept._asdict()) for concept in self.concepts],
+                    "validation_prompts": validation_prompts(args)}
+        flags = {flag: value for flag, value in vars(args).items() if flag != "concepts"}
+        OmegaConf.save(OmegaConf.create({"args": flags, "resolved": resolved, "config": config}),
                        os.path.join(args.save_path, "args.yaml"))
-        self.log = LossLog(args.save_path, self.start_step)
+        self.log = LossLog(args.save_path, self.start_step, TEXT_ENCODERS, self.tokens)
 
     def run_step(self, step, lr):
-        """One optimizer step (all its micro-batches); returns the mean loss of its micro-batches."""
+        """One optimizer step (all its micro-batches, each from one word's images, the words in turn); returns the
+        mean loss of its micro-batches."""
         losses = []
         accumulation = self.args.gradient_accumulation_steps
         for micro in range(accumulation):
             # noise drawn from (seed, rank, step, micro-batch): reproducible on resume, different per rank
             noise_rng = np.random.RandomState([self.args.seed, self.rank, step, micro])
-            inputs = draw_micro_batch(self.model, self.dataset, self.latents, self.order, noise_rng)
+            k = (step * accumulation + micro) % len(self.concepts)
+            inputs = draw_micro_batch(self.model, self.datasets[k], self.latents[k], self.orders[k], noise_rng)
             loss = self.train_step(Tensor(lr, ms.float32), Tensor(micro == accumulation - 1), *inputs)
             losses.append(float(loss.asnumpy()))
         return float(np.mean(losses))
 
     def rows(self):
-        """The learned rows of both encoders as float32 arrays ([n, d1], [n, d2])."""
+        """The learned rows of both encoders as float32 arrays ([n, d1], [n, d2]), every word's in order."""
         return tuple(p.asnumpy().astype(np.float32) for p in self.learned_rows)
 
+    def word_rows(self):
+        """[(concept, its rows [n, d1], [n, d2])] for each word."""
+        rows, start, words = self.rows(), 0, []
+        for concept in self.concepts:
+            end = start + concept.num_vectors
+            words.append((concept, rows[0][start:end], rows[1][start:end]))
+            start = end
+        return words
+
     def save(self, step, final=False):
-        """Write the embeddings and the training state at `step` (rank 0; the noise needs no saving, it is a
-        function of seed and step); `final` also writes the embeddings under their unnumbered names."""
+        """Write each word's embeddings and the training state at `step` (rank 0; the noise needs no saving, it is
+        a function of seed and step); `final` also writes the embeddings under their unnumbered names."""
         if self.rank != 0:
             return
-        args, (rows_l, rows_g) = self.args, self.rows()
-        facts = dict(self.embedding_facts, step=step)
-        save_learned_embeddings(args.save_path, args.placeholder_token, rows_l, rows_g, step, args.max_num_ckpt, facts)
-        if final:
-            save_learned_embeddings(args.save_path, args.placeholder_token, rows_l, rows_g, metadata=facts)
+        args, facts = self.args, dict(self.embedding_facts, step=step)
+        several = len(self.concepts) > 1
+        for concept, rows_l, rows_g in self.word_rows():
+            save_learned_embeddings(args.save_path, concept.token, rows_l, rows_g, step, args.max_num_ckpt, facts,
+                                    several)
+            if final:
+                save_learned_embeddings(args.save_path, concept.token, rows_l, rows_g, None, None, facts, several)
         save_train_state(args.save_path, step, self.state_params,
-                         {"identity": self.identity, "sampler": self.order.state_dict(), "schedule": self.schedule})
+                         {"identity": self.identity, "data_orders": [order.state_dict() for order in self.orders],
+                          "schedule": self.schedule})
         self.log.plot()
 
 
@@ -598,7 +685,8 @@ def train_loop(run, stop):
             lr = learning_rate(args.lr_scheduler, run.base_lr, step, args.total_step, args.lr_warmup_steps)
             loss = run.run_step(step, lr)
             step += 1
-            if not all(np.isfinite(rows).all() for rows in run.rows()):
+            rows = run.rows()
+            if not all(np.isfinite(r).all() for r in rows):
                 raise TrainingStopped(
                     f"at step {step} the learned embedding became NaN or infinite (learning rate {lr:g}), so the run "
                     f"stopped before writing it; {resume_hint(args.save_path)}. Try a lower --learning_rate.")
@@ -610,7 +698,7 @@ def train_loop(run, stop):
             else:
                 timing["steps"].append(seconds)
             if is_main:
-                run.log.append(step, loss, lr, seconds)
+                run.log.append(step, loss, lr, seconds, vector_health(rows, run.initial_rows))
                 postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
                 if timing["steps"]:  # speed and ETA from the steps after the compile (the last 50)
                     per_step = float(np.mean(timing["steps"][-50:]))
@@ -662,28 +750,42 @@ def draw_micro_batch(model, dataset, latents, order, rng):
     return loss_inputs(model, batch.pop("moments"), model.conditioner.tokenize(batch), rng)
 
 
+def validation_prompts(args):
+    """--validation_prompt, or by default one prompt per word, by its property (e.g. "a photo of <tok>")."""
+    if args.validation_prompt is not None:
+        return [args.validation_prompt]
+    return [VALIDATION_PROMPTS[concept.learnable_property].format(concept.token) for concept in args.concepts]
+
+
 def sample_validation_grid(run, args, step):
-    """Sample the validation prompt with the current learned rows; save one grid as samples/step_<n>.png.
+    """Sample the validation prompts with the current learned rows; save one grid (a row per prompt) as
+    samples/step_<n>.png.
 
     The sampling pipeline (built at the first call, then reused) shares the model, so it sees the rows as
     they are now; it draws its own noise and leaves the training RNGs alone."""
     from gm.sampling import SDXLPipeline, make_grid, save_png
 
     if run.validation_pipeline is None:
-        run.validation_pipeline = SDXLPipeline(run.model, placeholders={args.placeholder_token: args.num_vectors})
-    images = run.validation_pipeline.generate(
-        args.validation_prompt, steps=args.validation_sample_step, height=args.resolution, width=args.resolution,
-        seed=args.seed, num_images=args.num_validation_images)
-    save_png(os.path.join(args.save_path, "samples", f"step_{step}.png"), make_grid(images, 1, len(images)),
-             {"prompt": args.validation_prompt, "step": str(step), "seed": str(args.seed)})
+        run.validation_pipeline = SDXLPipeline(
+            run.model, placeholders={concept.token: concept.num_vectors for concept in run.concepts})
+    prompts = validation_prompts(args)
+    images = [image for prompt in prompts for image in run.validation_pipeline.generate(
+        prompt, steps=args.validation_sample_step, height=args.resolution, width=args.resolution, seed=args.seed,
+        num_images=args.num_validation_images)]
+    save_png(os.path.join(args.save_path, "samples", f"step_{step}.png"),
+             make_grid(images, len(prompts), args.num_validation_images),
+             {"prompt": " | ".join(prompts), "step": str(step), "seed": str(args.seed)})
 
 
 def print_summary(args, run):
     tokens, rates = run.tokens, encoder_learning_rates(args)
+    words = ", ".join(f"{concept.token!r} ({concept.learnable_property})" for concept in run.concepts)
     lines = [
         "",
-        f"Textual inversion of {args.placeholder_token!r} ({args.learnable_property}) on {args.config}",
-        f"  images found      : {len(run.dataset)} in {args.data_path}",
+        f"Textual inversion of {words} on {args.config}",
+        *(f"  images found      : {len(dataset)} in {concept.data_path}"
+          + (f" for {concept.token}" if len(run.concepts) > 1 else "")
+          for concept, dataset in zip(run.concepts, run.datasets)),
         f"  tokens added      : {len(tokens)} to each text encoder ({', '.join(tokens[:4])}"
         f"{' ...' if len(tokens) > 4 else ''})"
         f"{f', initialised from {args.initializer_token!r}' if args.initializer_token else ', random initial vectors'}",
@@ -703,26 +805,33 @@ def print_summary(args, run):
 
 
 def print_outputs(args, run, step, timing):
-    ckpt, safetensors_path = embedding_paths(args.save_path, args.placeholder_token)
     skipped = int(run.train_step.skipped_steps.asnumpy())
     print(f"\nDone: step {step}{f', {skipped} steps skipped (non-finite gradients)' if skipped else ''}.")
     if timing["compile"] is not None:
         speed = f", then {np.mean(timing['steps']):.2f} s/step" if timing["steps"] else ""
         print(f"  time                  : graph compiled in {timing['compile']:.1f} s (first step){speed}")
-    for name, embedder, rows in zip(TEXT_ENCODERS, run.model.conditioner.text_embedders(), run.rows()):
+    health = np.array(vector_health(run.rows(), run.initial_rows)).reshape(len(TEXT_ENCODERS), 2, -1)
+    for name, embedder, rows, (norms, cosines) in zip(TEXT_ENCODERS, run.model.conditioner.text_embedders(),
+                                                      run.rows(), health):
         words = nearest_words(embedder, rows)
-        print(f"  {'nearest words ' + name:<22}: " + "; ".join(f"{token}: {', '.join(near)}"
-                                                             for token, near in zip(run.tokens, words)))
-    print(f"  embedding (MindSpore) : {ckpt}")
-    print(f"  embedding (SDXL community format, for kohya/A1111/ComfyUI): {safetensors_path}")
+        print(f"  {'vectors ' + name:<22}: " + "; ".join(
+            f"{token}: norm {norm:.3g}, cosine to its start {cosine:.3f}, near {', '.join(near)}"
+            for token, norm, cosine, near in zip(run.tokens, norms, cosines, words)))
+    several = len(run.concepts) > 1
+    for concept in run.concepts:
+        ckpt, safetensors_path = embedding_paths(args.save_path, concept.token, None, several)
+        print(f"  embedding of {concept.token} (MindSpore): {ckpt}")
+        print(f"  embedding of {concept.token} (SDXL community format, for kohya/A1111/ComfyUI): {safetensors_path}")
     print(f"  loss log and curve    : {os.path.join(args.save_path, 'loss.csv')}, loss.png")
     print(f"  training state        : {os.path.join(args.save_path, STATE_DIR)} (continue with --resume latest)")
     if args.infer_during_train:
         print(f"  samples               : {os.path.join(args.save_path, 'samples')}/")
     weight = f" --weight {args.weight}" if args.weight else ""
     size = f" --H {args.resolution} --W {args.resolution}" if args.resolution != 1024 else ""  # the command's default
-    print(f"Sample with: python demo/sampling_without_streamlit.py --config {args.config}{weight}{size} "
-          f'--textual_inversion_weight {ckpt} --prompt "{args.validation_prompt}"')
+    embeddings = "".join(f" --textual_inversion_weight {embedding_paths(args.save_path, concept.token, None, several)[0]}"
+                         for concept in run.concepts)
+    print(f"Sample with: python demo/sampling_without_streamlit.py --config {args.config}{weight}{size}{embeddings} "
+          f'--prompt "{validation_prompts(args)[0]}"')
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 
 from gm.models.loading import load_config
 from gm.textual_inversion.checkpointing import RunFolderInUse, run_folder_lock
-from train_textual_inversion import UsageError, build_parser, check_args, parse_args, resolve_defaults
+from train_textual_inversion import UsageError, build_parser, check_args, parse_args, parse_concept, resolve_defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_textual_inversion.py")
@@ -52,6 +52,17 @@ CASES = {
     "learning_rate_clip_g_negative": (tiny("--learning_rate_clip_g", "-0.0001"),
                                       ["--learning_rate_clip_g must be positive, got -0.0001"]),
     "learning_rate_nan": (tiny("--learning_rate", "nan"), ["--learning_rate must be a finite number, got nan"]),
+    "placeholder_without_data_path": (["--config", TINY, "--placeholder_token", "<toy>", "--device_target", "CPU"],
+                                      ["--placeholder_token and --data_path go together", "--concept"]),
+    "concept_without_folder": (tiny("--concept", "<dot>"), ["--concept '<dot>'", "expected TOKEN:DATA_PATH"]),
+    "concept_folder_missing": (tiny("--concept", "<dot>:{tmp}/nowhere:2"), ["--concept '<dot>:", "nowhere: no such"]),
+    "concept_vectors_0": (tiny("--concept", "<dot>:{tmp}/empty:0"), ["--concept '<dot>:", "at least 1, got 0"]),
+    "two_words_one_token": (tiny("--concept", "<TOY>:{tmp}/empty"),
+                            ["--concept '<TOY>:", "'<TOY>' is already a token of the word '<toy>'"]),
+    "word_named_like_a_vector": (tiny("--num_vectors", "2", "--concept", "<toy>_1:{tmp}/empty"),
+                                 ["'<toy>_1' is already a token of the word '<toy>'"]),
+    "word_named_like_a_step": (tiny("--concept", "<toy_4>:{tmp}/empty"),
+                               ["--concept '<toy_4>:", "toy_4.safetensors", "clash with those of the word '<toy>'"]),
     "weights_given_as_config": (
         ["--config", WEIGHTS, "--data_path", DATA, "--placeholder_token", "<toy>", "--device_target", "CPU"],
         ["sd_xl_tiny_shapes.safetensors", "a binary file, not a YAML config"]),
@@ -157,6 +168,19 @@ def test_bad_input_is_refused_clearly(results, name):
                                   "caption_dropout_over_1", "keep_tokens_negative"])
 def test_bad_option_values_exit_2(results, name):
     assert results[name][0] == 2, results[name][2]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("<dog>:photos/dog", ("<dog>", "photos/dog", 1, "object")),
+    ("<dog>:photos/dog:4", ("<dog>", "photos/dog", 4, "object")),
+    ("<ink>:art:2:style", ("<ink>", "art", 2, "style")),
+    ("<ink>:/mnt/a:b/art:3:face", ("<ink>", "/mnt/a:b/art", 3, "face")),  # a path may hold colons
+    ("<ink>:style", ("<ink>", "style", 1, "object")),  # a folder named like a property is a folder
+])
+def test_concept_flag_parts(text, expected):
+    """--concept TOKEN:DATA_PATH[:NUM_VECTORS[:PROPERTY]], the last two defaulting to --num_vectors and
+    --learnable_property."""
+    assert tuple(parse_concept(text, 1, "object"))[:4] == expected
 
 
 def test_unreadable_image_is_named_in_a_warning(results):

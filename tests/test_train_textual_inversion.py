@@ -53,6 +53,7 @@ BASE = ["--config", TINY, "--data_path", DATA, "--device_target", "CPU", "--plac
         "--num_vectors", "2", "--initializer_token", "toy", "--max_grad_norm", "0"]
 LR = 5e-4  # the default --learning_rate, constant
 ROW_SHAPES = [(2, 32), (2, 64)]
+ENCODERS, TOKENS = ("clip_l", "clip_g"), ("<toy>", "<toy>_1")
 TIMEOUT = 900  # seconds for any one command-line run (a compile takes ~40 s; the machine may be shared)
 
 
@@ -223,9 +224,24 @@ def failures_chain(runs, root):
             "disk_full": disk_full, "code_disk_full": code_f, "out_disk_full": out_f}
 
 
-CHAINS = {"resume": resume_chain, "signals": signal_chain, "parallel": parallel_chain, "failures": failures_chain}
+def words_chain(runs, root):
+    """Two words in one run: <toy> (BASE: 2 vectors, the toy images) and <dot> (--concept: 1 vector, 3 of those
+    images, the style templates), both started from "toy"; 2 steps of one micro-batch, saved at each, no weight
+    decay (so a row without gradient stays as it is at step 1)."""
+    dots = os.path.join(root, "dots")
+    os.makedirs(dots)
+    for name in sorted(os.listdir(DATA))[:3]:
+        shutil.copy(os.path.join(DATA, name), dots)
+    save = os.path.join(root, "run")
+    code, out = runs.cli(BASE + ["--concept", f"<dot>:{dots}:1:style", "--adam_weight_decay", "0", "--total_step", "2",
+                                 "--save_interval", "1", "--save_path", save], root, "words")
+    return {"save": save, "dots": dots, "code": code, "out": out}
+
+
+CHAINS = {"resume": resume_chain, "signals": signal_chain, "parallel": parallel_chain, "failures": failures_chain,
+          "words": words_chain}
 FIXTURE_CHAINS = {"resume_runs": "resume", "signal_runs": "signals", "parallel_run": "parallel",
-                  "failure_runs": "failures"}
+                  "failure_runs": "failures", "words_run": "words"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -260,6 +276,11 @@ def parallel_run(runs):
 @pytest.fixture(scope="module")
 def failure_runs(runs):
     return runs.get("failures")
+
+
+@pytest.fixture(scope="module")
+def words_run(runs):
+    return runs.get("words")
 
 
 
@@ -327,7 +348,7 @@ def micro_batch(training, rank=0, world_size=1, seed_key=(0, 0), order=None):
     if order is None:
         order = EpochOrder(NUM_IMAGES, 1, 42, rank, world_size)
     rng = np.random.RandomState([42, rank, *seed_key])
-    return draw_micro_batch(training.model, training.dataset, training.latents, order, rng)
+    return draw_micro_batch(training.model, training.datasets[0], training.latents[0], order, rng)
 
 
 def relative_difference(a, b):
@@ -420,8 +441,8 @@ def test_latents_are_encoded_once_and_the_encoder_released(harness):
     """Every (image, flip) cached before training, by a child process on the CPU (the training process never
     runs the encoder: tests/test_latent_cache.py checks the child's latents), and the encoder is gone."""
     training = harness.training
-    assert sorted(training.latents.cache) == sorted((i, f) for i in range(NUM_IMAGES) for f in (False, True))
-    assert not hasattr(training.model.first_stage_model, "encoder") and training.latents.autoencoder is None
+    assert sorted(training.latents[0].cache) == sorted((i, f) for i in range(NUM_IMAGES) for f in (False, True))
+    assert not hasattr(training.model.first_stage_model, "encoder") and training.latents[0].autoencoder is None
     assert not [n for n, _ in training.model.parameters_and_names() if n.startswith("first_stage_model.encoder.")]
     training.run_step(0, LR)  # draws from the cache
     assert harness.encoder_calls == []
@@ -496,10 +517,18 @@ def test_outputs(resume_runs, harness):
 
     with open(os.path.join(a, "loss.csv")) as f:
         lines = f.read().splitlines()
-    assert lines[0] == "step,loss,lr,seconds"
+    assert lines[0] == ("step,loss,lr,seconds," + ",".join(f"{encoder}_{figure}_{token}" for encoder in ENCODERS
+                                                            for figure in ("norm", "cos") for token in TOKENS))
     table = np.array([[float(v) for v in line.split(",")] for line in lines[1:]])
     assert table[:, 0].tolist() == list(range(1, 9)) and np.isfinite(table[:, 1]).all()
     assert (table[:, 2] == LR).all() and (table[:, 3] > 0).all()
+    # each vector's health at step 8: its norm, and its cosine to its start (the word "toy"), computed here apart
+    for k, (found, start) in enumerate(zip(rows, harness.initial_rows())):
+        norms = np.sqrt((found.astype(np.float64) ** 2).sum(1))
+        cosines = (found * start).sum(1) / norms / np.sqrt((start.astype(np.float64) ** 2).sum(1))
+        health = table[-1, 4 + 4 * k: 8 + 4 * k]
+        np.testing.assert_allclose(health, np.concatenate([norms, cosines]), rtol=2e-5)
+        assert (cosines < 1).all() and (cosines > 0.9).all()  # moved a little, as 8 small steps do
     with open(os.path.join(a, "loss.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert Image.open(os.path.join(a, "loss.png")).size[0] > 100
@@ -595,8 +624,8 @@ def test_kill_9_leaves_the_latest_state_complete(signal_runs, tmp_path):
     assert all(saved[n].asnumpy().dtype == np.float32 for n in saved if n.startswith(("exp_avg", "adam")))
     embedding = load_embedding(os.path.join(save, f"{MODEL_NAME}_{step}_ti.ckpt"))
     assert np.array_equal(embedding.clip_l, rows[0])
-    with pytest.raises(ResumeError, match="num_vectors"):
-        read_train_state(latest, dict(host["identity"], num_vectors=3))
+    with pytest.raises(ResumeError, match=r"words: saved \[\['<toy>', 2\]\], now \[\['<toy>', 3\]\]"):
+        read_train_state(latest, dict(host["identity"], words=[["<toy>", 3]]))
 
 
 def test_gradient_accumulation_matches_one_big_batch(resume_runs, harness):
@@ -609,7 +638,7 @@ def test_gradient_accumulation_matches_one_big_batch(resume_runs, harness):
     order = EpochOrder(NUM_IMAGES, 2, 42)
     harness.reset()
     for step in range(4):
-        batch = draw_micro_batch(training.model, training.dataset, training.latents, order,
+        batch = draw_micro_batch(training.model, training.datasets[0], training.latents[0], order,
                                  np.random.RandomState([42, 0, step, 0]))
         moments = batch[0].asnumpy()
         assert not np.array_equal(moments[0], moments[1])  # two images, so not the average of equal gradients
@@ -727,3 +756,38 @@ def test_resume_warns_only_when_past_learning_rates_change(scheduler, change, ch
     saved = {"lr_scheduler": scheduler, "learning_rate": 5e-4, "scale_lr": False,
              "lr_warmup_steps": 4 if scheduler == "constant_with_warmup" else 0, "total_step": 8}
     assert schedule_changed(saved, dict(saved, **change), 4, 2) is changed
+
+
+def test_two_words_learn_their_own_rows(words_run, harness):
+    """--concept adds a second word with its own images, vectors and templates: the micro-batches take the words in
+    turn (step 1 <toy>, step 2 <dot>), so at step 1 only <toy>'s rows have moved and <dot>'s are still "toy"'s row,
+    bit for bit; at step 2 <dot>'s have moved too. Each word has its own embedding files."""
+    save, out = words_run["save"], words_run["out"]
+    assert words_run["code"] == 0, out
+    names = {f"{MODEL_NAME}_{word}{step}_ti.ckpt" for word in ("toy", "dot") for step in ("_1", "_2", "")}
+    names |= {f"{word}{step}.safetensors" for word in ("toy", "dot") for step in ("_1", "_2", "")}
+    assert names <= set(os.listdir(save)) and not os.path.exists(os.path.join(save, f"{MODEL_NAME}_ti.ckpt"))
+
+    def rows(word, step):
+        embedding = load_embedding(os.path.join(save, f"{MODEL_NAME}_{word}{step}_ti.ckpt"))
+        assert embedding.token == f"<{word}>"
+        assert load_embedding(os.path.join(save, f"{word}{step}.safetensors")).clip_g.tolist() == embedding.clip_g.tolist()
+        return embedding.clip_l, embedding.clip_g
+
+    toy_start = harness.initial_rows()  # 2 vectors, each the row of "toy"
+    for found, start in zip(rows("dot", "_1"), toy_start):
+        assert found.shape == (1, start.shape[1]) and np.array_equal(found, start[:1])  # no gradient yet
+    for found, start in zip(rows("toy", "_1"), toy_start):
+        assert (np.abs(found - start).max(1) > 0).all()
+    for dot, toy, start in zip(rows("dot", ""), rows("toy", ""), toy_start):
+        assert np.abs(dot - start[:1]).max() > 0 and np.abs(dot - toy[:1]).max() > 0
+
+    assert f"images found      : 3 in {words_run['dots']} for <dot>" in out
+    assert "tokens added      : 3 to each text encoder (<toy>, <toy>_1, <dot>)" in out
+    assert out.count("--textual_inversion_weight") == 2
+    saved = OmegaConf.load(os.path.join(save, "args.yaml"))
+    assert [(w.token, w.num_vectors, w.learnable_property) for w in saved.resolved.words] == [
+        ("<toy>", 2, "object"), ("<dot>", 1, "style")]
+    assert list(saved.resolved.validation_prompts) == ["a photo of <toy>", "a painting in the style of <dot>"]
+    with open(os.path.join(save, "loss.csv")) as f:
+        assert "clip_g_cos_<dot>" in f.readline()

@@ -2,7 +2,8 @@
 
 Under `--save_path`:
 - `SD-XL-base-1.0_<step>_ti.ckpt` and `<name>_<step>.safetensors`: the learned rows at a step (our MindSpore
-  checkpoint, and the SDXL community format {"clip_l", "clip_g"}); at the end the same without `_<step>`;
+  checkpoint, and the SDXL community format {"clip_l", "clip_g"}); at the end the same without `_<step>`; a run
+  that learns several words writes `SD-XL-base-1.0_<name>_<step>_ti.ckpt` and `<name>_<step>.safetensors` per word;
 - `train_state/step_<step>/`: everything needed to continue exactly (learned rows, optimizer moments, loss
   scale, step and data order; the noise is a function of seed and step), and `train_state/latest`, naming the newest complete one.
 
@@ -90,32 +91,39 @@ def embedding_name(token):
     return name or "embedding"
 
 
-def embedding_paths(save_path, token, step=None):
-    """(our .ckpt, community .safetensors) paths for `step`, or the final ones when step is None."""
+def embedding_paths(save_path, token, step=None, several_words=False):
+    """(our .ckpt, community .safetensors) paths for `step`, or the final ones when step is None; in a run that
+    learns several words, each word's .ckpt is named after it too."""
     suffix = "" if step is None else f"_{step}"
-    return (os.path.join(save_path, f"{MODEL_NAME}{suffix}_ti.ckpt"),
+    return (os.path.join(save_path, f"{_ckpt_prefix(token, several_words)}{suffix}_ti.ckpt"),
             os.path.join(save_path, f"{embedding_name(token)}{suffix}.safetensors"))
 
 
-def save_learned_embeddings(save_path, token, rows_l, rows_g, step=None, max_num_ckpt=None, metadata=None):
-    """Write the learned rows in both formats (each read back before it replaces anything), with `metadata` (the
-    training's facts); keep at most `max_num_ckpt` step-numbered pairs."""
-    paths = embedding_paths(save_path, token, step)
+def save_learned_embeddings(save_path, token, rows_l, rows_g, step=None, max_num_ckpt=None, metadata=None,
+                            several_words=False):
+    """Write the learned rows of `token` in both formats (each read back before it replaces anything), with
+    `metadata` (the training's facts); keep at most `max_num_ckpt` step-numbered pairs of this word."""
+    paths = embedding_paths(save_path, token, step, several_words)
     for path in paths:
         save_embedding(path, rows_l, rows_g, token, metadata=metadata)
     if step is not None and max_num_ckpt:
-        steps = sorted(_numbered_steps(save_path, token))
+        steps = sorted(_numbered_steps(save_path, token, several_words))
         for old in steps[:-max_num_ckpt]:
-            for path in embedding_paths(save_path, token, old):
+            for path in embedding_paths(save_path, token, old, several_words):
                 if os.path.exists(path):
                     os.remove(path)
     return paths
 
 
-def _numbered_steps(save_path, token):
-    pattern = re.compile(re.escape(MODEL_NAME) + r"_(\d+)_ti\.ckpt$")
-    for path in glob.glob(os.path.join(save_path, f"{MODEL_NAME}_*_ti.ckpt")):
-        match = pattern.search(os.path.basename(path))
+def _ckpt_prefix(token, several_words):
+    return f"{MODEL_NAME}_{embedding_name(token)}" if several_words else MODEL_NAME
+
+
+def _numbered_steps(save_path, token, several_words):
+    """The steps of `token`'s step-numbered .ckpt files in `save_path`."""
+    pattern = re.compile(re.escape(_ckpt_prefix(token, several_words)) + r"_(\d+)_ti\.ckpt$")
+    for name in os.listdir(save_path):
+        match = pattern.match(name)
         if match:
             yield int(match.group(1))
 

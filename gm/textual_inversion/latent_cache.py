@@ -34,10 +34,12 @@ class TrainingLatents:
     """Posterior moments [2C, h, w] (means, then log-variances) and size conditioning per (index, flipped).
 
     With `cache`, every (index, flipped) of `variants` is encoded now (in a child process where the device keeps
-    a graph's memory, see the module's docstring; `in_child` overrides) and `autoencoder.encoder` is deleted.
+    a graph's memory, see the module's docstring; `in_child` overrides) and, with `release_encoder` (False while
+    other image sets still need it), `autoencoder.encoder` is deleted.
     """
 
-    def __init__(self, autoencoder, dataset, variants=(False,), cache=True, progress=True, in_child=None):
+    def __init__(self, autoencoder, dataset, variants=(False,), cache=True, progress=True, in_child=None,
+                 release_encoder=True):
         self.autoencoder, self.dataset = autoencoder, dataset
         self.cache = {}
         if cache:
@@ -49,9 +51,10 @@ class TrainingLatents:
             else:
                 for key in tqdm(keys, desc="Caching VAE latents", unit="image", disable=not progress):
                     self.cache[key] = self._encode(key)
-            del autoencoder.encoder  # never needed again: free its weights before training
             self.autoencoder = None
-            release_free_memory()  # what compiling the encoder's graph freed, before the train step compiles
+            if release_encoder:
+                del autoencoder.encoder  # never needed again: free its weights before training
+                release_free_memory()  # what compiling the encoder's graph freed, before the train step compiles
 
     def _encode(self, key):
         image, conditions = image_and_conditions(self.dataset, key)

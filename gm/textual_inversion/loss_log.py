@@ -1,4 +1,10 @@
-"""The training log: `loss.csv` (step, loss, lr, seconds) and its picture `loss.png`."""
+"""The training log: `loss.csv` (step, loss, lr, seconds, then each learned vector's health) and its picture
+`loss.png`.
+
+A vector's health is its norm and its cosine to its initial value, per text encoder: columns
+`<encoder>_norm_<token>` and `<encoder>_cos_<token>`. A norm that runs away, or a cosine that falls towards 0 in a
+few steps, is a learning rate too high; a cosine that stays at 1 is a vector that does not learn.
+"""
 import csv
 import os
 
@@ -17,41 +23,67 @@ def _is_number(text):
     return True
 
 
+def health_columns(encoders, tokens):
+    """The names of the health columns for text `encoders` and learned `tokens`, in the order of `vector_health`."""
+    return [f"{encoder}_{figure}_{token}" for encoder in encoders for figure in ("norm", "cos") for token in tokens]
+
+
+def vector_health(rows, initial_rows):
+    """Per encoder (rows [n, d] and initial rows [n, d] float32): each vector's norm, then its cosine to its initial
+    value; flattened in the order of `health_columns`."""
+    values = []
+    for now, start in zip(rows, initial_rows):
+        norms = np.linalg.norm(now, axis=1)
+        cosines = (now * start).sum(axis=1) / (norms * np.linalg.norm(start, axis=1) + 1e-12)
+        values += list(norms) + list(cosines)
+    return [float(v) for v in values]
+
+
 class LossLog:
     """Appends one row per optimizer step. On resume, rows after the resumed step are dropped first, so the
-    log of an interrupted and resumed run reads like that of an uninterrupted one."""
+    log of an interrupted and resumed run reads like that of an uninterrupted one.
 
-    def __init__(self, save_path, resume_step=0):
+    encoders, tokens: the text encoders and learned tokens whose vectors' health each row records."""
+
+    def __init__(self, save_path, resume_step=0, encoders=(), tokens=()):
         self.csv_path = os.path.join(save_path, "loss.csv")
         self.png_path = os.path.join(save_path, "loss.png")
-        rows = self.read(self.csv_path) if resume_step and os.path.exists(self.csv_path) else []
+        self.encoders = list(encoders)
+        self.header = HEADER + health_columns(encoders, tokens)
+        rows = self.read(self.csv_path, self.header) if resume_step and os.path.exists(self.csv_path) else []
         rows = [r for r in rows if int(r[0]) <= resume_step]
         atomic_write(self.csv_path, lambda p: self._write(p, rows), ".csv")
         self.steps = [int(r[0]) for r in rows]
         self.losses = [float(r[1]) for r in rows]
+        self.health = [[float(v) for v in r[len(HEADER):]] for r in rows]
 
     @staticmethod
-    def read(path):
-        """The data rows; a row cut short (the run was killed while writing it) is left out."""
+    def read(path, header):
+        """The data rows under `header`; a row cut short (the run was killed while writing it), or all of them
+        when the file has another header, are left out."""
         with open(path, newline="") as f:
-            rows = list(csv.reader(f))[1:]
-        return [row for row in rows if len(row) == len(HEADER) and all(_is_number(v) for v in row)]
+            rows = list(csv.reader(f))
+        if not rows or rows[0] != header:
+            return []
+        return [row for row in rows[1:] if len(row) == len(header) and all(_is_number(v) for v in row)]
 
-    @staticmethod
-    def _write(path, rows):
+    def _write(self, path, rows):
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(HEADER)
+            writer.writerow(self.header)
             writer.writerows(rows)
 
-    def append(self, step, loss, lr, seconds):
+    def append(self, step, loss, lr, seconds, health=()):
+        """One step's row; `health` from `vector_health`."""
         with open(self.csv_path, "a", newline="") as f:
-            csv.writer(f).writerow([step, f"{loss:.6f}", f"{lr:.6g}", f"{seconds:.3f}"])
+            csv.writer(f).writerow([step, f"{loss:.6f}", f"{lr:.6g}", f"{seconds:.3f}"] + [f"{v:.6g}" for v in health])
         self.steps.append(step)
         self.losses.append(loss)
+        self.health.append(list(health))
 
     def plot(self):
-        """Write loss.png: the per-step loss and its moving average (diffusion losses are noisy)."""
+        """Write loss.png: the per-step loss and its moving average (diffusion losses are noisy) and, beside it, the
+        learned vectors' mean cosine to their initial values per text encoder."""
         if not self.steps:
             return
         import matplotlib
@@ -59,7 +91,10 @@ class LossLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        with_health = bool(self.encoders and self.health and self.health[-1])
+        fig, axes = plt.subplots(1, 2 if with_health else 1, figsize=(12 if with_health else 7, 4), dpi=100,
+                                 squeeze=False)
+        ax = axes[0, 0]
         ax.plot(self.steps, self.losses, lw=0.8, alpha=0.4, label="loss")
         window = max(1, min(50, len(self.losses) // 5))
         if window > 1:
@@ -70,6 +105,16 @@ class LossLog:
         ax.set_title("Textual inversion training loss")
         ax.legend()
         ax.grid(alpha=0.3)
+        if with_health:
+            ax = axes[0, 1]
+            health = np.array(self.health).reshape(len(self.steps), len(self.encoders), 2, -1)
+            for k, encoder in enumerate(self.encoders):
+                ax.plot(self.steps, health[:, k, 1].mean(axis=1), lw=2, label=encoder)
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel("cosine to the initial vector (mean)")
+            ax.set_title("How far the learned vectors moved")
+            ax.legend()
+            ax.grid(alpha=0.3)
         fig.tight_layout()
         atomic_write(self.png_path, lambda p: fig.savefig(p, format="png"), ".png")
         plt.close(fig)
