@@ -16,10 +16,13 @@ from diffusers.models.embeddings import Timesteps
 from safetensors.numpy import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+import mindspore as ms
+
 from benchmarks.common import SCHEDULER, write_tokenizer
 from gm.weights.diffusers_clip import clip_g_diffusers_to_sgm, clip_l_diffusers_to_sgm
 from gm.weights.diffusers_unet import unet_diffusers_to_sgm
 from gm.weights.diffusers_vae import vae_diffusers_to_sgm
+from gm.weights.state_dict import compare_shapes
 
 # `attention_head_dim` is diffusers' name for the number of heads per level here (head width 16 in tiny, 64 in SDXL).
 _UNET = dict(
@@ -196,3 +199,21 @@ def run_unet(unet, x, t, prompt_embeds, pooled, time_ids):
     with torch.no_grad():
         out = unet(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(prompt_embeds), added_cond_kwargs=cond)
     return out.sample.numpy()
+
+
+# ------------------------------------------------------------------------------------------ into our cells
+
+
+def model_shapes(cell):
+    """{parameter name: shape} of a cell, names relative to it (the checkpoint's names)."""
+    return {name: tuple(p.shape) for name, p in cell.parameters_and_names()}
+
+
+def load_state_dict_into(cell, state, source="checkpoint"):
+    """Copy `state` ({name: np.ndarray}, e.g. the reference's weights mapped to sgm's names) into `cell`'s
+    parameters; every name and shape must match exactly."""
+    params = dict(cell.parameters_and_names())
+    compare_shapes(model_shapes(cell), {k: v.shape for k, v in state.items()}, source)
+    for name, param in params.items():
+        param.set_data(ms.Tensor(np.ascontiguousarray(state[name]), dtype=param.dtype))
+    return cell

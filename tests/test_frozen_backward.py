@@ -145,10 +145,9 @@ def test_unet_input_gradients_match_diffusers(tiny_sdxl, tiny_model, root, recom
     pooled text embedding (through the vector `y` and every ResBlock's time embedding), also with each block
     recomputed in the backward pass (`gm.modules.recompute`)."""
     from omegaconf import OmegaConf
-    from reference import sgm_vector
+    from reference import load_state_dict_into, sgm_vector
     from gm.util import instantiate_from_config
     from gm.weights.diffusers_unet import unet_diffusers_to_sgm
-    from gm.weights.state_dict import load_state_dict_into
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)

@@ -11,13 +11,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from reference import conditioner_batch, run_text_encoder, sdxl_conditioning, sgm_vector
+from reference import (
+    conditioner_batch, load_state_dict_into, run_text_encoder, sdxl_conditioning, sgm_vector,
+)
 from gm.modules.encoders.clip import TokenEmbedding
 from gm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder2, GeneralConditioner
 from gm.util import instantiate_from_config
 from gm.weights.diffusers_clip import clip_g_diffusers_to_sgm, clip_l_diffusers_to_sgm
 from gm.weights.lazy import LazyTensor
-from gm.weights.state_dict import load_state_dict_into
 
 ATOL = 1e-4
 PROMPTS = ["a photo of an astronaut riding a horse on mars", "a watercolor painting of a fox in the snow"]

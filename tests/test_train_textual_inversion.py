@@ -559,8 +559,8 @@ def test_resume_is_exact(resume_runs):
 
 
 @pytest.mark.parametrize("change, key", [
-    (["--placeholder_token", "<other>"], "placeholder_token"),
-    (["--num_vectors", "3"], "num_vectors"),
+    (["--placeholder_token", "<other>"], "words"),
+    (["--num_vectors", "3"], "words"),
     (["--config", "{other_config}"], "model"),
 ])
 def test_resume_refuses_another_run(resume_runs, tmp_path, change, key):

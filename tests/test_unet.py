@@ -7,10 +7,10 @@ from mindspore import Tensor
 from mindspore.nn.utils import no_init_parameters
 from omegaconf import OmegaConf
 
-from reference import FULL, build, run_unet, sgm_vector
+from reference import FULL, build, load_state_dict_into, model_shapes, run_unet, sgm_vector
 from gm.util import instantiate_from_config
 from gm.weights.diffusers_unet import unet_diffusers_to_sgm
-from gm.weights.state_dict import compare_shapes, load_state_dict_into, model_shapes
+from gm.weights.state_dict import compare_shapes
 
 UNET_PARAMS = 2_567_463_684  # model.diffusion_model.* in sd_xl_base_1.0.safetensors
 

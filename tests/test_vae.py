@@ -12,11 +12,10 @@ from omegaconf import OmegaConf
 import mindspore as ms
 from mindspore import Tensor
 
-from reference import FULL, build
+from reference import FULL, build, load_state_dict_into, model_shapes
 from gm.modules.diffusionmodules.model import AttnBlock, pad_right_bottom
 from gm.util import instantiate_from_config
 from gm.weights.diffusers_vae import vae_diffusers_to_sgm
-from gm.weights.state_dict import load_state_dict_into, model_shapes
 
 SDXL_VAE_PARAMS = 83_653_863
 

@@ -1,12 +1,8 @@
-"""Strict name and shape checks of weights against a MindSpore cell, and loading a flat {name: numpy array}
-state dict into one (tests and components).
+"""Strict name and shape checks of weights against a MindSpore model.
 
 `compare_shapes` is what every loader checks with (`gm.weights.loader.load_weights` included), so a missing,
 unexpected or mis-shaped key is reported the same way everywhere and nothing is dropped silently.
 """
-import numpy as np
-
-from mindspore import Tensor
 
 
 class WeightMismatchError(ValueError):
@@ -24,11 +20,6 @@ class WeightMismatchError(ValueError):
         super().__init__("\n".join(lines))
 
 
-def model_shapes(cell):
-    """{parameter name: shape} of a cell, names relative to it (the checkpoint's names)."""
-    return {name: tuple(p.shape) for name, p in cell.parameters_and_names()}
-
-
 def compare_shapes(expected, found, source):
     """Raise WeightMismatchError unless `found` ({name: shape}) has exactly the `expected` names and shapes."""
     missing = sorted(set(expected) - set(found))
@@ -38,12 +29,3 @@ def compare_shapes(expected, found, source):
     )
     if missing or unexpected or mismatched:
         raise WeightMismatchError(source, missing, unexpected, mismatched)
-
-
-def load_state_dict_into(cell, state, source="checkpoint"):
-    """Copy `state` ({name: np.ndarray}) into `cell`'s parameters; every name must match exactly."""
-    params = dict(cell.parameters_and_names())
-    compare_shapes({k: tuple(p.shape) for k, p in params.items()}, {k: v.shape for k, v in state.items()}, source)
-    for name, param in params.items():
-        param.set_data(Tensor(np.ascontiguousarray(state[name]), dtype=param.dtype))
-    return cell
