@@ -543,6 +543,8 @@ def test_outputs(resume_runs, harness):
 
     assert "images found      : 8" in out and "trainable params  : 192 ((2, 32) + (2, 64))" in out
     assert out.count("Graph compiled in") == 1 and "then" in out.split("graph compiled in")[-1]
+    summary = [line for line in out.splitlines() if line.startswith("  vectors clip_")]
+    assert len(summary) == 2 and all(line.count("cosine to its start") == 2 for line in summary), summary
 
 
 def test_resume_is_exact(resume_runs):
