@@ -17,11 +17,10 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from demo.sampling_without_streamlit import sampling_defaults  # noqa: E402
 from gm.device import DEVICE_TARGETS, PRECISIONS, resolve_device, set_device  # noqa: E402
 from gm.models.loading import load_config  # noqa: E402
 from gm.modules.diffusionmodules.sampler_names import SAMPLERS  # noqa: E402
-from gm.sampling import SDXLPipeline, SamplingError, build_engine, png_bytes  # noqa: E402
+from gm.sampling import SDXLPipeline, SamplingError, build_engine, png_bytes, sampling_defaults  # noqa: E402
 from gm.textual_inversion.embedding_io import DIFFUSERS_FILES, EmbeddingFormatError, load_embedding  # noqa: E402
 from gm.weights.loader import WeightFileError  # noqa: E402
 from gm.weights.state_dict import WeightMismatchError  # noqa: E402

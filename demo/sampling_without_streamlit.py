@@ -13,8 +13,6 @@ import re
 import sys
 import warnings
 
-from omegaconf import OmegaConf
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -92,16 +90,10 @@ def check_args(parser, args):
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
 
 
-def sampling_defaults(config):
-    """(weights, image side) that a config's `sampling:` section names: the tiny config names its shipped
-    pretrained file (relative to the project folder) and its 64 px size. Else no weights and 1024 px."""
-    weight = OmegaConf.select(config, "sampling.weight")
-    side = int(OmegaConf.select(config, "sampling.resolution", default=1024))
-    return (os.path.join(ROOT, weight) if weight else None), side
-
-
 def resolve_defaults(args, config):
     """--weight, --H and --W from the config where not given; --weight random means no weights."""
+    from gm.sampling import sampling_defaults
+
     weight, side = sampling_defaults(config)
     args.weight = None if args.weight == RANDOM_WEIGHTS else args.weight or weight
     args.H = args.H or side
@@ -127,11 +119,6 @@ def next_index(folder):
     return max(numbers, default=-1) + 1
 
 
-def slug(prompt):
-    """A file-name-safe short form of a prompt."""
-    return re.sub(r"[^A-Za-z0-9]+", "-", prompt).strip("-")[:48] or "prompt"
-
-
 def format_warning(message, category, filename, lineno, line=None):
     return f"warning: {message}\n"
 
@@ -147,7 +134,7 @@ def main(argv=None):
     from tqdm import tqdm
 
     from gm.models.loading import create_model, load_config
-    from gm.sampling import SDXLPipeline, SamplingError, load_image, make_grid, save_png
+    from gm.sampling import SDXLPipeline, SamplingError, load_image, make_grid, save_png, slug
     from gm.textual_inversion.embedding_io import EmbeddingFormatError, load_embedding
     from gm.weights.loader import WeightFileError
     from gm.weights.state_dict import WeightMismatchError

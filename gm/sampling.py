@@ -7,10 +7,13 @@ embeddings are zeros when it is empty (sgm's force_uc_zero_embeddings=["txt"], d
 force_zeros_for_empty_prompt); size conditioning says original = target = (H, W), crop (0, 0).
 """
 import io
+import os
+import re
 import warnings
 
 import numpy as np
 from mindspore import Tensor, nn
+from omegaconf import OmegaConf
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
@@ -26,6 +29,7 @@ from gm.textual_inversion.placeholder import (add_placeholder_tokens, expand_pla
 from gm.util import atomic_write, instantiate_from_config, release_free_memory
 
 DISCRETIZATION = {"target": "gm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"}
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a config's sampling.weight is under it
 
 
 class SamplingError(ValueError):
@@ -40,6 +44,14 @@ def build_engine(config_path, weight=None, precision="fp32"):
     """The DiffusionEngine of a config file with its weights, in inference mode (`create_model` refuses a
     config that needs weights before building anything)."""
     return create_model(load_config(config_path), weight, precision=precision)
+
+
+def sampling_defaults(config):
+    """(weights, image side) that a config's `sampling:` section names: the tiny config names its shipped
+    pretrained file (relative to the project folder) and its 64 px size. Else no weights and 1024 px."""
+    weight = OmegaConf.select(config, "sampling.weight")
+    side = int(OmegaConf.select(config, "sampling.resolution", default=1024))
+    return (os.path.join(PROJECT_ROOT, weight) if weight else None), side
 
 
 def latent_factor(engine):
@@ -97,6 +109,11 @@ def save_png(path, image, metadata=None):
             f.write(data)
 
     return atomic_write(path, write, ".png")
+
+
+def slug(prompt):
+    """A file-name-safe short form of a prompt."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", prompt).strip("-")[:48] or "prompt"
 
 
 def make_grid(images, num_rows, num_cols):
