@@ -52,7 +52,9 @@ from gm.textual_inversion.placeholder import (
     PlaceholderError, add_trainable_placeholder, expand_placeholders, nearest_words, placeholder_tokens,
     vocabulary_norms,
 )
-from gm.textual_inversion.train_step import TextualInversionLoss, TextualInversionTrainStep, loss_inputs
+from gm.textual_inversion.train_step import (
+    BlockwiseTrainStep, TextualInversionLoss, TextualInversionTrainStep, loss_inputs,
+)
 from gm.weights.loader import WeightFileError, layout_fingerprint, weight_format
 from gm.weights.state_dict import WeightMismatchError
 
@@ -120,6 +122,10 @@ def build_parser():
     g.add_argument("--recompute", type=str2bool, default=False,
                    help="recompute the UNet's blocks (and, on Ascend, the text encoders' layers) in the backward "
                         "pass instead of keeping their activations: less memory, more time (benchmarks/README.md)")
+    g.add_argument("--blockwise_unet", type=str2bool, default=False,
+                   help="run the UNet layer by layer from the host, each distinct layer compiled once and each "
+                        "layer recomputed in the backward pass: what makes the full-size SDXL's step fit in 24 GB "
+                        "on the CPU (slower per step; README 'Running the real SDXL')")
 
     g = p.add_argument_group("the new word")
     g.add_argument("--placeholder_token", default=None, help='the new word, e.g. "<cat-toy>" (with --data_path)')
@@ -417,7 +423,7 @@ class Training:
         self.optimizer, self.train_step = build_train_step(TextualInversionLoss(self.model), self.learned_rows, args,
                                                            world_size, row_norms)
         # what a training state holds besides the host side (step, data order)
-        self.state_params = self.learned_rows + self.train_step.state_parameters()
+        self.state_params = self.learned_rows + self.train_step.update.state_parameters()
         self.identity, self.schedule = run_identity(args, config, world_size), schedule_flags(args)
         self.embedding_facts = embedding_facts(args, self.base_lr)
         self.args, self.rank, self.world_size = args, rank, world_size
@@ -583,10 +589,10 @@ def build_train_step(loss_net, learned_rows, args, world_size=1, row_norms=None)
             lr_scales.append(rates[name] / args.learning_rate)
             norms.append(row_norm)
     optimizer = AdamW(params, weight_decay=args.adam_weight_decay, lr_scales=lr_scales)
-    train_step = TextualInversionTrainStep(loss_net, params, optimizer, args.gradient_accumulation_steps,
-                                           args.max_grad_norm, dynamic_loss_scale=args.precision == "fp16",
-                                           world_size=world_size,
-                                           row_norms=norms if args.embedding_norm == "preserve" else None)
+    step_class = BlockwiseTrainStep if args.blockwise_unet else TextualInversionTrainStep
+    train_step = step_class(loss_net, params, optimizer, accumulation_steps=args.gradient_accumulation_steps,
+                            max_grad_norm=args.max_grad_norm, dynamic_loss_scale=args.precision == "fp16",
+                            world_size=world_size, row_norms=norms if args.embedding_norm == "preserve" else None)
     return optimizer, train_step
 
 
@@ -789,8 +795,8 @@ def print_summary(args, run):
         f"  tokens added      : {len(tokens)} to each text encoder ({', '.join(tokens[:4])}"
         f"{' ...' if len(tokens) > 4 else ''})"
         f"{f', initialised from {args.initializer_token!r}' if args.initializer_token else ', random initial vectors'}",
-        f"  trainable params  : {sum(p.size for p in run.train_step.params):,} "
-        f"({' + '.join(str(tuple(p.shape)) for p in run.train_step.params)}); every model weight frozen",
+        f"  trainable params  : {sum(p.size for p in run.train_step.update.params):,} "
+        f"({' + '.join(str(tuple(p.shape)) for p in run.train_step.update.params)}); every model weight frozen",
         f"  effective batch   : {run.effective_batch} = {args.train_batch_size} per device x "
         f"{args.gradient_accumulation_steps} accumulation x {run.world_size} device(s)",
         f"  steps             : {run.start_step} -> {args.total_step} at {args.resolution}px, lr {run.base_lr:g} "
@@ -805,7 +811,7 @@ def print_summary(args, run):
 
 
 def print_outputs(args, run, step, timing):
-    skipped = int(run.train_step.skipped_steps.asnumpy())
+    skipped = int(run.train_step.update.skipped_steps.asnumpy())
     print(f"\nDone: step {step}{f', {skipped} steps skipped (non-finite gradients)' if skipped else ''}.")
     if timing["compile"] is not None:
         speed = f", then {np.mean(timing['steps']):.2f} s/step" if timing["steps"] else ""

@@ -45,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: 64 tiny, else 512)")
     p.add_argument("--recompute", action="store_true",
                    help="ours: recompute UNet and text-encoder blocks; reference: gradient checkpointing (UNet, text encoders)")
+    p.add_argument("--blockwise_unet", action="store_true",
+                   help="ours: the UNet layer by layer from the host (the trainer's --blockwise_unet True)")
     p.add_argument("--steps", type=int, default=None, help="timed steps after the warm-up (default: 5; full: 1)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps after compilation (default: 1; full: 0)")
     p.add_argument("--batch", type=int, default=1, help="images per step (default: 1, the scripts' default)")
@@ -94,7 +96,9 @@ def build_ours(args):
     from gm.models.loading import create_model, load_config
     from gm.textual_inversion.optim import AdamW
     from gm.textual_inversion.placeholder import add_trainable_placeholder, expand_placeholders
-    from gm.textual_inversion.train_step import TextualInversionLoss, TextualInversionTrainStep, loss_inputs
+    from gm.textual_inversion.train_step import (
+        BlockwiseTrainStep, TextualInversionLoss, TextualInversionTrainStep, loss_inputs,
+    )
 
     model = create_model(load_config(config_path(args.config, training=True)), args.weights,
                          precision=resolve_device()[1], recompute=args.recompute)
@@ -111,7 +115,8 @@ def build_ours(args):
     log(f"ours: latents cached in {facts['latent_cache_seconds']:.1f} s")
 
     optimizer = AdamW(learned, weight_decay=WEIGHT_DECAY)
-    train_step = TextualInversionTrainStep(TextualInversionLoss(model), learned, optimizer, max_grad_norm=1.0)
+    step_class = BlockwiseTrainStep if args.blockwise_unet else TextualInversionTrainStep
+    train_step = step_class(TextualInversionLoss(model), learned, optimizer, max_grad_norm=1.0)
     batch = dict(size_conditioning(args), txt=[expand_placeholders(PROMPT.format(PLACEHOLDER),
                                                                     {PLACEHOLDER: args.num_vectors})] * args.batch)
     cond = model.conditioner.tokenize(batch)
@@ -139,7 +144,10 @@ def run_ours(args):
             raise FloatingPointError(f"non-finite loss {loss}")
 
     start = time.perf_counter()
-    train_step.compile(lr, apply, *inputs())
+    if args.blockwise_unet:  # its graphs compile at their first calls: the compile time includes one step
+        step()
+    else:
+        train_step.compile(lr, apply, *inputs())
     compile_seconds = time.perf_counter() - start
     log(f"ours: step compiled in {compile_seconds:.1f} s")
     start = time.perf_counter()
@@ -210,7 +218,7 @@ def run_ours_parts(args):
     class OptimizerStep(nn.Cell):
         def __init__(self):
             super().__init__()
-            self.optimizer = train_step.optimizer
+            self.optimizer = train_step.update.optimizer
 
         def construct(self, lr, *grads):
             return self.optimizer(grads, lr)
@@ -440,7 +448,8 @@ def report(args, ours, ref, flops):
         ("model FLOP utilisation", f"{100 * mfu(ours):.1f}%", f"{100 * mfu(ref):.1f}%"),
     ]
     print(f"\nTextual-inversion step, config {args.config}, {args.resolution} px, batch {args.batch}, fp32, "
-          f"{args.threads} threads, recompute {'on' if args.recompute else 'off'}; median of {args.steps} steps "
+          f"{args.threads} threads, recompute {'on' if args.recompute else 'off'}"
+          f"{', UNet layer by layer' if args.blockwise_unet else ''}; median of {args.steps} steps "
           f"after {args.warmup} warm-up")
     print(f"model FLOPs per step (UNet + text encoders, forward + backward): {model_flops / 1e9:.1f} GFLOP "
           f"(UNet fwd {flops['unet_fwd'] / 1e9:.1f}, bwd {flops['unet_bwd'] / 1e9:.1f}; text fwd "
@@ -463,7 +472,8 @@ def side_argv(args):
     argv = ["--config", args.config, "--resolution", str(args.resolution), "--steps", str(args.steps),
             "--warmup", str(args.warmup), "--batch", str(args.batch), "--num_vectors", str(args.num_vectors),
             "--threads", str(args.threads), "--seed", str(args.seed), "--weights", args.weights]
-    return argv + ["--recompute"] * args.recompute + ["--no-breakdown"] * (not args.breakdown)
+    return (argv + ["--recompute"] * args.recompute + ["--blockwise_unet"] * args.blockwise_unet
+            + ["--no-breakdown"] * (not args.breakdown))
 
 
 def main(argv=None):

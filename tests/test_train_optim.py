@@ -112,7 +112,7 @@ def test_dynamic_loss_scale_skips_non_finite_steps():
     # one good step (two micro-batches): applied, the scale stays
     step(lr, Tensor(False), *grads())
     step(lr, Tensor(True), *grads())
-    assert int(optimizer.step.asnumpy()) == 1 and float(step.loss_scale.asnumpy()) == 2.0 ** 16
+    assert int(optimizer.step.asnumpy()) == 1 and float(step.update.loss_scale.asnumpy()) == 2.0 ** 16
     before = state()
 
     # a step whose second micro-batch overflows: skipped, counted, scale halved, nothing else touched
@@ -123,9 +123,9 @@ def test_dynamic_loss_scale_skips_non_finite_steps():
     after = state()
     for b, a in zip(before, after):
         np.testing.assert_array_equal(a, b)  # rows, moments and Adam's step count: bit-identical
-    assert int(step.skipped_steps.asnumpy()) == 1
-    assert float(step.loss_scale.asnumpy()) == 2.0 ** 15
-    assert all(not a.asnumpy().any() for a in step.accum)  # the overflow does not leak into the next step
+    assert int(step.update.skipped_steps.asnumpy()) == 1
+    assert float(step.update.loss_scale.asnumpy()) == 2.0 ** 15
+    assert all(not a.asnumpy().any() for a in step.update.accum)  # the overflow does not leak into the next step
 
     # the next two good steps apply normally; after scale_window (2) good steps the scale doubles again
     g = [grads(), grads()]
@@ -135,10 +135,10 @@ def test_dynamic_loss_scale_skips_non_finite_steps():
                   zip(before[2:4], g[0], g[1])]
     for m, expected in zip(optimizer.exp_avg, expected_m):
         np.testing.assert_allclose(m.asnumpy(), expected, rtol=1e-5, atol=1e-12)  # unscaled, averaged
-    assert int(optimizer.step.asnumpy()) == 2 and float(step.loss_scale.asnumpy()) == 2.0 ** 15
+    assert int(optimizer.step.asnumpy()) == 2 and float(step.update.loss_scale.asnumpy()) == 2.0 ** 15
     step(lr, Tensor(False), *grads())
     step(lr, Tensor(True), *grads())
-    assert float(step.loss_scale.asnumpy()) == 2.0 ** 16 and int(step.skipped_steps.asnumpy()) == 1
+    assert float(step.update.loss_scale.asnumpy()) == 2.0 ** 16 and int(step.update.skipped_steps.asnumpy()) == 1
 
 
 def trainer_args(save_path, *flags):
@@ -170,7 +170,7 @@ def test_a_frozen_encoders_rows_stay_bit_identical(tmp_path, train_encoders, tra
         else:
             assert np.array_equal(param.asnumpy(), start)
     assert [p.name for p in optimizer.params] == [p.name for p, moves in zip(rows, trained) if moves]
-    assert len(step.accum) == sum(trained)
+    assert len(step.update.accum) == sum(trained)
 
 
 def test_per_encoder_learning_rates_scale_each_encoders_update(tmp_path):

@@ -37,7 +37,7 @@ from gm.textual_inversion.checkpointing import (
 )
 from gm.textual_inversion.embedding_io import load_embedding
 from gm.textual_inversion.optim import learning_rate
-from gm.textual_inversion.train_step import TextualInversionLoss
+from gm.textual_inversion.train_step import BlockwiseTrainStep, TextualInversionLoss
 from tools.make_synthetic_dataset import COLORS
 from train_textual_inversion import (
     Training, check_args, draw_micro_batch, parse_args, resolve_defaults, rows_digest, schedule_changed,
@@ -293,7 +293,7 @@ class Harness:
 
     def __init__(self, training):
         self.training = training
-        self.buffers = list(training.state_params) + list(training.train_step.accum)
+        self.buffers = list(training.state_params) + list(training.train_step.update.accum)
         self.initial = [p.asnumpy().copy() for p in self.buffers]
 
     def reset(self):
@@ -370,8 +370,8 @@ def test_only_the_two_new_rows_train(harness):
     assert [tuple(p.shape) for p in learned] == ROW_SHAPES
     assert [p.name for p in model.trainable_params()] == [p.name for p in learned]
     assert [p.name for p in step.trainable_params()] == [p.name for p in learned]
-    assert list(training.optimizer.params) == learned and list(step.params) == learned
-    state = training.optimizer.state_parameters() + list(step.accum)
+    assert list(training.optimizer.params) == learned and list(step.update.params) == learned
+    state = training.optimizer.state_parameters() + list(step.update.accum)
     assert sorted(tuple(p.shape) for p in state) == sorted(ROW_SHAPES * 3 + [()])  # m, v, accum, Adam's step
     tables = [e.token_embedding.weight for e in model.conditioner.text_embedders()]
     assert [tuple(t.shape) for t in tables] == [(49408, 32), (49408, 64)] and not any(t.requires_grad for t in tables)
@@ -380,8 +380,8 @@ def test_only_the_two_new_rows_train(harness):
 
     # the gradient of one micro-batch (no update yet): rows-shaped and non-zero, in the accumulators
     training.train_step(Tensor(LR, ms.float32), Tensor(False), *micro_batch(training))
-    assert [tuple(a.shape) for a in step.accum] == ROW_SHAPES
-    assert all((np.abs(a.asnumpy()).max(1) > 0).all() for a in step.accum)
+    assert [tuple(a.shape) for a in step.update.accum] == ROW_SHAPES
+    assert all((np.abs(a.asnumpy()).max(1) > 0).all() for a in step.update.accum)
     harness.reset()
 
     for i in range(3):
@@ -392,6 +392,40 @@ def test_only_the_two_new_rows_train(harness):
     assert len(frozen) == len(list(model.parameters_and_names())) - 2
     for rows, start in zip(training.rows(), harness.initial_rows()):
         assert (np.abs(rows - start).max(1) > 0).all()  # every vector of both encoders moved
+
+
+def test_blockwise_step_equals_the_one_graph_step(harness):
+    """--blockwise_unet (the UNet layer by layer from the host, layers of one shape sharing a graph, each recomputed
+    for its input gradients) gives the one-graph step's loss and gradients, and then its optimizer state."""
+    training = harness.training
+    step = training.train_step
+    blockwise = BlockwiseTrainStep(TextualInversionLoss(training.model), training.learned_rows, training.optimizer,
+                                   accumulation_steps=2)
+    unet = blockwise.unet
+    assert len(unet.graphs) < len(unet.program)  # some layers run through another layer's graph, weights swapped
+    inputs = [micro_batch(training, seed_key=(500, m)) for m in range(2)]
+    lr = Tensor(LR, ms.float32)
+
+    def two_micro_batches(train_step):
+        harness.reset()
+        losses = [float(train_step(lr, Tensor(m == 1), *inputs[m]).asnumpy()) for m in range(2)]
+        return losses, harness.state()
+
+    losses, state = two_micro_batches(step)
+    blockwise_losses, blockwise_state = two_micro_batches(blockwise)
+    np.testing.assert_allclose(blockwise_losses, losses, rtol=1e-5)
+    # AdamW's moments after the update (not the rows: its first step moves an element by about lr sign(g), and
+    # a gradient element within rounding of zero may take either sign)
+    for ours, theirs in zip(blockwise_state[1:], state[1:]):
+        assert max(relative_difference(a, b) for a, b in zip(ours, theirs)) < 1e-3
+    # one micro-batch's gradients, as accumulated
+    harness.reset()
+    step(lr, Tensor(False), *inputs[0])
+    accum = [a.asnumpy().copy() for a in step.update.accum]  # asnumpy shares the buffer reset overwrites
+    harness.reset()
+    blockwise(lr, Tensor(False), *inputs[0])
+    assert max(relative_difference(a.asnumpy(), b) for a, b in zip(blockwise.update.accum, accum)) < 1e-4
+    harness.reset()
 
 
 def test_initializer_word_starts_every_vector(harness):
@@ -458,9 +492,9 @@ def test_fp16_keeps_learned_rows_and_optimizer_state_fp32(tmp_path):
     training = Training(args, config)
     assert training.model.model.diffusion_model.dtype == ms.float16
     assert [p.dtype for p in training.learned_rows] == [ms.float32, ms.float32]
-    assert all(p.dtype == ms.float32 for p in training.train_step.state_parameters()[:5])  # m, v, Adam step
-    assert all(p.dtype == ms.float32 for p in training.train_step.accum)
-    assert float(training.train_step.loss_scale.asnumpy()) == 2.0 ** 16 and training.train_step.dynamic_loss_scale
+    assert all(p.dtype == ms.float32 for p in training.train_step.update.state_parameters()[:5])  # m, v, Adam step
+    assert all(p.dtype == ms.float32 for p in training.train_step.update.accum)
+    assert float(training.train_step.update.loss_scale.asnumpy()) == 2.0 ** 16 and training.train_step.update.dynamic_loss_scale
 
 
 def test_numbered_embeddings_are_pruned(tmp_path):

@@ -100,9 +100,16 @@ class SpatialTransformer(nn.Cell):
         self.block_runs = tuple(recomputed(b) if recompute else b for b in self.transformer_blocks)
 
     def construct(self, x, context=None):
-        b, c, h, w = x.shape
-        x_in = x
-        x = self.proj_in.from_columns(self.norm(x).reshape(b, c, h * w))  # [B, C, HW] -> tokens [B, HW, inner]
+        tokens = self.tokens_in(x)
         for block in self.block_runs:
-            x = block(x, context)
-        return self.proj_out.to_columns(x).reshape(b, c, h, w) + x_in
+            tokens = block(tokens, context)
+        return self.features_out(tokens, x)
+
+    def tokens_in(self, x):
+        """Feature map [B, C, H, W] -> tokens [B, HW, inner]."""
+        b, c, h, w = x.shape
+        return self.proj_in.from_columns(self.norm(x).reshape(b, c, h * w))
+
+    def features_out(self, tokens, x_in):
+        """Tokens back to the feature map's shape, plus the feature map that came in."""
+        return self.proj_out.to_columns(tokens).reshape(x_in.shape) + x_in

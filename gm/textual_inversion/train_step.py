@@ -1,17 +1,20 @@
-"""One textual-inversion training step, compiled as a MindSpore graph.
+"""One textual-inversion training step: the loss, its gradients with respect to the learned rows only, and the
+update.
 
 `TextualInversionLoss` is the loss as a function of the learned rows: cached VAE latents are sampled from
 their posterior, noised at a random level, and denoised by the frozen UNet under the conditioning of a prompt
-that holds the placeholder, through both frozen text encoders. `TextualInversionTrainStep` differentiates it
-with respect to the learned rows only, accumulates micro-batches, then unscales (fp16 loss scale), averages
-across data-parallel ranks, skips the update if a gradient is not finite, clips and applies AdamW, all inside
-the graph. `loss_inputs` draws a micro-batch's noise on the host, for the trainer, the benchmark and the
-pretraining tool alike.
+that holds the placeholder, through both frozen text encoders. `GradientUpdate` accumulates micro-batches, then
+unscales (fp16 loss scale), averages across data-parallel ranks, skips the update if a gradient is not finite,
+clips and applies AdamW. `TextualInversionTrainStep` is both in one graph (the default, and Ascend's);
+`BlockwiseTrainStep` the same numbers with the UNet run layer by layer from the host (`--blockwise_unet`: the
+full-size model on the CPU). `loss_inputs` draws a micro-batch's noise on the host, for the trainer, the benchmark
+and the pretraining tool alike.
 """
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from gm.models.autoencoder import posterior_sample
+from gm.modules.diffusionmodules.blockwise import BlockwiseUNet
 
 
 def loss_inputs(engine, moments, cond_inputs, rng, latent_rng=None):
@@ -59,17 +62,18 @@ class ScaledLoss(nn.Cell):
         return self.loss_net(*inputs) * self.loss_scale
 
 
-class TextualInversionTrainStep(nn.Cell):
-    """Call once per micro-batch with `apply_update` True on the last of `accumulation_steps`.
+class GradientUpdate(nn.Cell):
+    """What follows the gradients of one micro-batch: accumulate them, and on the last of `accumulation_steps`
+    (`apply_update` True) unscale them (fp16 loss scale), average them across data-parallel ranks, skip the update
+    if one is not finite, clip them and apply the optimizer.
 
     Gradients of micro-batches are averaged, so k micro-batches of size b give the update of one batch of k*b.
     With `dynamic_loss_scale` (fp16), a step whose gradients are not finite is skipped (counted in
     `skipped_steps`) and the scale halved; after `scale_window` good steps it doubles.
     """
 
-    def __init__(self, loss_net, params, optimizer, accumulation_steps=1, max_grad_norm=0.0,
-                 dynamic_loss_scale=False, init_loss_scale=2.0 ** 16, scale_window=2000, world_size=1,
-                 row_norms=None):
+    def __init__(self, params, optimizer, accumulation_steps=1, max_grad_norm=0.0, dynamic_loss_scale=False,
+                 init_loss_scale=2.0 ** 16, scale_window=2000, world_size=1, row_norms=None):
         # no name prefixes: the rows keep their model names, the state its own (accum.<row>, exp_avg.<row> ...)
         super().__init__(auto_prefix=False)
         self.params = ParameterTuple(params)
@@ -81,7 +85,6 @@ class TextualInversionTrainStep(nn.Cell):
         self.accum = self.params.clone(prefix="accum", init="zeros")
         for buffer in self.accum:
             buffer.requires_grad = False  # state, not trainable (clone copies the flag)
-        self.grad_fn = ms.value_and_grad(ScaledLoss(loss_net, self.loss_scale), None, self.params)
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = max_grad_norm
         self.dynamic_loss_scale = dynamic_loss_scale
@@ -91,8 +94,8 @@ class TextualInversionTrainStep(nn.Cell):
         # --embedding_norm preserve: each row's norm after every update, [n, 1] per parameter
         self.row_norms = None if row_norms is None else [Tensor(n, ms.float32).reshape(-1, 1) for n in row_norms]
 
-    def construct(self, lr, apply_update, *inputs):
-        scaled_loss, grads = self.grad_fn(*inputs)
+    def construct(self, lr, apply_update, scaled_loss, grads):
+        """The micro-batch's loss (unscaled) after taking in its gradients `grads` of `scaled_loss`."""
         for i in range(len(self.accum)):
             ops.assign_add(self.accum[i], grads[i] / self.accumulation_steps)
         if apply_update:
@@ -147,3 +150,96 @@ class TextualInversionTrainStep(nn.Cell):
     def state_parameters(self):
         """Everything besides the learned rows that must be saved to resume exactly."""
         return self.optimizer.state_parameters() + [self.loss_scale, self.good_steps, self.skipped_steps]
+
+
+class TextualInversionTrainStep(nn.Cell):
+    """One micro-batch, compiled as one graph: the gradients of `loss_net(*inputs)` with respect to `params` (the
+    learned rows), then the `GradientUpdate` (its keyword options are that cell's). Call with `apply_update` True on
+    the last micro-batch of a step."""
+
+    def __init__(self, loss_net, params, optimizer, **update_options):
+        super().__init__(auto_prefix=False)
+        self.update = GradientUpdate(params, optimizer, **update_options)
+        self.grad_fn = ms.value_and_grad(ScaledLoss(loss_net, self.update.loss_scale), None, self.update.params)
+
+    def construct(self, lr, apply_update, *inputs):
+        scaled_loss, grads = self.grad_fn(*inputs)
+        return self.update(lr, apply_update, scaled_loss, grads)
+
+
+class BlockwiseTrainStep:
+    """The same step with the UNet run layer by layer from the host (`BlockwiseUNet`), for the full-size model on
+    the CPU, where the one graph of `TextualInversionTrainStep` does not fit in memory.
+
+    Four small graphs around the UNet: the text conditioning, the noised latents the UNet takes, the loss (and its
+    gradient) from the UNet's output, and the conditioning's backward pass to the learned rows; between them the
+    UNet's forward and backward, stage by stage. The same numbers as the one graph (tested on the tiny model)."""
+
+    def __init__(self, loss_net, params, optimizer, **update_options):
+        self.update = GradientUpdate(params, optimizer, **update_options)
+        self.conditioning = loss_net.conditioner
+        self.conditioning_backward = ConditioningBackward(loss_net.conditioner, self.update.params)
+        self.unet_inputs = UNetInputs(loss_net)
+        self.loss_and_grad = LossAndOutputGradient(ScaledLoss(LossFromUNetOutput(loss_net), self.update.loss_scale))
+        self.unet = BlockwiseUNet(loss_net.model.diffusion_model)
+
+    def __call__(self, lr, apply_update, moments, latent_noise, noise, sigma_rand, *cond_inputs):
+        context, vector = self.conditioning(*cond_inputs)
+        unet_x, timesteps, latents, noised, c_skip, c_out, w = self.unet_inputs(moments, latent_noise, noise,
+                                                                               sigma_rand)
+        output, tape = self.unet.forward(unet_x, timesteps, context, vector, keep=True)
+        scaled_loss, d_output = self.loss_and_grad(output, latents, noised, c_skip, c_out, w)
+        d_context, d_vector = self.unet.backward(tape, d_output)
+        grads = self.conditioning_backward(d_context, d_vector, *cond_inputs)
+        return self.update(lr, apply_update, scaled_loss, grads)
+
+
+class UNetInputs(nn.Cell):
+    """`TextualInversionLoss` up to the UNet: (its input, its timesteps) and what the loss needs after it."""
+
+    def __init__(self, loss_net):
+        super().__init__(auto_prefix=False)
+        self.loss_net = loss_net
+
+    def construct(self, moments, latent_noise, noise, sigma_rand):
+        net = self.loss_net
+        latents = posterior_sample(moments, latent_noise) * net.scale_factor
+        noised, sigmas = net.loss_fn.noised(latents, noise, sigma_rand)
+        unet_x, timesteps, c_skip, c_out = net.denoiser.network_inputs(noised, sigmas)
+        return unet_x, timesteps, latents, noised, c_skip, c_out, net.loss_fn.weights(sigmas, latents.ndim)
+
+
+class LossFromUNetOutput(nn.Cell):
+    """`TextualInversionLoss` after the UNet: the mean loss given the UNet's output."""
+
+    def __init__(self, loss_net):
+        super().__init__(auto_prefix=False)
+        self.loss_net = loss_net
+
+    def construct(self, output, latents, noised, c_skip, c_out, w):
+        denoised = self.loss_net.denoiser.combine(output, noised, c_skip, c_out)
+        return self.loss_net.loss_fn.get_loss(denoised, latents, w).mean()
+
+
+class LossAndOutputGradient(nn.Cell):
+    """(the loss, its gradient with respect to the UNet's output) of `loss_net(output, *rest)`."""
+
+    def __init__(self, loss_net):
+        super().__init__(auto_prefix=False)
+        self.value_and_grad = ms.value_and_grad(loss_net, grad_position=0)
+
+    def construct(self, output, *rest):
+        return self.value_and_grad(output, *rest)
+
+
+class ConditioningBackward(nn.Cell):
+    """The gradients of `params` (the learned rows) given those of the conditioner's outputs (context, vector)."""
+
+    def __init__(self, conditioner, params):
+        super().__init__(auto_prefix=False)
+        self.conditioner = conditioner
+        self.params = params
+        self.grads = ops.GradOperation(get_by_list=True, sens_param=True)
+
+    def construct(self, d_context, d_vector, *cond_inputs):
+        return self.grads(self.conditioner, self.params)(*cond_inputs, (d_context, d_vector))

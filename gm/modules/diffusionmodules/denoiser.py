@@ -19,11 +19,19 @@ class Denoiser(nn.Cell):
 
     def construct(self, network, x, sigma, context, y):
         """x [B, ...], sigma [B]; `network(x, timesteps, context, y)` is the UNet."""
+        network_x, c_noise, c_skip, c_out = self.network_inputs(x, sigma)
+        return self.combine(network(network_x, c_noise, context, y), x, c_skip, c_out)
+
+    def network_inputs(self, x, sigma):
+        """(the network's input c_in x, its timesteps c_noise, and c_skip, c_out for `combine`)."""
         sigma = self.possibly_quantize_sigma(sigma)
         c_skip, c_out, c_in, c_noise = self.scaling(append_dims(sigma, x.ndim))
-        c_noise = self.possibly_quantize_c_noise(c_noise.reshape(sigma.shape))
+        return x * c_in, self.possibly_quantize_c_noise(c_noise.reshape(sigma.shape)), c_skip, c_out
+
+    def combine(self, network_output, x, c_skip, c_out):
+        """D(x, sigma) from the network's output."""
         # the network may compute in fp16/bf16; the skip connection stays in x's precision
-        return network(x * c_in, c_noise, context, y).astype(x.dtype) * c_out + x * c_skip
+        return network_output.astype(x.dtype) * c_out + x * c_skip
 
 
 class DiscreteDenoiser(Denoiser):

@@ -32,11 +32,18 @@ class StandardDiffusionLoss(nn.Cell):
         return Tensor(noise, ms.float32), self.sigma_sampler.draw(shape[0], rng)
 
     def construct(self, network, denoiser, x, context, y, noise, rand):
-        sigmas = self.sigma_sampler(rand)
-        noised_input = x + noise * append_dims(sigmas, x.ndim)
+        noised_input, sigmas = self.noised(x, noise, rand)
         model_output = denoiser(network, noised_input, sigmas, context, y)
-        w = append_dims(self.loss_weighting(sigmas), x.ndim)
-        return self.get_loss(model_output, x, w)
+        return self.get_loss(model_output, x, self.weights(sigmas, x.ndim))
+
+    def noised(self, x, noise, rand):
+        """(x + sigma n, sigma) at the noise levels the sigma sampler draws from `rand`."""
+        sigmas = self.sigma_sampler(rand)
+        return x + noise * append_dims(sigmas, x.ndim), sigmas
+
+    def weights(self, sigmas, ndim):
+        """lambda(sigma), shaped to broadcast over a batch of `ndim` dimensions."""
+        return append_dims(self.loss_weighting(sigmas), ndim)
 
     def get_loss(self, model_output, target, w):
         if self.loss_type == "l2":

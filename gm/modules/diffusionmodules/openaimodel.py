@@ -205,12 +205,7 @@ class UNetModel(nn.Cell):
 
     def construct(self, x, timesteps, context=None, y=None):
         out_dtype = x.dtype
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).astype(self.dtype))
-        if self.num_classes is not None:
-            emb = emb + self.label_emb(y.astype(self.dtype))
-        if context is not None:
-            context = context.astype(self.dtype)
-        h = x.astype(self.dtype)
+        h, emb, context = self.prepare(x, timesteps, context, y)
         hs = []
         for module in self.input_blocks:
             h = module(h, emb, context)
@@ -219,3 +214,12 @@ class UNetModel(nn.Cell):
         for i, module in enumerate(self.output_blocks):
             h = module(ops.cat([h, hs[-1 - i]], axis=1), emb, context)  # skips, last in first out
         return self.out(h).astype(out_dtype)
+
+    def prepare(self, x, timesteps, context=None, y=None):
+        """(x, the time (+ label) embedding, context), all in the compute dtype."""
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).astype(self.dtype))
+        if self.num_classes is not None:
+            emb = emb + self.label_emb(y.astype(self.dtype))
+        if context is not None:
+            context = context.astype(self.dtype)
+        return x.astype(self.dtype), emb, context
