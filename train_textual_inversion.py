@@ -795,8 +795,9 @@ def validate(run, step, timing):
     timing["validation"].append(time.time() - started)
     if run.rank == 0:
         validation = run.validation
-        tqdm.write(f"step {step}: validation loss {loss:.5f} (best {validation.best_loss:.5f} at step "
-                   f"{validation.best_step})")
+        best = (f"best {validation.best_loss:.5f} at step {validation.best_step}" if validation.best_step is not None
+                else "none finite yet")
+        tqdm.write(f"step {step}: validation loss {loss:.5f} ({best})")
     return loss
 
 

@@ -117,7 +117,7 @@ class Validation:
 
     def improved(self, step, loss, learned_rows):
         """Whether `loss` at `step` is the lowest so far; if so it becomes the best, with a copy of the rows."""
-        if self.best_loss is not None and loss >= self.best_loss:
+        if not np.isfinite(loss) or (self.best_loss is not None and loss >= self.best_loss):
             return False
         self.best_step, self.best_loss = step, loss
         for best, rows in zip(self.best_rows, learned_rows):
