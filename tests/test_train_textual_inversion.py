@@ -427,8 +427,7 @@ def test_training_learns_the_toy(harness):
     """On the shipped pretrained tiny SDXL (it has seen shapes, never the toy), the trainer's step on fresh draws
     lowers the trainer's validation loss (64 fixed held-out draws of image, flip, prompt, noise and timestep)
     against the initial embedding, and the samples of "a photo of <toy>" turn red, the colour of the toy's star
-    (they start as blue and green blobs). Measured here: validation loss MEASURED; red 1.7% -> 4.4% of the pixels,
-    blue 10.5% -> 0.2%."""
+    (they start as blue and green blobs). Measured here: red 1.7% -> 4.4% of the pixels, blue 10.5% -> 0.2%."""
     training = harness.training
     assert len(training.validation.draws) == 64
     pipeline = SDXLPipeline(training.model, placeholders={"<toy>": 2})
