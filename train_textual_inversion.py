@@ -53,6 +53,7 @@ from gm.textual_inversion.placeholder import (
     vocabulary_norms,
 )
 from gm.textual_inversion.train_step import TextualInversionLoss, TextualInversionTrainStep, loss_inputs
+from gm.textual_inversion.validation import Validation
 from gm.weights.loader import WeightFileError, layout_fingerprint, weight_format
 from gm.weights.state_dict import WeightMismatchError
 
@@ -174,7 +175,16 @@ def build_parser():
     g.add_argument("--save_interval", type=int, default=None,
                    help="save the embeddings and the training state every N steps (default: the config's "
                         "training.save_interval, else 500)")
-    g.add_argument("--max_num_ckpt", type=int, default=None, help="keep at most N step-numbered embedding pairs (default: all)")
+    g.add_argument("--max_num_ckpt", type=int, default=None,
+                   help="keep at most N step-numbered embedding pairs (default: all; the best pair is always kept)")
+    g.add_argument("--validation_interval", type=int, default=None,
+                   help="evaluate the validation loss (the loss on fixed held-out draws of image, flip, prompt, noise "
+                        "and timestep) at step 0, every N steps and at the end, and keep the embedding with the lowest "
+                        "as <name>_best; 0 turns it off and saves its compiled graph's memory (default: the config's "
+                        "training.validation_interval, else --save_interval)")
+    g.add_argument("--validation_draws", type=int, default=64,
+                   help="draws of the validation loss, rounded up to a multiple of the number of images "
+                        "(default: %(default)s)")
     g.add_argument("--resume", default=None,
                    help='continue a run: "latest" (the newest state in --save_path), a run folder, or one of its '
                         'train_state/step_<n> folders; the placeholder, vectors and model must match')
@@ -248,9 +258,10 @@ def check_concepts(concepts):
                                  "each word needs a token of its own.")
     names = [embedding_name(concept.token) for concept in concepts]
     for i, (concept, name) in enumerate(zip(concepts, names)):
-        # one file name per word, and <w>_<n>.safetensors is the word <w> at step n: no other word may be named so
+        # one file name per word, and <w>_<n>.safetensors (<w>_best) is the word <w> at step n (its best step): no
+        # other word may be named so
         clash = [concepts[j].token for j, other in enumerate(names)
-                 if j != i and (other == name or re.fullmatch(re.escape(other) + r"_\d+", name))]
+                 if j != i and (other == name or re.fullmatch(re.escape(other) + r"_(\d+|best)", name))]
         if clash:
             raise UsageError(f"{concept.flag}: its embedding files ({name}.safetensors, ...) would clash with those "
                              f"of the word {clash[0]!r}; rename one of the two words.")
@@ -265,6 +276,10 @@ def check_args(args):
                  "save_interval", "infer_interval", "num_validation_images", "validation_sample_step"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.validation_interval < 0:
+        raise UsageError(f"--validation_interval must be at least 0 (0: off), got {args.validation_interval}")
+    if args.validation_draws < 1:
+        raise UsageError(f"--validation_draws must be at least 1, got {args.validation_draws}")
     if args.max_num_ckpt is not None and args.max_num_ckpt < 1:
         raise UsageError(f"--max_num_ckpt must be at least 1, got {args.max_num_ckpt}")
     if args.lr_warmup_steps < 0:
@@ -323,6 +338,9 @@ def resolve_defaults(args, config):
     for flag, default in CONFIG_DEFAULTS.items():  # a small model's config may set shorter runs
         if getattr(args, flag) is None:
             setattr(args, flag, int(OmegaConf.select(config, f"training.{flag}", default=default)))
+    if args.validation_interval is None:
+        args.validation_interval = int(OmegaConf.select(config, "training.validation_interval",
+                                                        default=args.save_interval))
     if args.save_path is None:
         args.save_path = os.path.join("runs", embedding_name(args.concepts[0].token))
     if args.weight is None and OmegaConf.select(config, "training.weight"):
@@ -418,6 +436,12 @@ class Training:
                                                            world_size, row_norms)
         # what a training state holds besides the host side (step, data order)
         self.state_params = self.learned_rows + self.train_step.state_parameters()
+
+        # ---- the validation loss on fixed held-out draws (its graph compiles at the first evaluation)
+        self.validation = None
+        if args.validation_interval:
+            self.validation = Validation(self.model, self.datasets, self.latents, args.validation_draws, args.seed,
+                                         args.train_batch_size, args.flip_p > 0, self.learned_rows, rank, world_size)
         self.identity, self.schedule = run_identity(args, config, world_size), schedule_flags(args)
         self.embedding_facts = embedding_facts(args, self.base_lr)
         self.args, self.rank, self.world_size = args, rank, world_size
@@ -432,13 +456,31 @@ class Training:
         except (KeyError, ValueError) as e:
             raise ResumeError(f"{state_dir}: the training images changed since it was saved ({e}).") from None
         self.start_step = host["step"]
+        if self.validation is not None and "validation" in host:
+            self.resume_validation(state_dir, host["validation"])
         saved_schedule = host.get("schedule", self.schedule)
         if self.rank == 0 and schedule_changed(saved_schedule, self.schedule, self.start_step, self.effective_batch):
             print(f"warning: the learning-rate schedule differs from the resumed run's {saved_schedule} in the "
                   f"steps already taken; the continuation will not match an uninterrupted run.", file=sys.stderr)
 
+    def resume_validation(self, state_dir, saved):
+        """Keep the resumed run's validation draws and its best (step, loss and rows)."""
+        validation = self.validation
+        if len(saved["draws"]) != len(validation.draws) and self.rank == 0:
+            print(f"warning: the resumed run's {len(saved['draws'])} validation draws are kept (--validation_draws "
+                  f"{self.args.validation_draws} would give {len(validation.draws)}), so that its validation losses "
+                  "stay comparable.", file=sys.stderr)
+        validation.load_state_dict(saved)
+        for word, index, flipped, *_ in validation.draws:
+            if word >= len(self.datasets) or index >= len(self.datasets[word]) or (flipped and self.args.flip_p == 0):
+                raise ResumeError(f"{state_dir}: its validation draws do not fit this run's images (image {index} of "
+                                  f"word {word}{', mirrored, but --flip_p is 0' if flipped else ''}).")
+        if validation.best_step is not None:
+            load_train_state(state_dir, validation.best_rows)
+
     def begin(self, config):
-        """The run folder's first writes (rank 0): args.yaml, and the loss log from the start step."""
+        """The run folder's first writes (rank 0): args.yaml, the loss log from the start step, a resumed run's best
+        embeddings."""
         if self.rank != 0:
             return
         args = self.args
@@ -450,6 +492,8 @@ class Training:
         OmegaConf.save(OmegaConf.create({"args": flags, "resolved": resolved, "config": config}),
                        os.path.join(args.save_path, "args.yaml"))
         self.log = LossLog(args.save_path, self.start_step, TEXT_ENCODERS, self.tokens)
+        if self.validation is not None and self.validation.best_step is not None:
+            self.save_best()  # the resumed run's: the folder may hold none, or a later step's of an abandoned run
 
     def run_step(self, step, lr):
         """One optimizer step (all its micro-batches, each from one word's images, the words in turn); returns the
@@ -465,13 +509,14 @@ class Training:
             losses.append(float(loss.asnumpy()))
         return float(np.mean(losses))
 
-    def rows(self):
-        """The learned rows of both encoders as float32 arrays ([n, d1], [n, d2]), every word's in order."""
-        return tuple(p.asnumpy().astype(np.float32) for p in self.learned_rows)
+    def rows(self, learned_rows=None):
+        """The learned rows of both encoders as float32 arrays ([n, d1], [n, d2]), every word's in order (of
+        `learned_rows`, default: the training's)."""
+        return tuple(p.asnumpy().astype(np.float32) for p in learned_rows or self.learned_rows)
 
-    def word_rows(self):
-        """[(concept, its rows [n, d1], [n, d2])] for each word."""
-        rows, start, words = self.rows(), 0, []
+    def word_rows(self, learned_rows=None):
+        """[(concept, its rows [n, d1], [n, d2])] for each word (of `learned_rows`, default: the training's)."""
+        rows, start, words = self.rows(learned_rows), 0, []
         for concept in self.concepts:
             end = start + concept.num_vectors
             words.append((concept, rows[0][start:end], rows[1][start:end]))
@@ -490,10 +535,33 @@ class Training:
                                     several)
             if final:
                 save_learned_embeddings(args.save_path, concept.token, rows_l, rows_g, None, None, facts, several)
-        save_train_state(args.save_path, step, self.state_params,
-                         {"identity": self.identity, "data_orders": [order.state_dict() for order in self.orders],
-                          "schedule": self.schedule})
+        host_state = {"identity": self.identity, "data_orders": [order.state_dict() for order in self.orders],
+                      "schedule": self.schedule}
+        params = self.state_params
+        if self.validation is not None:
+            host_state["validation"] = self.validation.state_dict()
+            params = params + self.validation.best_rows
+        save_train_state(args.save_path, step, params, host_state)
         self.log.plot()
+
+    def validate(self, step):
+        """The validation loss at `step` (every rank evaluates its share of the draws: all ranks call this at the
+        same steps); a new lowest writes each word's best embeddings."""
+        loss = float(np.mean(self.validation.losses()))
+        if self.validation.improved(step, loss, self.learned_rows):
+            self.save_best()
+        return loss
+
+    def save_best(self):
+        """Write each word's embeddings of the best validation loss as <name>_best (rank 0), with its step and loss
+        in their metadata; --max_num_ckpt never prunes them."""
+        if self.rank != 0:
+            return
+        validation = self.validation
+        facts = dict(self.embedding_facts, step=validation.best_step, val_loss=f"{validation.best_loss:.6f}")
+        for concept, rows_l, rows_g in self.word_rows(validation.best_rows):
+            save_learned_embeddings(self.args.save_path, concept.token, rows_l, rows_g, "best", None, facts,
+                                    len(self.concepts) > 1)
 
 
 def main(args):
@@ -673,10 +741,15 @@ def train_loop(run, stop):
                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
     if is_main and run.start_step < args.total_step:
         tqdm.write("Compiling the training graph (the first step takes longer)...")
-    timing = {"compile": None, "steps": []}  # compile: first step's seconds; steps: the seconds of the others
+    # compile: first step's seconds; steps: the seconds of the others; validation: each evaluation's seconds
+    timing = {"compile": None, "steps": [], "validation": []}
     step = run.start_step
     stopped = False
     with progress:  # closed before an error is printed, too
+        if run.validation is not None and step == 0:  # the initial embedding's: the baseline
+            val_loss = validate(run, step, timing)
+            if is_main:
+                run.log.append(step, None, None, None, vector_health(run.rows(), run.initial_rows), val_loss)
         while step < args.total_step:
             if stop_requested(stop, run.world_size):
                 stopped = True
@@ -697,8 +770,11 @@ def train_loop(run, stop):
                     tqdm.write(f"Graph compiled in {seconds:.1f} s (first step, compile included).")
             else:
                 timing["steps"].append(seconds)
+            val_loss = None
+            if run.validation is not None and (step % args.validation_interval == 0 or step == args.total_step):
+                val_loss = validate(run, step, timing)
             if is_main:
-                run.log.append(step, loss, lr, seconds, vector_health(rows, run.initial_rows))
+                run.log.append(step, loss, lr, seconds, vector_health(rows, run.initial_rows), val_loss)
                 postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
                 if timing["steps"]:  # speed and ETA from the steps after the compile (the last 50)
                     per_step = float(np.mean(timing["steps"][-50:]))
@@ -710,6 +786,19 @@ def train_loop(run, stop):
             if step % args.save_interval == 0 and step != args.total_step:
                 run.save(step)
     return step, timing, stopped
+
+
+def validate(run, step, timing):
+    """The validation loss at `step` (on every rank), timed, and its line in the log."""
+    started = time.time()
+    loss = run.validate(step)
+    timing["validation"].append(time.time() - started)
+    if run.rank == 0:
+        validation = run.validation
+        best = (f"best {validation.best_loss:.5f} at step {validation.best_step}" if validation.best_step is not None
+                else "none finite yet")
+        tqdm.write(f"step {step}: validation loss {loss:.5f} ({best})")
+    return loss
 
 
 def stop_requested(stop, world_size):
@@ -798,6 +887,9 @@ def print_summary(args, run):
         "  text encoders     : " + ", ".join(f"{encoder} lr {run.base_lr * rates[name] / args.learning_rate:g}"
                                              if name in rates else f"{encoder} frozen"
                                              for name, encoder in zip(ENCODERS, TEXT_ENCODERS)),
+        "  validation loss   : " + (f"{len(run.validation.draws)} fixed draws every {args.validation_interval} "
+                                     f"steps, the lowest's embedding kept as <name>_best" if run.validation else
+                                     "off (--validation_interval 0)"),
         f"  outputs           : {args.save_path}",
         "",
     ]
@@ -810,6 +902,12 @@ def print_outputs(args, run, step, timing):
     if timing["compile"] is not None:
         speed = f", then {np.mean(timing['steps']):.2f} s/step" if timing["steps"] else ""
         print(f"  time                  : graph compiled in {timing['compile']:.1f} s (first step){speed}")
+    if timing["validation"]:
+        evaluations = len(timing["validation"])
+        print(f"  validation loss       : {evaluations} evaluation{'s' if evaluations > 1 else ''} of "
+              f"{len(run.validation.draws)} draws in {sum(timing['validation']):.1f} s (the first, with its graph's "
+              f"compile: {timing['validation'][0]:.1f} s); {run.log.val_losses[0]:.5f} at step {run.log.val_steps[0]} "
+              f"-> {run.log.val_losses[-1]:.5f} at step {run.log.val_steps[-1]}")
     health = np.array(vector_health(run.rows(), run.initial_rows)).reshape(len(TEXT_ENCODERS), 2, -1)
     for name, embedder, rows, (norms, cosines) in zip(TEXT_ENCODERS, run.model.conditioner.text_embedders(),
                                                       run.rows(), health):
@@ -822,6 +920,12 @@ def print_outputs(args, run, step, timing):
         ckpt, safetensors_path = embedding_paths(args.save_path, concept.token, None, several)
         print(f"  embedding of {concept.token} (MindSpore): {ckpt}")
         print(f"  embedding of {concept.token} (SDXL community format, for kohya/A1111/ComfyUI): {safetensors_path}")
+    validation = run.validation
+    if validation is not None and validation.best_step is not None:
+        best = [path for concept in run.concepts for path in embedding_paths(args.save_path, concept.token, "best",
+                                                                             several)]
+        print(f"  best validation loss  : {validation.best_loss:.5f} at step {validation.best_step}, its embeddings: "
+              f"{', '.join(best)}")
     print(f"  loss log and curve    : {os.path.join(args.save_path, 'loss.csv')}, loss.png")
     print(f"  training state        : {os.path.join(args.save_path, STATE_DIR)} (continue with --resume latest)")
     if args.infer_during_train:

@@ -7,7 +7,8 @@ module fixture and reset between them. The command-line runs (A: batch 2, 8 step
 Ctrl-C then --resume latest then kill -9, in fp16; msrun with 2 workers) start in background threads when the
 module starts and compile meanwhile on the other core; a test that reads a run waits for it. Where a run and
 the in-process step are compared, the in-process side is fed exactly what the run drew. Two more runs cannot
-finish: their learned rows overflow, or the disk fills at a save.
+finish: their learned rows overflow, or the disk fills at a save. The validation loss (a graph of its own) runs
+in A, B and the msrun workers (on 16 draws) and in process; the other runs turn it off.
 """
 import os
 import shutil
@@ -36,8 +37,10 @@ from gm.textual_inversion.checkpointing import (
     LOCK_FILE, MODEL_NAME, STATE_DIR, ResumeError, load_train_state, read_train_state, save_learned_embeddings,
 )
 from gm.textual_inversion.embedding_io import load_embedding
+from gm.textual_inversion.loss_log import LossLog
 from gm.textual_inversion.optim import learning_rate
-from gm.textual_inversion.train_step import TextualInversionLoss
+from gm.textual_inversion.train_step import loss_inputs
+from gm.textual_inversion.validation import VALIDATION_KEY
 from tools.make_synthetic_dataset import COLORS
 from train_textual_inversion import (
     Training, check_args, draw_micro_batch, parse_args, resolve_defaults, rows_digest, schedule_changed,
@@ -55,6 +58,8 @@ LR = 5e-4  # the default --learning_rate, constant
 ROW_SHAPES = [(2, 32), (2, 64)]
 ENCODERS, TOKENS = ("clip_l", "clip_g"), ("<toy>", "<toy>_1")
 TIMEOUT = 900  # seconds for any one command-line run (a compile takes ~40 s; the machine may be shared)
+VALIDATION_OFF = ["--validation_interval", "0"]  # the runs that do not test it save its graph's compile
+VALIDATION_DRAWS = 16  # the command-line runs' (2 per image): cheap, and the same in A, B and the msrun workers
 
 
 # ------------------------------------------------------------------------------------- command-line runs
@@ -121,9 +126,14 @@ def loss_rows(save_path):
         return [line.strip().split(",") for line in f.readlines()[1:] if line.endswith("\n")]
 
 
+def last_step(save_path):
+    rows = loss_rows(save_path)
+    return int(rows[-1][0]) if rows else -1
+
+
 def wait_for_steps(process, save_path, steps):
     deadline = time.time() + TIMEOUT
-    while len(loss_rows(save_path)) < steps:
+    while last_step(save_path) < steps:
         assert process.poll() is None, f"the run ended (code {process.returncode}) before step {steps}"
         assert time.time() < deadline, f"no step {steps} after {TIMEOUT} s"
         time.sleep(0.2)
@@ -132,7 +142,8 @@ def wait_for_steps(process, save_path, steps):
 def resume_chain(runs, root):
     """A: batches of 2, 8 steps saving every 4 (keeping one numbered embedding); B: resumed from A's step 4."""
     a, b = os.path.join(root, "A"), os.path.join(root, "B")
-    common = BASE + ["--train_batch_size", "2", "--total_step", "8", "--save_interval", "4"]
+    common = BASE + ["--train_batch_size", "2", "--total_step", "8", "--save_interval", "4",
+                     "--validation_draws", str(VALIDATION_DRAWS)]
     code_a, out_a = runs.cli(common + ["--max_num_ckpt", "1", "--save_path", a], root, "A")
     assert code_a == 0, out_a
     step_4 = os.path.join(a, STATE_DIR, "step_00000004")
@@ -144,12 +155,13 @@ def signal_chain(runs, root):
     """fp16. Ctrl-C after a few steps; then --resume latest with a state saved every step, killed (-9)."""
     save = os.path.join(root, "run")
     os.makedirs(root)
-    args = [sys.executable, SCRIPT, *BASE, "--precision", "fp16", "--total_step", "100000", "--save_path", save]
+    args = [sys.executable, SCRIPT, *BASE, *VALIDATION_OFF, "--precision", "fp16", "--total_step", "100000",
+            "--save_path", save]
     first = runs.popen(args + ["--save_interval", "100000"], root, os.path.join(root, "first.log"))
     wait_for_steps(first, save, 3)
     first.send_signal(signal.SIGINT)
     first.wait(timeout=TIMEOUT)
-    interrupted = len(loss_rows(save))
+    interrupted = last_step(save)
     with open(os.path.join(save, STATE_DIR, "latest")) as f:
         latest_after_interrupt = f.read().strip()
     # keep what the interrupted run left (the next run prunes old states)
@@ -177,7 +189,8 @@ def parallel_chain(runs, root):
     os.makedirs(root)
     logs, save = os.path.join(root, "logs"), os.path.join(root, "out")
     argv = ["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}", "--join=True",
-            f"--log_dir={logs}", SCRIPT, *BASE, "--is_parallel", "True", "--total_step", "2", "--save_path", save]
+            f"--log_dir={logs}", SCRIPT, *BASE, "--is_parallel", "True", "--total_step", "2", "--save_path", save,
+            "--validation_draws", str(VALIDATION_DRAWS)]
     process = runs.popen(argv, root, os.path.join(root, "msrun.out"))
     process.wait(timeout=TIMEOUT)
     worker_logs = []
@@ -215,10 +228,10 @@ def failures_chain(runs, root):
     """Saving every step, a warm-up whose second step's learning rate (5e38) overflows float32: the rows turn
     inf at step 2. Then, saving every 2 steps, a full disk at step 4's training state."""
     diverged, disk_full = os.path.join(root, "diverged"), os.path.join(root, "disk_full")
-    code_d, out_d = runs.cli(BASE + ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "2",
+    code_d, out_d = runs.cli(BASE + VALIDATION_OFF + ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "2",
                                      "--learning_rate", "1e39", "--total_step", "4", "--save_interval", "1",
                                      "--save_path", diverged], root, "diverged")
-    code_f, out_f = runs.cli(BASE + ["--total_step", "6", "--save_interval", "2", "--save_path", disk_full], root,
+    code_f, out_f = runs.cli(BASE + VALIDATION_OFF + ["--total_step", "6", "--save_interval", "2", "--save_path", disk_full], root,
                              "disk_full", python=[sys.executable, "-c", DISK_FULL])
     return {"diverged": diverged, "code_diverged": code_d, "out_diverged": out_d,
             "disk_full": disk_full, "code_disk_full": code_f, "out_disk_full": out_f}
@@ -233,7 +246,7 @@ def words_chain(runs, root):
     for name in sorted(os.listdir(DATA))[:3]:
         shutil.copy(os.path.join(DATA, name), dots)
     save = os.path.join(root, "run")
-    code, out = runs.cli(BASE + ["--concept", f"<dot>:{dots}:1:style", "--adam_weight_decay", "0", "--total_step", "2",
+    code, out = runs.cli(BASE + VALIDATION_OFF + ["--concept", f"<dot>:{dots}:1:style", "--adam_weight_decay", "0", "--total_step", "2",
                                  "--save_interval", "1", "--save_path", save], root, "words")
     return {"save": save, "dots": dots, "code": code, "out": out}
 
@@ -412,18 +425,16 @@ def toy_colour_fractions(images):
 
 def test_training_learns_the_toy(harness):
     """On the shipped pretrained tiny SDXL (it has seen shapes, never the toy), the trainer's step on fresh draws
-    lowers the loss on fixed held-out (image, prompt, noise, timestep) draws against the initial embedding, and
-    the samples of "a photo of <toy>" turn red, the colour of the toy's star (they start as blue and green blobs).
-    Measured here: held-out loss 0.1962 -> 0.1929; red 1.7% -> 4.4% of the pixels, blue 10.5% -> 0.2%."""
+    lowers the trainer's validation loss (64 fixed held-out draws of image, flip, prompt, noise and timestep)
+    against the initial embedding, and the samples of "a photo of <toy>" turn red, the colour of the toy's star
+    (they start as blue and green blobs). Measured here: red 1.7% -> 4.4% of the pixels, blue 10.5% -> 0.2%."""
     training = harness.training
-    loss = TextualInversionLoss(training.model)
-    held_out = [micro_batch(training, seed_key=(1000, k), order=EpochOrder(NUM_IMAGES, NUM_IMAGES, 1000 + k))
-                for k in range(4)]  # 32 draws, each image 4 times
+    assert len(training.validation.draws) == 64
     pipeline = SDXLPipeline(training.model, placeholders={"<toy>": 2})
 
     def measure():
         images = pipeline.generate("a photo of <toy>", steps=20, height=64, width=64, seed=0, num_images=8)
-        return np.mean([float(loss(*draw).asnumpy()) for draw in held_out]), toy_colour_fractions(images)
+        return float(np.mean(training.validation.losses())), toy_colour_fractions(images)
 
     harness.reset()
     loss_before, colours_before = measure()
@@ -463,14 +474,34 @@ def test_fp16_keeps_learned_rows_and_optimizer_state_fp32(tmp_path):
     assert float(training.train_step.loss_scale.asnumpy()) == 2.0 ** 16 and training.train_step.dynamic_loss_scale
 
 
-def test_numbered_embeddings_are_pruned(tmp_path):
+def test_numbered_embeddings_are_pruned_and_the_best_kept(tmp_path):
     rows = np.zeros((1, 32), np.float32), np.zeros((1, 64), np.float32)
     save_learned_embeddings(str(tmp_path), "<toy>", *rows)
+    save_learned_embeddings(str(tmp_path), "<toy>", *rows, step="best")
     for step in (2, 4, 6):
-        save_learned_embeddings(str(tmp_path), "<toy>", *rows, step=step, max_num_ckpt=2)
-    assert sorted(os.listdir(tmp_path)) == sorted([f"{MODEL_NAME}_4_ti.ckpt", f"{MODEL_NAME}_6_ti.ckpt",
-                                                   f"{MODEL_NAME}_ti.ckpt", "toy.safetensors", "toy_4.safetensors",
-                                                   "toy_6.safetensors"])
+        save_learned_embeddings(str(tmp_path), "<toy>", *rows, step=step, max_num_ckpt=1)
+    assert sorted(os.listdir(tmp_path)) == sorted([f"{MODEL_NAME}_6_ti.ckpt", f"{MODEL_NAME}_ti.ckpt",
+                                                   f"{MODEL_NAME}_best_ti.ckpt", "toy.safetensors",
+                                                   "toy_6.safetensors", "toy_best.safetensors"])
+
+
+def test_loss_log_keeps_empty_cells_on_resume(tmp_path):
+    """Step 0's row (validation loss and health only) and rows without a validation loss read back on resume;
+    the rows after the resumed step are dropped, and the plot has both curves."""
+    log = LossLog(str(tmp_path), 0, ENCODERS, ["<toy>"])
+    log.append(0, None, None, None, [1.0, 1.0, 2.0, 1.0], val_loss=0.25)
+    for step in (1, 2, 3):
+        log.append(step, 0.1 * step, LR, 0.5, [1.0, 0.9, 2.0, 0.9], val_loss=0.2 if step == 2 else None)
+    resumed = LossLog(str(tmp_path), 2, ENCODERS, ["<toy>"])
+    assert (resumed.steps, resumed.losses) == ([1, 2], [0.1, 0.2])
+    assert (resumed.val_steps, resumed.val_losses) == ([0, 2], [0.25, 0.2])
+    assert resumed.health_steps == [0, 1, 2] and resumed.health[0] == [1.0, 1.0, 2.0, 1.0]
+    with open(tmp_path / "loss.csv") as f:
+        assert f.read().splitlines()[:3] == ["step,loss,val_loss,lr,seconds,clip_l_norm_<toy>,clip_l_cos_<toy>,"
+                                             "clip_g_norm_<toy>,clip_g_cos_<toy>", "0,,0.250000,,,1,1,2,1",
+                                             "1,0.100000,,0.0005,0.500,1,0.9,2,0.9"]
+    resumed.plot()
+    assert Image.open(tmp_path / "loss.png").size[0] > 100
 
 
 # ------------------------------------------------------------------------------------- command-line results
@@ -492,8 +523,8 @@ def test_outputs(resume_runs, harness):
     """The files of run A (8 steps, saved at 4 and 8, --max_num_ckpt 1) and what is in them."""
     a, out = resume_runs["A"], resume_runs["out_A"]
     assert sorted(os.listdir(a)) == sorted([f"{MODEL_NAME}_8_ti.ckpt", "toy_8.safetensors", f"{MODEL_NAME}_ti.ckpt",
-                                            "toy.safetensors", "loss.csv", "loss.png", "args.yaml", STATE_DIR,
-                                            LOCK_FILE])
+                                            "toy.safetensors", f"{MODEL_NAME}_best_ti.ckpt", "toy_best.safetensors",
+                                            "loss.csv", "loss.png", "args.yaml", STATE_DIR, LOCK_FILE])
     assert sorted(os.listdir(os.path.join(a, STATE_DIR))) == ["latest", "step_00000004", "step_00000008"]
     with open(os.path.join(a, STATE_DIR, "latest")) as f:
         assert f.read().strip() == "step_00000008"
@@ -517,18 +548,35 @@ def test_outputs(resume_runs, harness):
 
     with open(os.path.join(a, "loss.csv")) as f:
         lines = f.read().splitlines()
-    assert lines[0] == ("step,loss,lr,seconds," + ",".join(f"{encoder}_{figure}_{token}" for encoder in ENCODERS
-                                                            for figure in ("norm", "cos") for token in TOKENS))
-    table = np.array([[float(v) for v in line.split(",")] for line in lines[1:]])
-    assert table[:, 0].tolist() == list(range(1, 9)) and np.isfinite(table[:, 1]).all()
-    assert (table[:, 2] == LR).all() and (table[:, 3] > 0).all()
+    assert lines[0] == ("step,loss,val_loss,lr,seconds," + ",".join(
+        f"{encoder}_{figure}_{token}" for encoder in ENCODERS for figure in ("norm", "cos") for token in TOKENS))
+    # step 0: the initial embedding's validation loss and health; the validation loss every 4 steps (the save
+    # interval, the default)
+    table = np.array([[float(v) if v else np.nan for v in line.split(",")] for line in lines[1:]])
+    assert table[:, 0].tolist() == list(range(0, 9)) and np.isfinite(table[1:, 1]).all()
+    assert np.isfinite(table[:, 2]).tolist() == [step % 4 == 0 for step in range(9)]
+    assert (table[1:, 3] == LR).all() and (table[1:, 4] > 0).all() and np.isnan(table[0, [1, 3, 4]]).all()
     # each vector's health at step 8: its norm, and its cosine to its start (the word "toy"), computed here apart
     for k, (found, start) in enumerate(zip(rows, harness.initial_rows())):
         norms = np.sqrt((found.astype(np.float64) ** 2).sum(1))
         cosines = (found * start).sum(1) / norms / np.sqrt((start.astype(np.float64) ** 2).sum(1))
-        health = table[-1, 4 + 4 * k: 8 + 4 * k]
+        health = table[-1, 5 + 4 * k: 9 + 4 * k]
         np.testing.assert_allclose(health, np.concatenate([norms, cosines]), rtol=2e-5)
         assert (cosines < 1).all() and (cosines > 0.9).all()  # moved a little, as 8 small steps do
+        np.testing.assert_array_equal(table[0, 7 + 4 * k: 9 + 4 * k], [1, 1])  # step 0: at the start
+
+    # the best: the embedding of the lowest validation loss, kept under --max_num_ckpt 1 (whose pruning removed
+    # toy_4), with its step and loss; a step-4 best shows that pruning spares it
+    val = {int(step): loss for step, loss in table[:, :3:2] if np.isfinite(loss)}
+    best_step = min(val, key=val.get)
+    best_rows = harness.initial_rows() if best_step == 0 else state_rows(read_state(a, best_step))
+    for path in (f"{MODEL_NAME}_best_ti.ckpt", "toy_best.safetensors"):
+        embedding = load_embedding(os.path.join(a, path))
+        assert np.array_equal(embedding.clip_l, best_rows[0]) and np.array_equal(embedding.clip_g, best_rows[1])
+        assert embedding.metadata["step"] == str(best_step)
+        assert abs(float(embedding.metadata["val_loss"]) - val[best_step]) <= 1e-6
+    assert f"best validation loss  : {val[best_step]:.5f} at step {best_step}, its embeddings: " in out
+    assert f"step 8: validation loss {val[8]:.5f} (best {val[best_step]:.5f} at step {best_step})" in out
     with open(os.path.join(a, "loss.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert Image.open(os.path.join(a, "loss.png")).size[0] > 100
@@ -548,16 +596,57 @@ def test_outputs(resume_runs, harness):
 
 
 def test_resume_is_exact(resume_runs):
-    """B, resumed from A's step-4 state, ends where A ended (rows, moments, losses of steps 5-8)."""
+    """B, resumed from A's step-4 state, ends where A ended (rows, moments, losses of steps 5-8, the validation
+    loss at step 8 and the best rows), with the same validation draws and the same best embedding."""
     assert resume_runs["code_B"] == 0, resume_runs["out_B"]
     a, b = read_state(resume_runs["A"], 8), read_state(resume_runs["B"], 8)
-    assert sorted(a) == sorted(b)
+    assert sorted(a) == sorted(b) and {f"best.{name}" for name in ROW_NAMES} <= set(a)
     for name in a:
         np.testing.assert_allclose(b[name].asnumpy(), a[name].asnumpy(), rtol=0, atol=1e-6, err_msg=name)
     start = read_state(resume_runs["A"], 4)
     assert not np.array_equal(state_rows(start)[0], state_rows(a)[0])  # steps 5-8 did change the rows
-    # step, loss, lr of steps 5-8 (not the seconds)
-    assert [r[:3] for r in loss_rows(resume_runs["B"])] == [r[:3] for r in loss_rows(resume_runs["A"])[4:]]
+    # step, loss, val_loss, lr of steps 5-8 (not the seconds)
+    assert [r[:4] for r in loss_rows(resume_runs["B"])] == [r[:4] for r in loss_rows(resume_runs["A"])[5:]]
+    hosts = [read_train_state(os.path.join(run, STATE_DIR, "step_00000008"), {})["validation"]
+             for run in (resume_runs["A"], resume_runs["B"])]
+    assert len(hosts[0]["draws"]) == VALIDATION_DRAWS and hosts[0]["noise_seed"] == [42, VALIDATION_KEY]
+    assert hosts[1]["draws"] == hosts[0]["draws"] and hosts[1]["noise_seed"] == hosts[0]["noise_seed"]
+    assert hosts[1]["best_step"] == hosts[0]["best_step"]
+    best = [load_embedding(os.path.join(run, "toy_best.safetensors")) for run in (resume_runs["A"], resume_runs["B"])]
+    assert best[1].metadata["step"] == best[0].metadata["step"] == str(hosts[0]["best_step"])
+    np.testing.assert_allclose(best[1].clip_l, best[0].clip_l, rtol=0, atol=1e-6)
+
+
+def test_validation_loss_is_the_mean_loss_of_its_draws(resume_runs, harness):
+    """Run A's validation loss at steps 0, 4 and 8 (in batches of 2) is the mean of its 16 stored draws' losses,
+    computed here apart, one draw at a time, at that step's rows: the draw's cached latent, its prompt, noise from
+    RandomState(seed, VALIDATION_KEY, j) drawn as a training step draws its own, and its timestep (through the
+    in-process trainer's evaluation graph: TextualInversionLoss per sample, so no graph compiles for this test).
+    The draws: each image twice, once mirrored, a template prompt each, timesteps spread evenly."""
+    a = resume_runs["A"]
+    saved = read_train_state(os.path.join(a, STATE_DIR, "step_00000008"), {})["validation"]
+    draws = saved["draws"]
+    assert sorted((index, flipped) for _, index, flipped, *_ in draws) == sorted(
+        (i, flipped) for i in range(NUM_IMAGES) for flipped in (False, True))
+    assert [rand for *_, rand in draws] == [int((j + 0.5) * 1000 / VALIDATION_DRAWS) for j in range(VALIDATION_DRAWS)]
+    assert all("<toy> <toy>_1" in prompt for _, _, _, prompt, _, _ in draws)  # the placeholder stands for 2 vectors
+    val = {int(r[0]): float(r[2]) for r in loss_rows(a) if r[2]}
+    assert sorted(val) == [0, 4, 8]
+
+    training = harness.training
+    model, net = training.model, training.validation.net
+    for step, rows in ((0, harness.initial_rows()), (4, state_rows(read_state(a, 4))), (8, state_rows(read_state(a, 8)))):
+        for param, value in zip(training.learned_rows, rows):
+            ops.assign(param, Tensor(value))
+        losses = []
+        for j, (word, index, flipped, prompt, _, rand) in enumerate(draws):
+            batch = dict(training.latents[word].batch([(index, flipped)]), txt=[prompt])
+            moments = batch.pop("moments")
+            inputs = loss_inputs(model, moments, model.conditioner.tokenize(batch),
+                                 np.random.RandomState([42, VALIDATION_KEY, j]))
+            losses.append(float(net(*inputs[:3], Tensor([rand], ms.int32), *inputs[4:]).asnumpy()[0]))
+        assert abs(np.mean(losses) - val[step]) <= 2e-6, (step, np.mean(losses), val[step])
+    harness.reset()
 
 
 @pytest.mark.parametrize("change, key", [
@@ -657,7 +746,7 @@ def test_gradient_accumulation_matches_one_big_batch(resume_runs, harness):
         assert np.abs(found - start).max() > 100 * rounding  # the rows did move
 
 
-def test_data_parallel_two_workers(parallel_run, harness):
+def test_data_parallel_two_workers(parallel_run, resume_runs, harness):
     """msrun, 2 CPU workers, 2 steps: both finish with the same rows, only rank 0 writes, and the update is
     that of the two ranks' shards averaged: the in-process accumulation of rank 0's and rank 1's micro-batches
     (same images, noise and levels as each worker drew) gives the same rows and Adam moments."""
@@ -674,11 +763,16 @@ def test_data_parallel_two_workers(parallel_run, harness):
     # rank 0 alone wrote: one set of files, no rank-named copies, one loss row per step, nothing in the cwd
     assert sorted(os.listdir(parallel_run["root"])) == ["logs", "msrun.out", "out"]
     assert sorted(os.listdir(save)) == sorted([f"{MODEL_NAME}_2_ti.ckpt", "toy_2.safetensors", f"{MODEL_NAME}_ti.ckpt",
-                                               "toy.safetensors", "loss.csv", "loss.png", "args.yaml", STATE_DIR,
-                                               LOCK_FILE])
-    assert [int(r[0]) for r in loss_rows(save)] == [1, 2]
+                                               "toy.safetensors", f"{MODEL_NAME}_best_ti.ckpt", "toy_best.safetensors",
+                                               "loss.csv", "loss.png", "args.yaml", STATE_DIR, LOCK_FILE])
+    assert [int(r[0]) for r in loss_rows(save)] == [0, 1, 2]
     assert "effective batch   : 2 = 1 per device x 1 accumulation x 2 device(s)" in parallel_run["worker_logs"][0]
     assert "effective batch" not in parallel_run["worker_logs"][1]
+    # the validation loss, each rank evaluating half of the draws: at step 0 the same as run A's (the same draws and
+    # initial rows, one process in batches of 2), and at the end
+    val = [r[2] for r in loss_rows(save)]
+    assert val[1] == "" and val[2] != ""
+    assert abs(float(val[0]) - float(loss_rows(resume_runs["A"])[0][2])) <= 2e-6
 
     # the same two steps in process: micro-batch 0 = rank 0's shard and noise, 1 = rank 1's. Each is the same
     # batch-of-1 computation as on its rank, and halving is exact in binary floating point, so the averaged
