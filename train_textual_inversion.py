@@ -32,7 +32,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 import gm
-from gm.data.dataset import DataError, EpochOrder, TextualInversionDataset, prompt_batch
+from gm.data.dataset import DataError, TextualInversionDataset, data_order, prompt_batch
 from gm.data.templates import TemplateError, load_templates
 from gm.device import add_device_arguments, resolve_device, set_device
 from gm.models.loading import create_model, load_config
@@ -94,6 +94,13 @@ def build_parser():
                    help="a text file of prompt templates, one per line, each with {} for the placeholder")
     g.add_argument("--resolution", type=int, default=None,
                    help="training image size (default: the config's training.resolution, else 1024)")
+    g.add_argument("--bucketing", type=str2bool, default=False,
+                   help="aspect-ratio buckets: train each image at the one of SDXL's training sizes (its 1024 px "
+                        "list scaled to about --resolution^2 pixels, sides multiples of 32) nearest its aspect "
+                        "ratio, not at the --resolution square; each micro-batch from one bucket. Each bucket's size "
+                        "compiles its own training graph at its first step, kept for the run: on the CPU each one "
+                        "stays in memory (0.3 GB on the tiny model at 64 px; more for the full-size model), so many "
+                        "buckets cost more (default: False, the square centre crop)")
     g.add_argument("--flip_p", type=float, default=0.5, help="probability of a horizontal flip (default: 0.5)")
     g.add_argument("--caption_dropout", type=float, default=0.0,
                    help="probability of prompting an image that has a caption (name.txt) with a template instead "
@@ -298,7 +305,9 @@ def run_identity(args, config, world_size):
     return {"placeholder_token": args.placeholder_token, "num_vectors": args.num_vectors,
             "model": hashlib.sha256(OmegaConf.to_yaml(config.model).encode()).hexdigest()[:16],
             "weight": os.path.abspath(args.weight) if args.weight else None,
-            "resolution": args.resolution, "seed": args.seed, "world_size": world_size}
+            "resolution": args.resolution, "seed": args.seed, "world_size": world_size,
+            # the bucketed data order's epochs are in steps of the global batch; None: the square order, as before
+            "bucketing": {"train_batch_size": args.train_batch_size} if args.bucketing else None}
 
 
 def embedding_facts(args, learning_rate_used):
@@ -321,8 +330,8 @@ class Training:
             args.data_path, args.placeholder_token, args.resolution, args.learnable_property, templates,
             placeholder_text=expand_placeholders(args.placeholder_token, placeholder), flip_p=args.flip_p,
             seed=args.seed, caption_dropout=args.caption_dropout, shuffle_caption=args.shuffle_caption,
-            keep_tokens=args.keep_tokens)
-        self.order = EpochOrder(len(self.dataset), args.train_batch_size, args.seed, rank, world_size)
+            keep_tokens=args.keep_tokens, bucketing=args.bucketing)
+        self.order = data_order(self.dataset, args.train_batch_size, args.seed, rank, world_size)
 
         # ---- the frozen model, with the placeholder tokens added to both text encoders
         ms.set_seed(args.seed)
@@ -684,6 +693,8 @@ def print_summary(args, run):
         "",
         f"Textual inversion of {args.placeholder_token!r} ({args.learnable_property}) on {args.config}",
         f"  images found      : {len(run.dataset)} in {args.data_path}",
+        *([f"  buckets (h x w)   : " + ", ".join(f"{h}x{w}: {count}" for (h, w), count in
+                                                 run.dataset.bucket_counts().items())] if args.bucketing else []),
         f"  tokens added      : {len(tokens)} to each text encoder ({', '.join(tokens[:4])}"
         f"{' ...' if len(tokens) > 4 else ''})"
         f"{f', initialised from {args.initializer_token!r}' if args.initializer_token else ', random initial vectors'}",

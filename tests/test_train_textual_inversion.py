@@ -5,7 +5,8 @@ A train graph takes about 40 s of CPU to compile, so this module compiles few. O
 trainer's own setup: 2 vectors from "toy", batch 1, 2 accumulation steps) is shared by the tests through a
 module fixture and reset between them. The command-line runs (A: batch 2, 8 steps; B: A resumed from step 4;
 Ctrl-C then --resume latest then kill -9, in fp16; msrun with 2 workers) start in background threads when the
-module starts and compile meanwhile on the other core; a test that reads a run waits for it. Where a run and
+module starts and compile meanwhile on the other core; a test that reads a run waits for it (and --bucketing on
+square and wide images: two graphs). Where a run and
 the in-process step are compared, the in-process side is fed exactly what the run drew. Two more runs cannot
 finish: their learned rows overflow, or the disk fills at a save.
 """
@@ -28,16 +29,16 @@ from safetensors import safe_open
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from gm.data.dataset import EpochOrder
+from gm.data.dataset import BUCKET_MULTIPLE, EpochOrder
 from gm.models.autoencoder import AutoencoderKL
 from gm.models.loading import load_config
-from gm.sampling import SDXLPipeline
+from gm.sampling import SDXLPipeline, image_size_multiple
 from gm.textual_inversion.checkpointing import (
     LOCK_FILE, MODEL_NAME, STATE_DIR, ResumeError, load_train_state, read_train_state, save_learned_embeddings,
 )
 from gm.textual_inversion.embedding_io import load_embedding
 from gm.textual_inversion.optim import learning_rate
-from gm.textual_inversion.train_step import TextualInversionLoss
+from gm.textual_inversion.train_step import TextualInversionLoss, loss_inputs
 from tools.make_synthetic_dataset import COLORS
 from train_textual_inversion import (
     Training, check_args, draw_micro_batch, parse_args, resolve_defaults, rows_digest, schedule_changed,
@@ -223,9 +224,25 @@ def failures_chain(runs, root):
             "disk_full": disk_full, "code_disk_full": code_f, "out_disk_full": out_f}
 
 
-CHAINS = {"resume": resume_chain, "signals": signal_chain, "parallel": parallel_chain, "failures": failures_chain}
+def bucketing_chain(runs, root):
+    """--bucketing True on 4 square and 2 wide (3:2) toy images, 6 steps of batch 1 (an epoch: each image once);
+    then --resume latest without --bucketing, which must be refused."""
+    data, save = os.path.join(root, "data"), os.path.join(root, "run")
+    os.makedirs(data)
+    for i in range(6):
+        image = Image.open(os.path.join(DATA, f"toy_{i:02d}.png"))
+        (image if i < 4 else image.resize((384, 256))).save(os.path.join(data, f"toy_{i:02d}.png"))
+    args = [data if a == DATA else a for a in BASE] + ["--total_step", "6", "--save_path", save]
+    code, out = runs.cli(args + ["--bucketing", "True"], root, "run")
+    refused = subprocess.run([sys.executable, SCRIPT, *args, "--resume", "latest"], capture_output=True, text=True,
+                             timeout=TIMEOUT, env=env())
+    return {"save": save, "code": code, "out": out, "refused": refused}
+
+
+CHAINS = {"resume": resume_chain, "signals": signal_chain, "parallel": parallel_chain, "failures": failures_chain,
+          "bucketing": bucketing_chain}
 FIXTURE_CHAINS = {"resume_runs": "resume", "signal_runs": "signals", "parallel_run": "parallel",
-                  "failure_runs": "failures"}
+                  "failure_runs": "failures", "bucketing_run": "bucketing"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -260,6 +277,11 @@ def parallel_run(runs):
 @pytest.fixture(scope="module")
 def failure_runs(runs):
     return runs.get("failures")
+
+
+@pytest.fixture(scope="module")
+def bucketing_run(runs):
+    return runs.get("bucketing")
 
 
 
@@ -426,6 +448,44 @@ def test_latents_are_encoded_once_and_the_encoder_released(harness):
     training.run_step(0, LR)  # draws from the cache
     assert harness.encoder_calls == []
     harness.reset()
+
+
+def test_one_graph_per_bucket_size(harness):
+    """A micro-batch of a new size (64x96, a wide bucket at 64 px) compiles the train step's graph for it at its
+    first use; each graph is kept, so going back to the square compiles nothing."""
+    training = harness.training
+    assert image_size_multiple(training.model) == BUCKET_MULTIPLE  # every bucket's sides fit this model
+    harness.reset()
+    harness.step([micro_batch(training)])  # the square graph, compiled now if no test did before
+    square = set(training.train_step.compile_cache)
+    rng = np.random.RandomState(0)
+    moments = rng.standard_normal((1, 8, 8, 12)).astype(np.float32) * 0.5  # [B, 2C, 64/8, 96/8]
+    batch = {"txt": ["a photo of <toy> <toy>_1"], "original_size_as_tuple": np.array([[256, 384]]),
+             "crop_coords_top_left": np.array([[0, 0]]), "target_size_as_tuple": np.array([[64, 96]])}
+    wide = loss_inputs(training.model, moments, training.model.conditioner.tokenize(batch), rng)
+    losses = harness.step([wide]) + harness.step([wide]) + harness.step([micro_batch(training)])
+    compiled = set(training.train_step.compile_cache)
+    harness.reset()
+    assert np.isfinite(losses).all()
+    assert square < compiled and len(compiled) == len(square) + 1
+
+
+def test_bucketing_run(bucketing_run):
+    """--bucketing True: the summary names the buckets, the run trains through both sizes and writes its
+    embedding; resuming it without --bucketing is refused before anything is built."""
+    save, out = bucketing_run["save"], bucketing_run["out"]
+    assert bucketing_run["code"] == 0, out
+    assert "buckets (h x w)   : 64x64: 4, 64x96: 2" in out
+    embedding = load_embedding(os.path.join(save, "toy.safetensors"))
+    assert [embedding.clip_l.shape, embedding.clip_g.shape] == ROW_SHAPES
+    assert np.array_equal(embedding.clip_l, state_rows(read_state(save, 6))[0])
+    assert [int(r[0]) for r in loss_rows(save)] == list(range(1, 7))
+    assert np.isfinite([float(r[1]) for r in loss_rows(save)]).all()
+    assert OmegaConf.load(os.path.join(save, "args.yaml")).args.bucketing is True
+    refused = bucketing_run["refused"]
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    (error,) = error_lines(refused.stderr)
+    assert "cannot be resumed" in error and "  bucketing: saved {'train_batch_size': 1}, now None" in refused.stderr
 
 
 def test_fp16_keeps_learned_rows_and_optimizer_state_fp32(tmp_path):

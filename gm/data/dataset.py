@@ -37,10 +37,11 @@ SDXL_BUCKETS = (
     (1152, 896), (1152, 832), (1216, 832), (1280, 768), (1344, 768), (1408, 704), (1472, 704), (1536, 640),
     (1600, 640), (1664, 576), (1728, 576), (1792, 576), (1856, 512), (1920, 512), (1984, 512), (2048, 512),
 )
-# Bucket sides are multiples of what SDXL takes (`image_size_multiple` in gm/sampling.py: the VAE's 8 x the UNet's
-# 4, the --resolution check's 32), not of the list's 64 (kohya's default step; it warns only below 32): at 1024 px
-# both give the list itself, but halved for 512 px the list is in multiples of 32, which rounding to 64 would
-# bend, and at the tiny model's 64 px a multiple of 64 leaves the square alone.
+# Bucket sides are multiples of 32, what SDXL takes (`image_size_multiple` in gm/sampling.py: the VAE's 8 x the
+# UNet's 4; the trainer's --resolution check assumes it too, before any model is built), not of the list's 64
+# (kohya's default bucket step; it warns only for steps not divisible by 32): at 1024 px either gives the list
+# itself, but at 512 px the halved list is in multiples of 32, which rounding to 64 would bend, and at the tiny
+# model's 64 px a multiple of 64 leaves the square alone.
 BUCKET_MULTIPLE = 32
 
 
