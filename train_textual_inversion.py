@@ -362,6 +362,7 @@ class Training:
         self.embedding_facts = embedding_facts(args, self.base_lr)
         self.args, self.rank, self.world_size = args, rank, world_size
         self.start_step, self.log, self.validation_pipeline = 0, None, None
+        self.step_shapes = set()  # the micro-batch shapes the train step has run at: one compiled graph each
 
     def resume(self, state_dir, host):
         """Continue from the training state `state_dir` (its host state `host`, checked by `read_resume_state`)."""
@@ -395,6 +396,7 @@ class Training:
             # noise drawn from (seed, rank, step, micro-batch): reproducible on resume, different per rank
             noise_rng = np.random.RandomState([self.args.seed, self.rank, step, micro])
             inputs = draw_micro_batch(self.model, self.dataset, self.latents, self.order, noise_rng)
+            self.step_shapes.add(inputs[0].shape)  # a new one (a bucket's first micro-batch) compiles a graph
             loss = self.train_step(Tensor(lr, ms.float32), Tensor(micro == accumulation - 1), *inputs)
             losses.append(float(loss.asnumpy()))
         return float(np.mean(losses))
@@ -595,7 +597,9 @@ def train_loop(run, stop):
                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
     if is_main and run.start_step < args.total_step:
         tqdm.write("Compiling the training graph (the first step takes longer)...")
-    timing = {"compile": None, "steps": []}  # compile: first step's seconds; steps: the seconds of the others
+    # compile: the seconds of the steps that compiled a graph (the first; with --bucketing, the first at each
+    # bucket's size); steps: the seconds of the others
+    timing = {"compile": [], "steps": []}
     step = run.start_step
     stopped = False
     with progress:  # closed before an error is printed, too
@@ -605,6 +609,7 @@ def train_loop(run, stop):
                 break
             started = time.time()
             lr = learning_rate(args.lr_scheduler, run.base_lr, step, args.total_step, args.lr_warmup_steps)
+            graphs = len(run.step_shapes)
             loss = run.run_step(step, lr)
             step += 1
             if not all(np.isfinite(rows).all() for rows in run.rows()):
@@ -612,10 +617,11 @@ def train_loop(run, stop):
                     f"at step {step} the learned embedding became NaN or infinite (learning rate {lr:g}), so the run "
                     f"stopped before writing it; {resume_hint(args.save_path)}. Try a lower --learning_rate.")
             seconds = time.time() - started
-            if timing["compile"] is None:
-                timing["compile"] = seconds
+            if len(run.step_shapes) > graphs:
+                timing["compile"].append(seconds)
                 if is_main:
-                    tqdm.write(f"Graph compiled in {seconds:.1f} s (first step, compile included).")
+                    at = " at this bucket's size" if len(timing["compile"]) > 1 else ""
+                    tqdm.write(f"Graph compiled in {seconds:.1f} s (first step{at}, compile included).")
             else:
                 timing["steps"].append(seconds)
             if is_main:
@@ -717,9 +723,14 @@ def print_outputs(args, run, step, timing):
     ckpt, safetensors_path = embedding_paths(args.save_path, args.placeholder_token)
     skipped = int(run.train_step.skipped_steps.asnumpy())
     print(f"\nDone: step {step}{f', {skipped} steps skipped (non-finite gradients)' if skipped else ''}.")
-    if timing["compile"] is not None:
+    if timing["compile"]:
         speed = f", then {np.mean(timing['steps']):.2f} s/step" if timing["steps"] else ""
-        print(f"  time                  : graph compiled in {timing['compile']:.1f} s (first step){speed}")
+        seconds = " + ".join(f"{s:.1f}" for s in timing["compile"])
+        if len(timing["compile"]) == 1:
+            compiled = f"graph compiled in {seconds} s (first step)"
+        else:
+            compiled = f"{len(timing['compile'])} graphs compiled in {seconds} s (first step at each bucket's size)"
+        print(f"  time                  : {compiled}{speed}")
     for name, embedder, rows in zip(TEXT_ENCODERS, run.model.conditioner.text_embedders(), run.rows()):
         words = nearest_words(embedder, rows)
         print(f"  {'nearest words ' + name:<22}: " + "; ".join(f"{token}: {', '.join(near)}"

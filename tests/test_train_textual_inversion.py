@@ -471,11 +471,13 @@ def test_one_graph_per_bucket_size(harness):
 
 
 def test_bucketing_run(bucketing_run):
-    """--bucketing True: the summary names the buckets, the run trains through both sizes and writes its
-    embedding; resuming it without --bucketing is refused before anything is built."""
+    """--bucketing True: the summary names the buckets, the run trains through both sizes (a graph each) and
+    writes its embedding; resuming it without --bucketing is refused before anything is built."""
     save, out = bucketing_run["save"], bucketing_run["out"]
     assert bucketing_run["code"] == 0, out
     assert "buckets (h x w)   : 64x64: 4, 64x96: 2" in out
+    # a graph per size, each compiled at its first step: the speed is that of the other steps
+    assert out.count("Graph compiled in") == 2 and "2 graphs compiled in" in out
     embedding = load_embedding(os.path.join(save, "toy.safetensors"))
     assert [embedding.clip_l.shape, embedding.clip_g.shape] == ROW_SHAPES
     assert np.array_equal(embedding.clip_l, state_rows(read_state(save, 6))[0])
