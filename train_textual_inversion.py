@@ -34,7 +34,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 import gm
-from gm.data.dataset import DataError, EpochOrder, TextualInversionDataset, prompt_batch
+from gm.data.dataset import DataError, TextualInversionDataset, data_order, prompt_batch
 from gm.data.templates import TemplateError, load_templates
 from gm.device import add_device_arguments, resolve_device, set_device
 from gm.models.loading import create_model, load_config
@@ -100,6 +100,14 @@ def build_parser():
                    help="a text file of prompt templates, one per line, each with {} for the placeholder")
     g.add_argument("--resolution", type=int, default=None,
                    help="training image size (default: the config's training.resolution, else 1024)")
+    g.add_argument("--bucketing", type=str2bool, default=False,
+                   help="aspect-ratio buckets: train each image at the one of SDXL's training sizes (its 1024 px "
+                        "list scaled to about --resolution^2 pixels, sides multiples of 32) nearest its aspect "
+                        "ratio, not at the --resolution square; each micro-batch from one bucket. Each bucket's size "
+                        "compiles its own training graph at its first step, kept for the run: on the CPU each one "
+                        "stays in memory (0.3 GB on the tiny model at 64 px; more for the full-size model), so many "
+                        "buckets cost more; so does the validation loss's graph, which takes each image at its "
+                        "bucket's size (default: False, the square centre crop)")
     g.add_argument("--flip_p", type=float, default=0.5, help="probability of a horizontal flip (default: 0.5)")
     g.add_argument("--caption_dropout", type=float, default=0.0,
                    help="probability of prompting an image that has a caption (name.txt) with a template instead "
@@ -381,7 +389,9 @@ def run_identity(args, config, world_size):
     return {"words": [[concept.token, concept.num_vectors] for concept in args.concepts],
             "model": hashlib.sha256(OmegaConf.to_yaml(config.model).encode()).hexdigest()[:16],
             "weight": os.path.abspath(args.weight) if args.weight else None,
-            "resolution": args.resolution, "seed": args.seed, "world_size": world_size}
+            "resolution": args.resolution, "seed": args.seed, "world_size": world_size,
+            # the bucketed data order's epochs are in steps of the global batch; None: the square order, as before
+            "bucketing": {"train_batch_size": args.train_batch_size} if args.bucketing else None}
 
 
 def embedding_facts(args, learning_rate_used):
@@ -404,8 +414,9 @@ class Training:
             concept.data_path, concept.token, args.resolution, concept.learnable_property, templates,
             placeholder_text=expand_placeholders(concept.token, {concept.token: concept.num_vectors}),
             flip_p=args.flip_p, seed=args.seed, caption_dropout=args.caption_dropout,
-            shuffle_caption=args.shuffle_caption, keep_tokens=args.keep_tokens) for concept in self.concepts]
-        self.orders = [EpochOrder(len(dataset), args.train_batch_size, args.seed, rank, world_size)
+            shuffle_caption=args.shuffle_caption, keep_tokens=args.keep_tokens, bucketing=args.bucketing)
+            for concept in self.concepts]
+        self.orders = [data_order(dataset, args.train_batch_size, args.seed, rank, world_size)
                        for dataset in self.datasets]
 
         # ---- the frozen model, with the placeholder tokens added to both text encoders
@@ -437,7 +448,7 @@ class Training:
         # what a training state holds besides the host side (step, data order)
         self.state_params = self.learned_rows + self.train_step.state_parameters()
 
-        # ---- the validation loss on fixed held-out draws (its graph compiles at the first evaluation)
+        # ---- the validation loss on fixed held-out draws (its graph compiles at the first evaluation at each size)
         self.validation = None
         if args.validation_interval:
             self.validation = Validation(self.model, self.datasets, self.latents, args.validation_draws, args.seed,
@@ -446,6 +457,7 @@ class Training:
         self.embedding_facts = embedding_facts(args, self.base_lr)
         self.args, self.rank, self.world_size = args, rank, world_size
         self.start_step, self.log, self.validation_pipeline = 0, None, None
+        self.step_shapes = set()  # the micro-batch shapes the train step has run at: one compiled graph each
 
     def resume(self, state_dir, host):
         """Continue from the training state `state_dir` (its host state `host`, checked by `read_resume_state`)."""
@@ -505,6 +517,7 @@ class Training:
             noise_rng = np.random.RandomState([self.args.seed, self.rank, step, micro])
             k = (step * accumulation + micro) % len(self.concepts)
             inputs = draw_micro_batch(self.model, self.datasets[k], self.latents[k], self.orders[k], noise_rng)
+            self.step_shapes.add(inputs[0].shape)  # a new one (a bucket's first micro-batch) compiles a graph
             loss = self.train_step(Tensor(lr, ms.float32), Tensor(micro == accumulation - 1), *inputs)
             losses.append(float(loss.asnumpy()))
         return float(np.mean(losses))
@@ -741,8 +754,9 @@ def train_loop(run, stop):
                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
     if is_main and run.start_step < args.total_step:
         tqdm.write("Compiling the training graph (the first step takes longer)...")
-    # compile: first step's seconds; steps: the seconds of the others; validation: each evaluation's seconds
-    timing = {"compile": None, "steps": [], "validation": []}
+    # compile: the seconds of the steps that compiled a graph (the first; with --bucketing, the first at each
+    # bucket's size); steps: the seconds of the others; validation: each evaluation's seconds
+    timing = {"compile": [], "steps": [], "validation": []}
     step = run.start_step
     stopped = False
     with progress:  # closed before an error is printed, too
@@ -756,6 +770,7 @@ def train_loop(run, stop):
                 break
             started = time.time()
             lr = learning_rate(args.lr_scheduler, run.base_lr, step, args.total_step, args.lr_warmup_steps)
+            graphs = len(run.step_shapes)
             loss = run.run_step(step, lr)
             step += 1
             rows = run.rows()
@@ -764,10 +779,11 @@ def train_loop(run, stop):
                     f"at step {step} the learned embedding became NaN or infinite (learning rate {lr:g}), so the run "
                     f"stopped before writing it; {resume_hint(args.save_path)}. Try a lower --learning_rate.")
             seconds = time.time() - started
-            if timing["compile"] is None:
-                timing["compile"] = seconds
+            if len(run.step_shapes) > graphs:
+                timing["compile"].append(seconds)
                 if is_main:
-                    tqdm.write(f"Graph compiled in {seconds:.1f} s (first step, compile included).")
+                    at = " at this bucket's size" if len(timing["compile"]) > 1 else ""
+                    tqdm.write(f"Graph compiled in {seconds:.1f} s (first step{at}, compile included).")
             else:
                 timing["steps"].append(seconds)
             val_loss = None
@@ -869,12 +885,17 @@ def sample_validation_grid(run, args, step):
 def print_summary(args, run):
     tokens, rates = run.tokens, encoder_learning_rates(args)
     words = ", ".join(f"{concept.token!r} ({concept.learnable_property})" for concept in run.concepts)
+    data = []  # per word: its images and, with --bucketing, how many went to each bucket
+    for concept, dataset in zip(run.concepts, run.datasets):
+        word = f" for {concept.token}" if len(run.concepts) > 1 else ""
+        data.append(f"  images found      : {len(dataset)} in {concept.data_path}{word}")
+        if args.bucketing:
+            data.append("  buckets (h x w)   : " + ", ".join(f"{h}x{w}: {count}" for (h, w), count in
+                                                         dataset.bucket_counts().items()) + word)
     lines = [
         "",
         f"Textual inversion of {words} on {args.config}",
-        *(f"  images found      : {len(dataset)} in {concept.data_path}"
-          + (f" for {concept.token}" if len(run.concepts) > 1 else "")
-          for concept, dataset in zip(run.concepts, run.datasets)),
+        *data,
         f"  tokens added      : {len(tokens)} to each text encoder ({', '.join(tokens[:4])}"
         f"{' ...' if len(tokens) > 4 else ''})"
         f"{f', initialised from {args.initializer_token!r}' if args.initializer_token else ', random initial vectors'}",
@@ -899,9 +920,14 @@ def print_summary(args, run):
 def print_outputs(args, run, step, timing):
     skipped = int(run.train_step.skipped_steps.asnumpy())
     print(f"\nDone: step {step}{f', {skipped} steps skipped (non-finite gradients)' if skipped else ''}.")
-    if timing["compile"] is not None:
+    if timing["compile"]:
         speed = f", then {np.mean(timing['steps']):.2f} s/step" if timing["steps"] else ""
-        print(f"  time                  : graph compiled in {timing['compile']:.1f} s (first step){speed}")
+        seconds = " + ".join(f"{s:.1f}" for s in timing["compile"])
+        if len(timing["compile"]) == 1:
+            compiled = f"graph compiled in {seconds} s (first step)"
+        else:
+            compiled = f"{len(timing['compile'])} graphs compiled in {seconds} s (first step at each bucket's size)"
+        print(f"  time                  : {compiled}{speed}")
     if timing["validation"]:
         evaluations = len(timing["validation"])
         print(f"  validation loss       : {evaluations} evaluation{'s' if evaluations > 1 else ''} of "

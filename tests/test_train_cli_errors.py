@@ -37,6 +37,8 @@ CASES = {
     "accumulation_0": (tiny("--gradient_accumulation_steps", "0"), ["--gradient_accumulation_steps must be at least 1"]),
     "batch_size_0": (tiny("--train_batch_size", "0"), ["--train_batch_size must be at least 1"]),
     "resolution_100": (tiny("--resolution", "100"), ["--resolution 100", "multiples of 32"]),
+    # buckets are multiples of 32 too, so --bucketing takes every --resolution the square does, and no other
+    "bucketing_resolution_48": (tiny("--bucketing", "True", "--resolution", "48"), ["--resolution 48", "from 64 up"]),
     "bf16_on_cpu": (tiny("--precision", "bf16"), ["--precision bf16", "CPU"]),
     "another_run_in_save_path": (tiny(), ["--save_path", "another run", "--resume latest", "--overwrite"]),
     # the test holds the run folder's lock meanwhile, as a training running there does

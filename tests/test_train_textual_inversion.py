@@ -5,10 +5,11 @@ A train graph takes about 40 s of CPU to compile, so this module compiles few. O
 trainer's own setup: 2 vectors from "toy", batch 1, 2 accumulation steps) is shared by the tests through a
 module fixture and reset between them. The command-line runs (A: batch 2, 8 steps; B: A resumed from step 4;
 Ctrl-C then --resume latest then kill -9, in fp16; msrun with 2 workers) start in background threads when the
-module starts and compile meanwhile on the other core; a test that reads a run waits for it. Where a run and
-the in-process step are compared, the in-process side is fed exactly what the run drew. Two more runs cannot
-finish: their learned rows overflow, or the disk fills at a save. The validation loss (a graph of its own) runs
-in A, B and the msrun workers (on 16 draws) and in process; the other runs turn it off.
+module starts and compile meanwhile on the other core; a test that reads a run waits for it (also: two words, and
+--bucketing on square and wide images of two words: two graphs). Where a run and the in-process step are compared,
+the in-process side is fed exactly what the run drew. Two more runs cannot finish: their learned rows overflow, or
+the disk fills at a save. The validation loss (a graph of its own) runs in A, B, the msrun workers (on 16 draws),
+the bucketing run (8 draws, a graph per bucket) and in process; the other runs turn it off.
 """
 import os
 import shutil
@@ -29,10 +30,10 @@ from safetensors import safe_open
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from gm.data.dataset import EpochOrder
+from gm.data.dataset import BUCKET_MULTIPLE, EpochOrder
 from gm.models.autoencoder import AutoencoderKL
 from gm.models.loading import load_config
-from gm.sampling import SDXLPipeline
+from gm.sampling import SDXLPipeline, image_size_multiple
 from gm.textual_inversion.checkpointing import (
     LOCK_FILE, MODEL_NAME, STATE_DIR, ResumeError, load_train_state, read_train_state, save_learned_embeddings,
 )
@@ -251,10 +252,30 @@ def words_chain(runs, root):
     return {"save": save, "dots": dots, "code": code, "out": out}
 
 
+def bucketing_chain(runs, root):
+    """--bucketing True with two words: <toy> on 4 square and 2 wide (3:2) toy images, <dot> (--concept) on one of
+    each; 6 steps of batch 2 (the words in turn: each bucket of each word reached), with the validation loss (8
+    draws, one per image, in batches of 2: each batch of one size); then --resume latest without --bucketing, which
+    must be refused."""
+    data, dots, save = (os.path.join(root, name) for name in ("data", "dots", "run"))
+    os.makedirs(data)
+    os.makedirs(dots)
+    for i in range(8):
+        image = Image.open(os.path.join(DATA, f"toy_{i:02d}.png"))
+        folder = data if i < 6 else dots
+        (image if i in (0, 1, 2, 3, 6) else image.resize((384, 256))).save(os.path.join(folder, f"toy_{i:02d}.png"))
+    args = [data if a == DATA else a for a in BASE] + ["--concept", f"<dot>:{dots}:1", "--train_batch_size", "2",
+                                                       "--total_step", "6", "--save_path", save]
+    code, out = runs.cli(args + ["--bucketing", "True", "--validation_draws", "8"], root, "run")
+    refused = subprocess.run([sys.executable, SCRIPT, *args, "--resume", "latest"], capture_output=True, text=True,
+                             timeout=TIMEOUT, env=env())
+    return {"save": save, "code": code, "out": out, "refused": refused}
+
+
 CHAINS = {"resume": resume_chain, "signals": signal_chain, "parallel": parallel_chain, "failures": failures_chain,
-          "words": words_chain}
+          "words": words_chain, "bucketing": bucketing_chain}
 FIXTURE_CHAINS = {"resume_runs": "resume", "signal_runs": "signals", "parallel_run": "parallel",
-                  "failure_runs": "failures", "words_run": "words"}
+                  "failure_runs": "failures", "words_run": "words", "bucketing_run": "bucketing"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -294,6 +315,11 @@ def failure_runs(runs):
 @pytest.fixture(scope="module")
 def words_run(runs):
     return runs.get("words")
+
+
+@pytest.fixture(scope="module")
+def bucketing_run(runs):
+    return runs.get("bucketing")
 
 
 
@@ -458,6 +484,57 @@ def test_latents_are_encoded_once_and_the_encoder_released(harness):
     training.run_step(0, LR)  # draws from the cache
     assert harness.encoder_calls == []
     harness.reset()
+
+
+def test_one_graph_per_bucket_size(harness):
+    """A micro-batch of a new size (64x96, a wide bucket at 64 px) compiles the train step's graph for it at its
+    first use; each graph is kept, so going back to the square compiles nothing."""
+    training = harness.training
+    assert image_size_multiple(training.model) == BUCKET_MULTIPLE  # every bucket's sides fit this model
+    harness.reset()
+    harness.step([micro_batch(training)])  # the square graph, compiled now if no test did before
+    square = set(training.train_step.compile_cache)
+    rng = np.random.RandomState(0)
+    moments = rng.standard_normal((1, 8, 8, 12)).astype(np.float32) * 0.5  # [B, 2C, 64/8, 96/8]
+    batch = {"txt": ["a photo of <toy> <toy>_1"], "original_size_as_tuple": np.array([[256, 384]]),
+             "crop_coords_top_left": np.array([[0, 0]]), "target_size_as_tuple": np.array([[64, 96]])}
+    wide = loss_inputs(training.model, moments, training.model.conditioner.tokenize(batch), rng)
+    losses = harness.step([wide]) + harness.step([wide]) + harness.step([micro_batch(training)])
+    compiled = set(training.train_step.compile_cache)
+    harness.reset()
+    assert np.isfinite(losses).all()
+    assert square < compiled and len(compiled) == len(square) + 1
+
+
+def test_bucketing_run(bucketing_run):
+    """--bucketing True with two words: the summary names each word's buckets, the run trains through both sizes (a
+    graph each, shared by the words) and writes each word's embedding; the validation loss covers every image at its
+    bucket's size; resuming without --bucketing is refused before anything is built."""
+    save, out = bucketing_run["save"], bucketing_run["out"]
+    assert bucketing_run["code"] == 0, out
+    assert "buckets (h x w)   : 64x64: 4, 64x96: 2 for <toy>" in out
+    assert "buckets (h x w)   : 64x64: 1, 64x96: 1 for <dot>" in out
+    # a graph per size, each compiled at its first step: the speed is that of the other steps
+    assert out.count("Graph compiled in") == 2 and "2 graphs compiled in" in out
+    rows = state_rows(read_state(save, 6))
+    for word, vectors in (("toy", slice(0, 2)), ("dot", slice(2, 3))):
+        embedding = load_embedding(os.path.join(save, f"{word}.safetensors"))
+        assert np.array_equal(embedding.clip_l, rows[0][vectors]) and np.array_equal(embedding.clip_g, rows[1][vectors])
+        assert os.path.exists(os.path.join(save, f"{word}_best.safetensors"))
+    table = loss_rows(save)
+    assert [int(r[0]) for r in table] == list(range(0, 7))
+    assert np.isfinite([float(r[1]) for r in table[1:]]).all()
+    # the validation loss at step 0 and at the end, over one draw of each of the 8 images (5 square, 3 wide)
+    val = {int(r[0]): float(r[2]) for r in table if r[2]}
+    assert sorted(val) == [0, 6] and np.isfinite(list(val.values())).all()
+    draws = read_train_state(os.path.join(save, STATE_DIR, "step_00000006"), {})["validation"]["draws"]
+    assert sorted((word, index) for word, index, *_ in draws) == [(0, i) for i in range(6)] + [(1, 0), (1, 1)]
+    assert f"step 6: validation loss {val[6]:.5f}" in out
+    assert OmegaConf.load(os.path.join(save, "args.yaml")).args.bucketing is True
+    refused = bucketing_run["refused"]
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    (error,) = error_lines(refused.stderr)
+    assert "cannot be resumed" in error and "  bucketing: saved {'train_batch_size': 2}, now None" in refused.stderr
 
 
 def test_fp16_keeps_learned_rows_and_optimizer_state_fp32(tmp_path):

@@ -9,9 +9,11 @@ training flips, with the prompt its dataset would give it (template or caption) 
 draws; its timestep is the j-th of M spread evenly over the schedule (`spread`: stratified, so each image's
 draws span the schedule and the mean has no timestep-sampling noise); its posterior and diffusion noise come
 from a RandomState keyed by (seed, VALIDATION_KEY, j), drawn as a training step draws its own (`loss_inputs`).
-With one image, the draws differ from the training's by noise and timestep only.
+With one image, the draws differ from the training's by noise and timestep only. With bucketing a draw's image
+is at its bucket's size, its latent cached at that size, as in training.
 
-`ValidationLoss` is the evaluation graph: the training loss per draw, forward only, compiled at its first call.
+`ValidationLoss` is the evaluation graph: the training loss per draw, forward only, compiled at its first call
+(and, with bucketing, at its first call at each bucket's size).
 """
 import collections
 
@@ -55,9 +57,10 @@ class Validation:
     """The validation loss of a run: its draws, the evaluation graph, and the best (lowest) loss so far with the
     learned rows that gave it.
 
-    Each rank evaluates its share of the draws (every world_size-th), in batches of `batch_size` (the last one
-    padded, so the graph compiles once), and the per-draw losses are summed across ranks: all ranks must call
-    `losses` at the same steps.
+    Each rank evaluates its share of the draws (every world_size-th), in batches of `batch_size` of one training
+    size (with bucketing each image is drawn at its bucket's size; the last batch of a size padded, so the graph
+    compiles once per size), and the per-draw losses are summed across ranks: all ranks must call `losses` at the
+    same steps.
     """
 
     def __init__(self, engine, datasets, latents, num_draws, seed, batch_size=1, flips=True, learned_rows=(),
@@ -87,12 +90,16 @@ class Validation:
 
     def losses(self):
         """The loss of every draw with the learned rows as they are now: float32 [M], the same on every rank."""
-        mine = list(range(self.rank, len(self.draws), self.world_size))
+        by_size = {}  # training size (height, width): this rank's draws of that size (one size without bucketing)
+        for j in range(self.rank, len(self.draws), self.world_size):
+            word, index = self.draws[j][:2]
+            by_size.setdefault(self.latents[word].dataset.target_sizes[index], []).append(j)
         losses = np.zeros(len(self.draws), np.float32)
-        for start in range(0, len(mine), self.batch_size):
-            batch = mine[start:start + self.batch_size]
-            padded = batch + batch[-1:] * (self.batch_size - len(batch))
-            losses[batch] = self.net(*self.inputs(padded)).asnumpy()[:len(batch)]
+        for mine in by_size.values():
+            for start in range(0, len(mine), self.batch_size):
+                batch = mine[start:start + self.batch_size]
+                padded = batch + batch[-1:] * (self.batch_size - len(batch))
+                losses[batch] = self.net(*self.inputs(padded)).asnumpy()[:len(batch)]
         if self.world_size > 1:
             from mindspore.mint.distributed import all_reduce
 
