@@ -34,7 +34,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 import gm
-from gm.data.dataset import DataError, EpochOrder, TextualInversionDataset, prompt_batch
+from gm.data.dataset import DataError, TextualInversionDataset, data_order, prompt_batch
 from gm.data.templates import TemplateError, load_templates
 from gm.device import add_device_arguments, resolve_device, set_device
 from gm.models.loading import create_model, load_config
@@ -55,6 +55,7 @@ from gm.textual_inversion.placeholder import (
 from gm.textual_inversion.train_step import (
     BlockwiseTrainStep, TextualInversionLoss, TextualInversionTrainStep, loss_inputs,
 )
+from gm.textual_inversion.validation import Validation
 from gm.weights.loader import WeightFileError, layout_fingerprint, weight_format
 from gm.weights.state_dict import WeightMismatchError
 
@@ -101,6 +102,14 @@ def build_parser():
                    help="a text file of prompt templates, one per line, each with {} for the placeholder")
     g.add_argument("--resolution", type=int, default=None,
                    help="training image size (default: the config's training.resolution, else 1024)")
+    g.add_argument("--bucketing", type=str2bool, default=False,
+                   help="aspect-ratio buckets: train each image at the one of SDXL's training sizes (its 1024 px "
+                        "list scaled to about --resolution^2 pixels, sides multiples of 32) nearest its aspect "
+                        "ratio, not at the --resolution square; each micro-batch from one bucket. Each bucket's size "
+                        "compiles its own training graph at its first step, kept for the run: on the CPU each one "
+                        "stays in memory (0.3 GB on the tiny model at 64 px; more for the full-size model), so many "
+                        "buckets cost more; so does the validation loss's graph, which takes each image at its "
+                        "bucket's size (default: False, the square centre crop)")
     g.add_argument("--flip_p", type=float, default=0.5, help="probability of a horizontal flip (default: 0.5)")
     g.add_argument("--caption_dropout", type=float, default=0.0,
                    help="probability of prompting an image that has a caption (name.txt) with a template instead "
@@ -180,7 +189,16 @@ def build_parser():
     g.add_argument("--save_interval", type=int, default=None,
                    help="save the embeddings and the training state every N steps (default: the config's "
                         "training.save_interval, else 500)")
-    g.add_argument("--max_num_ckpt", type=int, default=None, help="keep at most N step-numbered embedding pairs (default: all)")
+    g.add_argument("--max_num_ckpt", type=int, default=None,
+                   help="keep at most N step-numbered embedding pairs (default: all; the best pair is always kept)")
+    g.add_argument("--validation_interval", type=int, default=None,
+                   help="evaluate the validation loss (the loss on fixed held-out draws of image, flip, prompt, noise "
+                        "and timestep) at step 0, every N steps and at the end, and keep the embedding with the lowest "
+                        "as <name>_best; 0 turns it off and saves its compiled graph's memory (default: the config's "
+                        "training.validation_interval, else --save_interval)")
+    g.add_argument("--validation_draws", type=int, default=64,
+                   help="draws of the validation loss, rounded up to a multiple of the number of images "
+                        "(default: %(default)s)")
     g.add_argument("--resume", default=None,
                    help='continue a run: "latest" (the newest state in --save_path), a run folder, or one of its '
                         'train_state/step_<n> folders; the placeholder, vectors and model must match')
@@ -254,9 +272,10 @@ def check_concepts(concepts):
                                  "each word needs a token of its own.")
     names = [embedding_name(concept.token) for concept in concepts]
     for i, (concept, name) in enumerate(zip(concepts, names)):
-        # one file name per word, and <w>_<n>.safetensors is the word <w> at step n: no other word may be named so
+        # one file name per word, and <w>_<n>.safetensors (<w>_best) is the word <w> at step n (its best step): no
+        # other word may be named so
         clash = [concepts[j].token for j, other in enumerate(names)
-                 if j != i and (other == name or re.fullmatch(re.escape(other) + r"_\d+", name))]
+                 if j != i and (other == name or re.fullmatch(re.escape(other) + r"_(\d+|best)", name))]
         if clash:
             raise UsageError(f"{concept.flag}: its embedding files ({name}.safetensors, ...) would clash with those "
                              f"of the word {clash[0]!r}; rename one of the two words.")
@@ -271,6 +290,10 @@ def check_args(args):
                  "save_interval", "infer_interval", "num_validation_images", "validation_sample_step"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.validation_interval < 0:
+        raise UsageError(f"--validation_interval must be at least 0 (0: off), got {args.validation_interval}")
+    if args.validation_draws < 1:
+        raise UsageError(f"--validation_draws must be at least 1, got {args.validation_draws}")
     if args.max_num_ckpt is not None and args.max_num_ckpt < 1:
         raise UsageError(f"--max_num_ckpt must be at least 1, got {args.max_num_ckpt}")
     if args.lr_warmup_steps < 0:
@@ -329,6 +352,9 @@ def resolve_defaults(args, config):
     for flag, default in CONFIG_DEFAULTS.items():  # a small model's config may set shorter runs
         if getattr(args, flag) is None:
             setattr(args, flag, int(OmegaConf.select(config, f"training.{flag}", default=default)))
+    if args.validation_interval is None:
+        args.validation_interval = int(OmegaConf.select(config, "training.validation_interval",
+                                                        default=args.save_interval))
     if args.save_path is None:
         args.save_path = os.path.join("runs", embedding_name(args.concepts[0].token))
     if args.weight is None and OmegaConf.select(config, "training.weight"):
@@ -369,7 +395,9 @@ def run_identity(args, config, world_size):
     return {"words": [[concept.token, concept.num_vectors] for concept in args.concepts],
             "model": hashlib.sha256(OmegaConf.to_yaml(config.model).encode()).hexdigest()[:16],
             "weight": os.path.abspath(args.weight) if args.weight else None,
-            "resolution": args.resolution, "seed": args.seed, "world_size": world_size}
+            "resolution": args.resolution, "seed": args.seed, "world_size": world_size,
+            # the bucketed data order's epochs are in steps of the global batch; None: the square order, as before
+            "bucketing": {"train_batch_size": args.train_batch_size} if args.bucketing else None}
 
 
 def embedding_facts(args, learning_rate_used):
@@ -392,8 +420,9 @@ class Training:
             concept.data_path, concept.token, args.resolution, concept.learnable_property, templates,
             placeholder_text=expand_placeholders(concept.token, {concept.token: concept.num_vectors}),
             flip_p=args.flip_p, seed=args.seed, caption_dropout=args.caption_dropout,
-            shuffle_caption=args.shuffle_caption, keep_tokens=args.keep_tokens) for concept in self.concepts]
-        self.orders = [EpochOrder(len(dataset), args.train_batch_size, args.seed, rank, world_size)
+            shuffle_caption=args.shuffle_caption, keep_tokens=args.keep_tokens, bucketing=args.bucketing)
+            for concept in self.concepts]
+        self.orders = [data_order(dataset, args.train_batch_size, args.seed, rank, world_size)
                        for dataset in self.datasets]
 
         # ---- the frozen model, with the placeholder tokens added to both text encoders
@@ -424,10 +453,17 @@ class Training:
                                                            world_size, row_norms)
         # what a training state holds besides the host side (step, data order)
         self.state_params = self.learned_rows + self.train_step.update.state_parameters()
+
+        # ---- the validation loss on fixed held-out draws (its graph compiles at the first evaluation at each size)
+        self.validation = None
+        if args.validation_interval:
+            self.validation = Validation(self.model, self.datasets, self.latents, args.validation_draws, args.seed,
+                                         args.train_batch_size, args.flip_p > 0, self.learned_rows, rank, world_size)
         self.identity, self.schedule = run_identity(args, config, world_size), schedule_flags(args)
         self.embedding_facts = embedding_facts(args, self.base_lr)
         self.args, self.rank, self.world_size = args, rank, world_size
         self.start_step, self.log, self.validation_pipeline = 0, None, None
+        self.step_shapes = set()  # the micro-batch shapes the train step has run at: one compiled graph each
 
     def resume(self, state_dir, host):
         """Continue from the training state `state_dir` (its host state `host`, checked by `read_resume_state`)."""
@@ -438,13 +474,31 @@ class Training:
         except (KeyError, ValueError) as e:
             raise ResumeError(f"{state_dir}: the training images changed since it was saved ({e}).") from None
         self.start_step = host["step"]
+        if self.validation is not None and "validation" in host:
+            self.resume_validation(state_dir, host["validation"])
         saved_schedule = host.get("schedule", self.schedule)
         if self.rank == 0 and schedule_changed(saved_schedule, self.schedule, self.start_step, self.effective_batch):
             print(f"warning: the learning-rate schedule differs from the resumed run's {saved_schedule} in the "
                   f"steps already taken; the continuation will not match an uninterrupted run.", file=sys.stderr)
 
+    def resume_validation(self, state_dir, saved):
+        """Keep the resumed run's validation draws and its best (step, loss and rows)."""
+        validation = self.validation
+        if len(saved["draws"]) != len(validation.draws) and self.rank == 0:
+            print(f"warning: the resumed run's {len(saved['draws'])} validation draws are kept (--validation_draws "
+                  f"{self.args.validation_draws} would give {len(validation.draws)}), so that its validation losses "
+                  "stay comparable.", file=sys.stderr)
+        validation.load_state_dict(saved)
+        for word, index, flipped, *_ in validation.draws:
+            if word >= len(self.datasets) or index >= len(self.datasets[word]) or (flipped and self.args.flip_p == 0):
+                raise ResumeError(f"{state_dir}: its validation draws do not fit this run's images (image {index} of "
+                                  f"word {word}{', mirrored, but --flip_p is 0' if flipped else ''}).")
+        if validation.best_step is not None:
+            load_train_state(state_dir, validation.best_rows)
+
     def begin(self, config):
-        """The run folder's first writes (rank 0): args.yaml, and the loss log from the start step."""
+        """The run folder's first writes (rank 0): args.yaml, the loss log from the start step, a resumed run's best
+        embeddings."""
         if self.rank != 0:
             return
         args = self.args
@@ -456,6 +510,8 @@ class Training:
         OmegaConf.save(OmegaConf.create({"args": flags, "resolved": resolved, "config": config}),
                        os.path.join(args.save_path, "args.yaml"))
         self.log = LossLog(args.save_path, self.start_step, TEXT_ENCODERS, self.tokens)
+        if self.validation is not None and self.validation.best_step is not None:
+            self.save_best()  # the resumed run's: the folder may hold none, or a later step's of an abandoned run
 
     def run_step(self, step, lr):
         """One optimizer step (all its micro-batches, each from one word's images, the words in turn); returns the
@@ -467,17 +523,19 @@ class Training:
             noise_rng = np.random.RandomState([self.args.seed, self.rank, step, micro])
             k = (step * accumulation + micro) % len(self.concepts)
             inputs = draw_micro_batch(self.model, self.datasets[k], self.latents[k], self.orders[k], noise_rng)
+            self.step_shapes.add(inputs[0].shape)  # a new one (a bucket's first micro-batch) compiles a graph
             loss = self.train_step(Tensor(lr, ms.float32), Tensor(micro == accumulation - 1), *inputs)
             losses.append(float(loss.asnumpy()))
         return float(np.mean(losses))
 
-    def rows(self):
-        """The learned rows of both encoders as float32 arrays ([n, d1], [n, d2]), every word's in order."""
-        return tuple(p.asnumpy().astype(np.float32) for p in self.learned_rows)
+    def rows(self, learned_rows=None):
+        """The learned rows of both encoders as float32 arrays ([n, d1], [n, d2]), every word's in order (of
+        `learned_rows`, default: the training's)."""
+        return tuple(p.asnumpy().astype(np.float32) for p in learned_rows or self.learned_rows)
 
-    def word_rows(self):
-        """[(concept, its rows [n, d1], [n, d2])] for each word."""
-        rows, start, words = self.rows(), 0, []
+    def word_rows(self, learned_rows=None):
+        """[(concept, its rows [n, d1], [n, d2])] for each word (of `learned_rows`, default: the training's)."""
+        rows, start, words = self.rows(learned_rows), 0, []
         for concept in self.concepts:
             end = start + concept.num_vectors
             words.append((concept, rows[0][start:end], rows[1][start:end]))
@@ -496,10 +554,33 @@ class Training:
                                     several)
             if final:
                 save_learned_embeddings(args.save_path, concept.token, rows_l, rows_g, None, None, facts, several)
-        save_train_state(args.save_path, step, self.state_params,
-                         {"identity": self.identity, "data_orders": [order.state_dict() for order in self.orders],
-                          "schedule": self.schedule})
+        host_state = {"identity": self.identity, "data_orders": [order.state_dict() for order in self.orders],
+                      "schedule": self.schedule}
+        params = self.state_params
+        if self.validation is not None:
+            host_state["validation"] = self.validation.state_dict()
+            params = params + self.validation.best_rows
+        save_train_state(args.save_path, step, params, host_state)
         self.log.plot()
+
+    def validate(self, step):
+        """The validation loss at `step` (every rank evaluates its share of the draws: all ranks call this at the
+        same steps); a new lowest writes each word's best embeddings."""
+        loss = float(np.mean(self.validation.losses()))
+        if self.validation.improved(step, loss, self.learned_rows):
+            self.save_best()
+        return loss
+
+    def save_best(self):
+        """Write each word's embeddings of the best validation loss as <name>_best (rank 0), with its step and loss
+        in their metadata; --max_num_ckpt never prunes them."""
+        if self.rank != 0:
+            return
+        validation = self.validation
+        facts = dict(self.embedding_facts, step=validation.best_step, val_loss=f"{validation.best_loss:.6f}")
+        for concept, rows_l, rows_g in self.word_rows(validation.best_rows):
+            save_learned_embeddings(self.args.save_path, concept.token, rows_l, rows_g, "best", None, facts,
+                                    len(self.concepts) > 1)
 
 
 def main(args):
@@ -679,16 +760,23 @@ def train_loop(run, stop):
                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
     if is_main and run.start_step < args.total_step:
         tqdm.write("Compiling the training graph (the first step takes longer)...")
-    timing = {"compile": None, "steps": []}  # compile: first step's seconds; steps: the seconds of the others
+    # compile: the seconds of the steps that compiled a graph (the first; with --bucketing, the first at each
+    # bucket's size); steps: the seconds of the others; validation: each evaluation's seconds
+    timing = {"compile": [], "steps": [], "validation": []}
     step = run.start_step
     stopped = False
     with progress:  # closed before an error is printed, too
+        if run.validation is not None and step == 0:  # the initial embedding's: the baseline
+            val_loss = validate(run, step, timing)
+            if is_main:
+                run.log.append(step, None, None, None, vector_health(run.rows(), run.initial_rows), val_loss)
         while step < args.total_step:
             if stop_requested(stop, run.world_size):
                 stopped = True
                 break
             started = time.time()
             lr = learning_rate(args.lr_scheduler, run.base_lr, step, args.total_step, args.lr_warmup_steps)
+            graphs = len(run.step_shapes)
             loss = run.run_step(step, lr)
             step += 1
             rows = run.rows()
@@ -697,14 +785,18 @@ def train_loop(run, stop):
                     f"at step {step} the learned embedding became NaN or infinite (learning rate {lr:g}), so the run "
                     f"stopped before writing it; {resume_hint(args.save_path)}. Try a lower --learning_rate.")
             seconds = time.time() - started
-            if timing["compile"] is None:
-                timing["compile"] = seconds
+            if len(run.step_shapes) > graphs:
+                timing["compile"].append(seconds)
                 if is_main:
-                    tqdm.write(f"Graph compiled in {seconds:.1f} s (first step, compile included).")
+                    at = " at this bucket's size" if len(timing["compile"]) > 1 else ""
+                    tqdm.write(f"Graph compiled in {seconds:.1f} s (first step{at}, compile included).")
             else:
                 timing["steps"].append(seconds)
+            val_loss = None
+            if run.validation is not None and (step % args.validation_interval == 0 or step == args.total_step):
+                val_loss = validate(run, step, timing)
             if is_main:
-                run.log.append(step, loss, lr, seconds, vector_health(rows, run.initial_rows))
+                run.log.append(step, loss, lr, seconds, vector_health(rows, run.initial_rows), val_loss)
                 postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
                 if timing["steps"]:  # speed and ETA from the steps after the compile (the last 50)
                     per_step = float(np.mean(timing["steps"][-50:]))
@@ -716,6 +808,19 @@ def train_loop(run, stop):
             if step % args.save_interval == 0 and step != args.total_step:
                 run.save(step)
     return step, timing, stopped
+
+
+def validate(run, step, timing):
+    """The validation loss at `step` (on every rank), timed, and its line in the log."""
+    started = time.time()
+    loss = run.validate(step)
+    timing["validation"].append(time.time() - started)
+    if run.rank == 0:
+        validation = run.validation
+        best = (f"best {validation.best_loss:.5f} at step {validation.best_step}" if validation.best_step is not None
+                else "none finite yet")
+        tqdm.write(f"step {step}: validation loss {loss:.5f} ({best})")
+    return loss
 
 
 def stop_requested(stop, world_size):
@@ -786,12 +891,17 @@ def sample_validation_grid(run, args, step):
 def print_summary(args, run):
     tokens, rates = run.tokens, encoder_learning_rates(args)
     words = ", ".join(f"{concept.token!r} ({concept.learnable_property})" for concept in run.concepts)
+    data = []  # per word: its images and, with --bucketing, how many went to each bucket
+    for concept, dataset in zip(run.concepts, run.datasets):
+        word = f" for {concept.token}" if len(run.concepts) > 1 else ""
+        data.append(f"  images found      : {len(dataset)} in {concept.data_path}{word}")
+        if args.bucketing:
+            data.append("  buckets (h x w)   : " + ", ".join(f"{h}x{w}: {count}" for (h, w), count in
+                                                         dataset.bucket_counts().items()) + word)
     lines = [
         "",
         f"Textual inversion of {words} on {args.config}",
-        *(f"  images found      : {len(dataset)} in {concept.data_path}"
-          + (f" for {concept.token}" if len(run.concepts) > 1 else "")
-          for concept, dataset in zip(run.concepts, run.datasets)),
+        *data,
         f"  tokens added      : {len(tokens)} to each text encoder ({', '.join(tokens[:4])}"
         f"{' ...' if len(tokens) > 4 else ''})"
         f"{f', initialised from {args.initializer_token!r}' if args.initializer_token else ', random initial vectors'}",
@@ -804,6 +914,9 @@ def print_summary(args, run):
         "  text encoders     : " + ", ".join(f"{encoder} lr {run.base_lr * rates[name] / args.learning_rate:g}"
                                              if name in rates else f"{encoder} frozen"
                                              for name, encoder in zip(ENCODERS, TEXT_ENCODERS)),
+        "  validation loss   : " + (f"{len(run.validation.draws)} fixed draws every {args.validation_interval} "
+                                     f"steps, the lowest's embedding kept as <name>_best" if run.validation else
+                                     "off (--validation_interval 0)"),
         f"  outputs           : {args.save_path}",
         "",
     ]
@@ -813,9 +926,20 @@ def print_summary(args, run):
 def print_outputs(args, run, step, timing):
     skipped = int(run.train_step.update.skipped_steps.asnumpy())
     print(f"\nDone: step {step}{f', {skipped} steps skipped (non-finite gradients)' if skipped else ''}.")
-    if timing["compile"] is not None:
+    if timing["compile"]:
         speed = f", then {np.mean(timing['steps']):.2f} s/step" if timing["steps"] else ""
-        print(f"  time                  : graph compiled in {timing['compile']:.1f} s (first step){speed}")
+        seconds = " + ".join(f"{s:.1f}" for s in timing["compile"])
+        if len(timing["compile"]) == 1:
+            compiled = f"graph compiled in {seconds} s (first step)"
+        else:
+            compiled = f"{len(timing['compile'])} graphs compiled in {seconds} s (first step at each bucket's size)"
+        print(f"  time                  : {compiled}{speed}")
+    if timing["validation"]:
+        evaluations = len(timing["validation"])
+        print(f"  validation loss       : {evaluations} evaluation{'s' if evaluations > 1 else ''} of "
+              f"{len(run.validation.draws)} draws in {sum(timing['validation']):.1f} s (the first, with its graph's "
+              f"compile: {timing['validation'][0]:.1f} s); {run.log.val_losses[0]:.5f} at step {run.log.val_steps[0]} "
+              f"-> {run.log.val_losses[-1]:.5f} at step {run.log.val_steps[-1]}")
     health = np.array(vector_health(run.rows(), run.initial_rows)).reshape(len(TEXT_ENCODERS), 2, -1)
     for name, embedder, rows, (norms, cosines) in zip(TEXT_ENCODERS, run.model.conditioner.text_embedders(),
                                                       run.rows(), health):
@@ -828,6 +952,12 @@ def print_outputs(args, run, step, timing):
         ckpt, safetensors_path = embedding_paths(args.save_path, concept.token, None, several)
         print(f"  embedding of {concept.token} (MindSpore): {ckpt}")
         print(f"  embedding of {concept.token} (SDXL community format, for kohya/A1111/ComfyUI): {safetensors_path}")
+    validation = run.validation
+    if validation is not None and validation.best_step is not None:
+        best = [path for concept in run.concepts for path in embedding_paths(args.save_path, concept.token, "best",
+                                                                             several)]
+        print(f"  best validation loss  : {validation.best_loss:.5f} at step {validation.best_step}, its embeddings: "
+              f"{', '.join(best)}")
     print(f"  loss log and curve    : {os.path.join(args.save_path, 'loss.csv')}, loss.png")
     print(f"  training state        : {os.path.join(args.save_path, STATE_DIR)} (continue with --resume latest)")
     if args.infer_during_train:

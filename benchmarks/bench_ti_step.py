@@ -191,7 +191,7 @@ def run_ours_parts(args):
             self.loss = TextualInversionLoss(model)
 
         def construct(self, *args):
-            return self.loss.loss_given_conditioning(*args)
+            return self.loss.per_sample_given_conditioning(*args).mean()
 
     class Projection(nn.Cell):
         """<conditioning, given gradients>: its gradient for the learned rows is the text encoders' backward."""

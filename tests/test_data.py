@@ -1,5 +1,5 @@
-"""Textual-inversion training data: image decoding, cropping with SDXL size conditioning, captions,
-templates and the resumable, rank-sharded data order."""
+"""Textual-inversion training data: image decoding, cropping with SDXL size conditioning, aspect-ratio buckets,
+captions, templates and the resumable, rank-sharded data orders."""
 import json
 import os
 
@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gm.data.dataset import DataError, EpochOrder, TextualInversionDataset, load_image, to_rgb
+from gm.data.dataset import (
+    SDXL_BUCKETS, BucketOrder, DataError, EpochOrder, TextualInversionDataset, bucket_sizes, data_order, load_image,
+    to_rgb)
 from gm.data.templates import (
     FACE_TEMPLATES, OBJECT_TEMPLATES, STYLE_TEMPLATES, TemplateError, get_templates, load_templates)
 
@@ -335,3 +337,122 @@ def test_captions_of_one_text_encoder(tmp_path):
     (tmp_path / "b.clip_l.txt").write_text("a toy")
     with pytest.raises(DataError, match="b.clip_l.txt must contain the placeholder"):
         TextualInversionDataset(str(tmp_path), TOKEN, resolution=16)
+
+
+# ------------------------------------------------------------------------------------- aspect-ratio buckets
+
+
+def test_bucket_sizes():
+    """SDXL's 40 training sizes at 1024 px; scaled, each side a multiple of 32 and the area within 15% of res^2."""
+    assert bucket_sizes(1024) == list(SDXL_BUCKETS) and len(SDXL_BUCKETS) == 40
+    assert {(1024, 1024), (896, 1152), (1152, 896), (1216, 832), (832, 1216), (768, 1344), (1344, 768),
+            (640, 1536), (1536, 640), (512, 2048), (2048, 512)} <= set(SDXL_BUCKETS)
+    assert bucket_sizes(512) == [(h // 2, w // 2) for h, w in SDXL_BUCKETS]  # halved: multiples of 32 already
+    for resolution in range(256, 2049, 32):
+        sizes = bucket_sizes(resolution)
+        assert len(set(sizes)) == len(sizes) and (resolution, resolution) in sizes
+        for h, w in sizes:
+            assert h % 32 == 0 and w % 32 == 0, (resolution, h, w)
+            assert 0.85 <= h * w / resolution ** 2 <= 1.15, (resolution, h, w)
+    # the tiny model's 64 px: few sizes are left, from 1:4 to 4:1
+    assert bucket_sizes(64) == [(32, 128), (32, 96), (64, 96), (64, 64), (96, 64), (96, 32), (128, 32)]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """A wide (121x64, w x h), a tall (41x100) and a square (50x50) image, each red on the left, blue on the right."""
+    root = tmp_path_factory.mktemp("shapes")
+    for name, size in (("a_wide.png", (121, 64)), ("b_tall.png", (41, 100)), ("c_square.png", (50, 50))):
+        halves("RGB", size, RED, BLUE).save(root / name)
+    return str(root)
+
+
+def test_each_image_is_cropped_to_its_bucket(shapes):
+    """At 64 px: the wide image goes to 64x96 (h x w; 1.89:1 is nearest 1.5:1), the tall one to 96x32 (0.41:1,
+    nearest 1:3), the square one to 64x64. Each is scaled to cover its bucket and centre-cropped; the size
+    conditioning says what was done, the crop's left edge counted in the mirrored image when flipped."""
+    plain = TextualInversionDataset(shapes, TOKEN, resolution=64, bucketing=True)
+    flipped = TextualInversionDataset(shapes, TOKEN, resolution=64, bucketing=True, flip_p=1.0)
+    assert plain.target_sizes == [(64, 96), (96, 32), (64, 64)]
+    assert plain.bucket_counts() == {(64, 64): 1, (64, 96): 1, (96, 32): 1}
+    # wide: 121x64 covers 96x64 unscaled, left = round(25 / 2) = 12, mirrored 121 - 12 - 96 = 13
+    # tall: scaled by 96/100 to 39x96, left = round(7 / 2) = 4, mirrored 39 - 4 - 32 = 3
+    # square: scaled to 64x64, nothing cropped
+    expected = [((64, 121), (0, 12), (0, 13)), ((100, 41), (0, 4), (0, 3)), ((50, 50), (0, 0), (0, 0))]
+    for index, (original, crop, mirrored_crop) in enumerate(expected):
+        a, b = plain.example(index), flipped.example(index)
+        height, width = plain.target_sizes[index]
+        assert a["jpg"].shape == (3, height, width) and a["target_size_as_tuple"] == (height, width)
+        assert a["original_size_as_tuple"] == b["original_size_as_tuple"] == original
+        assert a["crop_coords_top_left"] == crop and b["crop_coords_top_left"] == mirrored_crop
+        assert np.array_equal(b["jpg"], a["jpg"][:, :, ::-1])
+        assert close(pixel(a["jpg"], height // 2, 0), RED) and close(pixel(a["jpg"], height // 2, width - 1), BLUE)
+
+    batch = plain.batch([(0, 0), (0, 1)])  # a micro-batch of one bucket
+    assert batch["jpg"].shape == (2, 3, 64, 96) and batch["target_size_as_tuple"].tolist() == [[64, 96]] * 2
+
+    randomly = TextualInversionDataset(shapes, TOKEN, resolution=64, bucketing=True, center_crop=False, seed=2)
+    lefts = {randomly.example(0, epoch)["crop_coords_top_left"] for epoch in range(20)}
+    assert {top for top, _ in lefts} == {0} and {left for _, left in lefts} <= set(range(26)) and len(lefts) > 3
+
+
+def test_bucketing_off_keeps_the_square_and_its_order(shapes):
+    square = TextualInversionDataset(shapes, TOKEN, resolution=64)
+    assert square.target_sizes == [(64, 64)] * 3 and square.example(0)["jpg"].shape == (3, 64, 64)
+    order = data_order(square, 2, seed=5)
+    assert isinstance(order, EpochOrder)
+    assert [order.next_batch() for _ in range(4)] == take(EpochOrder(3, 2, seed=5), 4)
+    assert isinstance(data_order(TextualInversionDataset(shapes, TOKEN, 64, bucketing=True), 2), BucketOrder)
+
+
+SIZES = [(64, 64)] * 5 + [(64, 96)] * 2 + [(96, 64)]  # images 0-4 square, 5-6 wide, 7 tall
+
+
+def test_bucket_order_draws_each_batch_from_one_bucket():
+    """An epoch: ceil(n_b / 2) steps of each bucket (3 + 1 + 1) in a shuffled order. Each bucket deals its images
+    pass after pass, each pass a permutation (the draws' epoch); every batch is full: the lone tall image's with
+    itself from its next pass (other random choices)."""
+    order = BucketOrder(SIZES, batch_size=2, seed=3)
+    epochs = [take(order, 5) for _ in range(4)]
+    assert order.epoch == 4 and order.position == 0
+    schedules = [[SIZES[step[0].index] for step in steps] for steps in epochs]
+    assert all(sorted(s) == sorted([(64, 64)] * 3 + [(64, 96), (96, 64)]) for s in schedules)
+    assert len({tuple(s) for s in schedules}) > 1  # the batch order is shuffled per epoch
+    draws = [d for steps in epochs for step in steps for d in step]
+    assert len(draws) == 40 == len(set(draws))  # no (image, pass) twice: every draw its own random choices
+    for step in (step for steps in epochs for step in steps):
+        assert len(step) == 2 and len({SIZES[d.index] for d in step}) == 1
+    for size, images in {(64, 64): [0, 1, 2, 3, 4], (64, 96): [5, 6], (96, 64): [7]}.items():
+        dealt = [d for d in draws if SIZES[d.index] == size]
+        assert len(dealt) == 2 * 4 * -(-len(images) // 2)  # its steps' draws in 4 epochs
+        for bucket_pass in range(len(dealt) // len(images)):  # its complete passes
+            assert sorted(d.index for d in dealt if d.epoch == bucket_pass) == images
+    assert [d for step in epochs[0] for d in step if d.index == 7] == [(7, 0), (7, 1)]
+    assert take(BucketOrder(SIZES, 2, seed=3), 10) == [step for steps in epochs for step in steps][:10]
+    assert take(BucketOrder(SIZES, 2, seed=4), 10) != take(BucketOrder(SIZES, 2, seed=3), 10)
+
+
+def test_bucket_order_ranks_share_a_bucket_per_step():
+    ranks = [BucketOrder(SIZES, batch_size=1, seed=5, rank=r, world_size=2) for r in range(2)]
+    single = BucketOrder(SIZES, batch_size=2, seed=5)
+    for _ in range(12):
+        steps = [r.next_batch() for r in ranks]
+        assert steps[0] + steps[1] == single.next_batch()  # the same stream, split
+        assert SIZES[steps[0][0].index] == SIZES[steps[1][0].index] and steps[0] != steps[1]
+    assert all(r.state_dict() == single.state_dict() for r in ranks)
+
+
+def test_bucket_order_resumes_exactly():
+    order = BucketOrder(SIZES, batch_size=2, seed=11)
+    take(order, 7)
+    state = json.loads(json.dumps(order.state_dict()))
+    expected = take(order, 9)
+    resumed = BucketOrder(SIZES, batch_size=2, seed=11)
+    resumed.load_state_dict(state)
+    assert take(resumed, 9) == expected
+    assert take(BucketOrder(SIZES, batch_size=2, seed=11), 9) != expected
+    for other, match in [(BucketOrder(SIZES, 2, seed=12), "seed"), (BucketOrder(SIZES, 3, seed=11), "global_batch"),
+                         (BucketOrder(SIZES[:-1], 2, seed=11), "n=8"),
+                         (BucketOrder(SIZES[1:] + SIZES[:1], 2, seed=11), "other images in the buckets")]:
+        with pytest.raises(ValueError, match=match):
+            other.load_state_dict(state)

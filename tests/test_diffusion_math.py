@@ -273,6 +273,10 @@ def test_sigma_samplers_and_offset_noise():
     edm = EDMSampling(p_mean=-1.2, p_std=1.2)
     rand = edm.draw(16, np.random.RandomState(0))
     np.testing.assert_allclose(edm(rand).asnumpy(), np.exp(-1.2 + 1.2 * rand.asnumpy()), rtol=1e-5)
+    # spread (the validation loss's levels): the midpoints of equal-probability strata
+    np.testing.assert_array_equal(sampler.spread(4).asnumpy(), [125, 375, 625, 875])
+    spread = edm.spread(5).asnumpy()
+    np.testing.assert_allclose(spread, [-1.2816, -0.5244, 0, 0.5244, 1.2816], atol=1e-4)  # N(0, 1) at 0.1, 0.3, ...
     # offset noise: an extra per-sample, per-channel constant on top of the same base draw
     plain = StandardDiffusionLoss({"target": PKG + "sigma_sampling.EDMSampling"}, {"target": PKG + "denoiser_weighting.UnitWeighting"})
     offset = StandardDiffusionLoss({"target": PKG + "sigma_sampling.EDMSampling"}, {"target": PKG + "denoiser_weighting.UnitWeighting"},

@@ -55,3 +55,30 @@ def test_cpu_caches_in_a_child_process(root, tiny_sdxl, monkeypatch):
     broken = Broken(os.path.join(root, DATA), "<toy>", 64)
     with pytest.raises(RuntimeError, match="failed in the child process .* --cache_latents False"):
         TrainingLatents(fresh_autoencoder(root, tiny_sdxl), broken, progress=False)
+
+
+def test_bucketed_latents_have_their_buckets_shapes(root, tiny_sdxl, tmp_path):
+    """With bucketing, each (image, flip)'s moments have its bucket's latent size, and the child process (one
+    file of images, one encoder graph, per size) gives the in-process values bit for bit."""
+    from PIL import Image
+
+    toy = Image.open(os.path.join(root, DATA, "toy_00.png"))
+    for name, size in (("a.png", (256, 256)), ("b.png", (384, 256)), ("c.png", (256, 256))):  # (w, h)
+        toy.resize(size).save(tmp_path / name)
+    dataset = TextualInversionDataset(str(tmp_path), "<toy>", 64, flip_p=0.5, bucketing=True)
+    assert dataset.target_sizes == [(64, 64), (64, 96), (64, 64)]
+    keys = [(i, flipped) for i in range(3) for flipped in (False, True)]
+    caches = []
+    for in_child in (False, True):
+        latents = TrainingLatents(fresh_autoencoder(root, tiny_sdxl), dataset, (False, True), progress=False,
+                                  in_child=in_child)
+        caches.append(latents.cache)
+        wide = latents.batch([(1, False), (1, True)])
+        assert wide["moments"].shape == (2, 8, 8, 12) and wide["target_size_as_tuple"].tolist() == [[64, 96]] * 2
+        assert wide["crop_coords_top_left"].tolist() == [[0, 0], [0, 0]]  # 96x64 exactly: nothing cropped
+        assert latents.batch([(0, True), (2, False)])["moments"].shape == (2, 8, 8, 8)
+    in_process, child = caches
+    assert sorted(in_process) == sorted(child) == sorted(keys)
+    for key in keys:
+        np.testing.assert_array_equal(child[key][0], in_process[key][0], err_msg=str(key))
+        assert child[key][1] == in_process[key][1]

@@ -37,6 +37,8 @@ CASES = {
     "accumulation_0": (tiny("--gradient_accumulation_steps", "0"), ["--gradient_accumulation_steps must be at least 1"]),
     "batch_size_0": (tiny("--train_batch_size", "0"), ["--train_batch_size must be at least 1"]),
     "resolution_100": (tiny("--resolution", "100"), ["--resolution 100", "multiples of 32"]),
+    # buckets are multiples of 32 too, so --bucketing takes every --resolution the square does, and no other
+    "bucketing_resolution_48": (tiny("--bucketing", "True", "--resolution", "48"), ["--resolution 48", "from 64 up"]),
     "bf16_on_cpu": (tiny("--precision", "bf16"), ["--precision bf16", "CPU"]),
     "another_run_in_save_path": (tiny(), ["--save_path", "another run", "--resume latest", "--overwrite"]),
     # the test holds the run folder's lock meanwhile, as a training running there does
@@ -63,6 +65,11 @@ CASES = {
                                  ["'<toy>_1' is already a token of the word '<toy>'"]),
     "word_named_like_a_step": (tiny("--concept", "<toy_4>:{tmp}/empty"),
                                ["--concept '<toy_4>:", "toy_4.safetensors", "clash with those of the word '<toy>'"]),
+    "word_named_like_the_best": (tiny("--concept", "<toy_best>:{tmp}/empty"),
+                                 ["--concept '<toy_best>:", "toy_best.safetensors", "clash with those of the word"]),
+    "validation_interval_negative": (tiny("--validation_interval", "-1"),
+                                     ["--validation_interval must be at least 0 (0: off), got -1"]),
+    "validation_draws_0": (tiny("--validation_draws", "0"), ["--validation_draws must be at least 1, got 0"]),
     "weights_given_as_config": (
         ["--config", WEIGHTS, "--data_path", DATA, "--placeholder_token", "<toy>", "--device_target", "CPU"],
         ["sd_xl_tiny_shapes.safetensors", "a binary file, not a YAML config"]),
@@ -165,7 +172,8 @@ def test_bad_input_is_refused_clearly(results, name):
 
 @pytest.mark.parametrize("name", ["initializer_without_a_word", "snr_gamma_negative", "noise_offset_negative",
                                   "train_encoders_bad", "learning_rate_clip_l_0", "learning_rate_clip_g_negative",
-                                  "caption_dropout_over_1", "keep_tokens_negative"])
+                                  "caption_dropout_over_1", "keep_tokens_negative", "validation_interval_negative",
+                                  "validation_draws_0"])
 def test_bad_option_values_exit_2(results, name):
     assert results[name][0] == 2, results[name][2]
 

@@ -5,9 +5,11 @@ A train graph takes about 40 s of CPU to compile, so this module compiles few. O
 trainer's own setup: 2 vectors from "toy", batch 1, 2 accumulation steps) is shared by the tests through a
 module fixture and reset between them. The command-line runs (A: batch 2, 8 steps; B: A resumed from step 4;
 Ctrl-C then --resume latest then kill -9, in fp16; msrun with 2 workers) start in background threads when the
-module starts and compile meanwhile on the other core; a test that reads a run waits for it. Where a run and
-the in-process step are compared, the in-process side is fed exactly what the run drew. Two more runs cannot
-finish: their learned rows overflow, or the disk fills at a save.
+module starts and compile meanwhile on the other core; a test that reads a run waits for it (also: two words, and
+--bucketing on square and wide images of two words: two graphs). Where a run and the in-process step are compared,
+the in-process side is fed exactly what the run drew. Two more runs cannot finish: their learned rows overflow, or
+the disk fills at a save. The validation loss (a graph of its own) runs in A, B, the msrun workers (on 16 draws),
+the bucketing run (8 draws, a graph per bucket) and in process; the other runs turn it off.
 """
 import os
 import shutil
@@ -28,16 +30,18 @@ from safetensors import safe_open
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from gm.data.dataset import EpochOrder
+from gm.data.dataset import BUCKET_MULTIPLE, EpochOrder
 from gm.models.autoencoder import AutoencoderKL
 from gm.models.loading import load_config
-from gm.sampling import SDXLPipeline
+from gm.sampling import SDXLPipeline, image_size_multiple
 from gm.textual_inversion.checkpointing import (
     LOCK_FILE, MODEL_NAME, STATE_DIR, ResumeError, load_train_state, read_train_state, save_learned_embeddings,
 )
 from gm.textual_inversion.embedding_io import load_embedding
+from gm.textual_inversion.loss_log import LossLog
 from gm.textual_inversion.optim import learning_rate
-from gm.textual_inversion.train_step import BlockwiseTrainStep, TextualInversionLoss
+from gm.textual_inversion.train_step import BlockwiseTrainStep, TextualInversionLoss, loss_inputs
+from gm.textual_inversion.validation import VALIDATION_KEY
 from tools.make_synthetic_dataset import COLORS
 from train_textual_inversion import (
     Training, check_args, draw_micro_batch, parse_args, resolve_defaults, rows_digest, schedule_changed,
@@ -55,6 +59,8 @@ LR = 5e-4  # the default --learning_rate, constant
 ROW_SHAPES = [(2, 32), (2, 64)]
 ENCODERS, TOKENS = ("clip_l", "clip_g"), ("<toy>", "<toy>_1")
 TIMEOUT = 900  # seconds for any one command-line run (a compile takes ~40 s; the machine may be shared)
+VALIDATION_OFF = ["--validation_interval", "0"]  # the runs that do not test it save its graph's compile
+VALIDATION_DRAWS = 16  # the command-line runs' (2 per image): cheap, and the same in A, B and the msrun workers
 
 
 # ------------------------------------------------------------------------------------- command-line runs
@@ -121,9 +127,14 @@ def loss_rows(save_path):
         return [line.strip().split(",") for line in f.readlines()[1:] if line.endswith("\n")]
 
 
+def last_step(save_path):
+    rows = loss_rows(save_path)
+    return int(rows[-1][0]) if rows else -1
+
+
 def wait_for_steps(process, save_path, steps):
     deadline = time.time() + TIMEOUT
-    while len(loss_rows(save_path)) < steps:
+    while last_step(save_path) < steps:
         assert process.poll() is None, f"the run ended (code {process.returncode}) before step {steps}"
         assert time.time() < deadline, f"no step {steps} after {TIMEOUT} s"
         time.sleep(0.2)
@@ -132,7 +143,8 @@ def wait_for_steps(process, save_path, steps):
 def resume_chain(runs, root):
     """A: batches of 2, 8 steps saving every 4 (keeping one numbered embedding); B: resumed from A's step 4."""
     a, b = os.path.join(root, "A"), os.path.join(root, "B")
-    common = BASE + ["--train_batch_size", "2", "--total_step", "8", "--save_interval", "4"]
+    common = BASE + ["--train_batch_size", "2", "--total_step", "8", "--save_interval", "4",
+                     "--validation_draws", str(VALIDATION_DRAWS)]
     code_a, out_a = runs.cli(common + ["--max_num_ckpt", "1", "--save_path", a], root, "A")
     assert code_a == 0, out_a
     step_4 = os.path.join(a, STATE_DIR, "step_00000004")
@@ -144,12 +156,13 @@ def signal_chain(runs, root):
     """fp16. Ctrl-C after a few steps; then --resume latest with a state saved every step, killed (-9)."""
     save = os.path.join(root, "run")
     os.makedirs(root)
-    args = [sys.executable, SCRIPT, *BASE, "--precision", "fp16", "--total_step", "100000", "--save_path", save]
+    args = [sys.executable, SCRIPT, *BASE, *VALIDATION_OFF, "--precision", "fp16", "--total_step", "100000",
+            "--save_path", save]
     first = runs.popen(args + ["--save_interval", "100000"], root, os.path.join(root, "first.log"))
     wait_for_steps(first, save, 3)
     first.send_signal(signal.SIGINT)
     first.wait(timeout=TIMEOUT)
-    interrupted = len(loss_rows(save))
+    interrupted = last_step(save)
     with open(os.path.join(save, STATE_DIR, "latest")) as f:
         latest_after_interrupt = f.read().strip()
     # keep what the interrupted run left (the next run prunes old states)
@@ -177,7 +190,8 @@ def parallel_chain(runs, root):
     os.makedirs(root)
     logs, save = os.path.join(root, "logs"), os.path.join(root, "out")
     argv = ["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}", "--join=True",
-            f"--log_dir={logs}", SCRIPT, *BASE, "--is_parallel", "True", "--total_step", "2", "--save_path", save]
+            f"--log_dir={logs}", SCRIPT, *BASE, "--is_parallel", "True", "--total_step", "2", "--save_path", save,
+            "--validation_draws", str(VALIDATION_DRAWS)]
     process = runs.popen(argv, root, os.path.join(root, "msrun.out"))
     process.wait(timeout=TIMEOUT)
     worker_logs = []
@@ -215,10 +229,10 @@ def failures_chain(runs, root):
     """Saving every step, a warm-up whose second step's learning rate (5e38) overflows float32: the rows turn
     inf at step 2. Then, saving every 2 steps, a full disk at step 4's training state."""
     diverged, disk_full = os.path.join(root, "diverged"), os.path.join(root, "disk_full")
-    code_d, out_d = runs.cli(BASE + ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "2",
+    code_d, out_d = runs.cli(BASE + VALIDATION_OFF + ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "2",
                                      "--learning_rate", "1e39", "--total_step", "4", "--save_interval", "1",
                                      "--save_path", diverged], root, "diverged")
-    code_f, out_f = runs.cli(BASE + ["--total_step", "6", "--save_interval", "2", "--save_path", disk_full], root,
+    code_f, out_f = runs.cli(BASE + VALIDATION_OFF + ["--total_step", "6", "--save_interval", "2", "--save_path", disk_full], root,
                              "disk_full", python=[sys.executable, "-c", DISK_FULL])
     return {"diverged": diverged, "code_diverged": code_d, "out_diverged": out_d,
             "disk_full": disk_full, "code_disk_full": code_f, "out_disk_full": out_f}
@@ -233,15 +247,35 @@ def words_chain(runs, root):
     for name in sorted(os.listdir(DATA))[:3]:
         shutil.copy(os.path.join(DATA, name), dots)
     save = os.path.join(root, "run")
-    code, out = runs.cli(BASE + ["--concept", f"<dot>:{dots}:1:style", "--adam_weight_decay", "0", "--total_step", "2",
+    code, out = runs.cli(BASE + VALIDATION_OFF + ["--concept", f"<dot>:{dots}:1:style", "--adam_weight_decay", "0", "--total_step", "2",
                                  "--save_interval", "1", "--save_path", save], root, "words")
     return {"save": save, "dots": dots, "code": code, "out": out}
 
 
+def bucketing_chain(runs, root):
+    """--bucketing True with two words: <toy> on 4 square and 2 wide (3:2) toy images, <dot> (--concept) on one of
+    each; 6 steps of batch 2 (the words in turn: each bucket of each word reached), with the validation loss (8
+    draws, one per image, in batches of 2: each batch of one size); then --resume latest without --bucketing, which
+    must be refused."""
+    data, dots, save = (os.path.join(root, name) for name in ("data", "dots", "run"))
+    os.makedirs(data)
+    os.makedirs(dots)
+    for i in range(8):
+        image = Image.open(os.path.join(DATA, f"toy_{i:02d}.png"))
+        folder = data if i < 6 else dots
+        (image if i in (0, 1, 2, 3, 6) else image.resize((384, 256))).save(os.path.join(folder, f"toy_{i:02d}.png"))
+    args = [data if a == DATA else a for a in BASE] + ["--concept", f"<dot>:{dots}:1", "--train_batch_size", "2",
+                                                       "--total_step", "6", "--save_path", save]
+    code, out = runs.cli(args + ["--bucketing", "True", "--validation_draws", "8"], root, "run")
+    refused = subprocess.run([sys.executable, SCRIPT, *args, "--resume", "latest"], capture_output=True, text=True,
+                             timeout=TIMEOUT, env=env())
+    return {"save": save, "code": code, "out": out, "refused": refused}
+
+
 CHAINS = {"resume": resume_chain, "signals": signal_chain, "parallel": parallel_chain, "failures": failures_chain,
-          "words": words_chain}
+          "words": words_chain, "bucketing": bucketing_chain}
 FIXTURE_CHAINS = {"resume_runs": "resume", "signal_runs": "signals", "parallel_run": "parallel",
-                  "failure_runs": "failures", "words_run": "words"}
+                  "failure_runs": "failures", "words_run": "words", "bucketing_run": "bucketing"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -281,6 +315,11 @@ def failure_runs(runs):
 @pytest.fixture(scope="module")
 def words_run(runs):
     return runs.get("words")
+
+
+@pytest.fixture(scope="module")
+def bucketing_run(runs):
+    return runs.get("bucketing")
 
 
 
@@ -446,18 +485,16 @@ def toy_colour_fractions(images):
 
 def test_training_learns_the_toy(harness):
     """On the shipped pretrained tiny SDXL (it has seen shapes, never the toy), the trainer's step on fresh draws
-    lowers the loss on fixed held-out (image, prompt, noise, timestep) draws against the initial embedding, and
-    the samples of "a photo of <toy>" turn red, the colour of the toy's star (they start as blue and green blobs).
-    Measured here: held-out loss 0.1962 -> 0.1929; red 1.7% -> 4.4% of the pixels, blue 10.5% -> 0.2%."""
+    lowers the trainer's validation loss (64 fixed held-out draws of image, flip, prompt, noise and timestep)
+    against the initial embedding, and the samples of "a photo of <toy>" turn red, the colour of the toy's star
+    (they start as blue and green blobs). Measured here: red 1.7% -> 4.4% of the pixels, blue 10.5% -> 0.2%."""
     training = harness.training
-    loss = TextualInversionLoss(training.model)
-    held_out = [micro_batch(training, seed_key=(1000, k), order=EpochOrder(NUM_IMAGES, NUM_IMAGES, 1000 + k))
-                for k in range(4)]  # 32 draws, each image 4 times
+    assert len(training.validation.draws) == 64
     pipeline = SDXLPipeline(training.model, placeholders={"<toy>": 2})
 
     def measure():
         images = pipeline.generate("a photo of <toy>", steps=20, height=64, width=64, seed=0, num_images=8)
-        return np.mean([float(loss(*draw).asnumpy()) for draw in held_out]), toy_colour_fractions(images)
+        return float(np.mean(training.validation.losses())), toy_colour_fractions(images)
 
     harness.reset()
     loss_before, colours_before = measure()
@@ -483,6 +520,57 @@ def test_latents_are_encoded_once_and_the_encoder_released(harness):
     harness.reset()
 
 
+def test_one_graph_per_bucket_size(harness):
+    """A micro-batch of a new size (64x96, a wide bucket at 64 px) compiles the train step's graph for it at its
+    first use; each graph is kept, so going back to the square compiles nothing."""
+    training = harness.training
+    assert image_size_multiple(training.model) == BUCKET_MULTIPLE  # every bucket's sides fit this model
+    harness.reset()
+    harness.step([micro_batch(training)])  # the square graph, compiled now if no test did before
+    square = set(training.train_step.compile_cache)
+    rng = np.random.RandomState(0)
+    moments = rng.standard_normal((1, 8, 8, 12)).astype(np.float32) * 0.5  # [B, 2C, 64/8, 96/8]
+    batch = {"txt": ["a photo of <toy> <toy>_1"], "original_size_as_tuple": np.array([[256, 384]]),
+             "crop_coords_top_left": np.array([[0, 0]]), "target_size_as_tuple": np.array([[64, 96]])}
+    wide = loss_inputs(training.model, moments, training.model.conditioner.tokenize(batch), rng)
+    losses = harness.step([wide]) + harness.step([wide]) + harness.step([micro_batch(training)])
+    compiled = set(training.train_step.compile_cache)
+    harness.reset()
+    assert np.isfinite(losses).all()
+    assert square < compiled and len(compiled) == len(square) + 1
+
+
+def test_bucketing_run(bucketing_run):
+    """--bucketing True with two words: the summary names each word's buckets, the run trains through both sizes (a
+    graph each, shared by the words) and writes each word's embedding; the validation loss covers every image at its
+    bucket's size; resuming without --bucketing is refused before anything is built."""
+    save, out = bucketing_run["save"], bucketing_run["out"]
+    assert bucketing_run["code"] == 0, out
+    assert "buckets (h x w)   : 64x64: 4, 64x96: 2 for <toy>" in out
+    assert "buckets (h x w)   : 64x64: 1, 64x96: 1 for <dot>" in out
+    # a graph per size, each compiled at its first step: the speed is that of the other steps
+    assert out.count("Graph compiled in") == 2 and "2 graphs compiled in" in out
+    rows = state_rows(read_state(save, 6))
+    for word, vectors in (("toy", slice(0, 2)), ("dot", slice(2, 3))):
+        embedding = load_embedding(os.path.join(save, f"{word}.safetensors"))
+        assert np.array_equal(embedding.clip_l, rows[0][vectors]) and np.array_equal(embedding.clip_g, rows[1][vectors])
+        assert os.path.exists(os.path.join(save, f"{word}_best.safetensors"))
+    table = loss_rows(save)
+    assert [int(r[0]) for r in table] == list(range(0, 7))
+    assert np.isfinite([float(r[1]) for r in table[1:]]).all()
+    # the validation loss at step 0 and at the end, over one draw of each of the 8 images (5 square, 3 wide)
+    val = {int(r[0]): float(r[2]) for r in table if r[2]}
+    assert sorted(val) == [0, 6] and np.isfinite(list(val.values())).all()
+    draws = read_train_state(os.path.join(save, STATE_DIR, "step_00000006"), {})["validation"]["draws"]
+    assert sorted((word, index) for word, index, *_ in draws) == [(0, i) for i in range(6)] + [(1, 0), (1, 1)]
+    assert f"step 6: validation loss {val[6]:.5f}" in out
+    assert OmegaConf.load(os.path.join(save, "args.yaml")).args.bucketing is True
+    refused = bucketing_run["refused"]
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    (error,) = error_lines(refused.stderr)
+    assert "cannot be resumed" in error and "  bucketing: saved {'train_batch_size': 2}, now None" in refused.stderr
+
+
 def test_fp16_keeps_learned_rows_and_optimizer_state_fp32(tmp_path):
     """--precision fp16: the frozen model computes in fp16, the rows and every optimizer buffer stay fp32, and a
     dynamic loss scale is on (its skipping of non-finite steps: tests/test_train_optim.py)."""
@@ -497,14 +585,34 @@ def test_fp16_keeps_learned_rows_and_optimizer_state_fp32(tmp_path):
     assert float(training.train_step.update.loss_scale.asnumpy()) == 2.0 ** 16 and training.train_step.update.dynamic_loss_scale
 
 
-def test_numbered_embeddings_are_pruned(tmp_path):
+def test_numbered_embeddings_are_pruned_and_the_best_kept(tmp_path):
     rows = np.zeros((1, 32), np.float32), np.zeros((1, 64), np.float32)
     save_learned_embeddings(str(tmp_path), "<toy>", *rows)
+    save_learned_embeddings(str(tmp_path), "<toy>", *rows, step="best")
     for step in (2, 4, 6):
-        save_learned_embeddings(str(tmp_path), "<toy>", *rows, step=step, max_num_ckpt=2)
-    assert sorted(os.listdir(tmp_path)) == sorted([f"{MODEL_NAME}_4_ti.ckpt", f"{MODEL_NAME}_6_ti.ckpt",
-                                                   f"{MODEL_NAME}_ti.ckpt", "toy.safetensors", "toy_4.safetensors",
-                                                   "toy_6.safetensors"])
+        save_learned_embeddings(str(tmp_path), "<toy>", *rows, step=step, max_num_ckpt=1)
+    assert sorted(os.listdir(tmp_path)) == sorted([f"{MODEL_NAME}_6_ti.ckpt", f"{MODEL_NAME}_ti.ckpt",
+                                                   f"{MODEL_NAME}_best_ti.ckpt", "toy.safetensors",
+                                                   "toy_6.safetensors", "toy_best.safetensors"])
+
+
+def test_loss_log_keeps_empty_cells_on_resume(tmp_path):
+    """Step 0's row (validation loss and health only) and rows without a validation loss read back on resume;
+    the rows after the resumed step are dropped, and the plot has both curves."""
+    log = LossLog(str(tmp_path), 0, ENCODERS, ["<toy>"])
+    log.append(0, None, None, None, [1.0, 1.0, 2.0, 1.0], val_loss=0.25)
+    for step in (1, 2, 3):
+        log.append(step, 0.1 * step, LR, 0.5, [1.0, 0.9, 2.0, 0.9], val_loss=0.2 if step == 2 else None)
+    resumed = LossLog(str(tmp_path), 2, ENCODERS, ["<toy>"])
+    assert (resumed.steps, resumed.losses) == ([1, 2], [0.1, 0.2])
+    assert (resumed.val_steps, resumed.val_losses) == ([0, 2], [0.25, 0.2])
+    assert resumed.health_steps == [0, 1, 2] and resumed.health[0] == [1.0, 1.0, 2.0, 1.0]
+    with open(tmp_path / "loss.csv") as f:
+        assert f.read().splitlines()[:3] == ["step,loss,val_loss,lr,seconds,clip_l_norm_<toy>,clip_l_cos_<toy>,"
+                                             "clip_g_norm_<toy>,clip_g_cos_<toy>", "0,,0.250000,,,1,1,2,1",
+                                             "1,0.100000,,0.0005,0.500,1,0.9,2,0.9"]
+    resumed.plot()
+    assert Image.open(tmp_path / "loss.png").size[0] > 100
 
 
 # ------------------------------------------------------------------------------------- command-line results
@@ -526,8 +634,8 @@ def test_outputs(resume_runs, harness):
     """The files of run A (8 steps, saved at 4 and 8, --max_num_ckpt 1) and what is in them."""
     a, out = resume_runs["A"], resume_runs["out_A"]
     assert sorted(os.listdir(a)) == sorted([f"{MODEL_NAME}_8_ti.ckpt", "toy_8.safetensors", f"{MODEL_NAME}_ti.ckpt",
-                                            "toy.safetensors", "loss.csv", "loss.png", "args.yaml", STATE_DIR,
-                                            LOCK_FILE])
+                                            "toy.safetensors", f"{MODEL_NAME}_best_ti.ckpt", "toy_best.safetensors",
+                                            "loss.csv", "loss.png", "args.yaml", STATE_DIR, LOCK_FILE])
     assert sorted(os.listdir(os.path.join(a, STATE_DIR))) == ["latest", "step_00000004", "step_00000008"]
     with open(os.path.join(a, STATE_DIR, "latest")) as f:
         assert f.read().strip() == "step_00000008"
@@ -551,18 +659,35 @@ def test_outputs(resume_runs, harness):
 
     with open(os.path.join(a, "loss.csv")) as f:
         lines = f.read().splitlines()
-    assert lines[0] == ("step,loss,lr,seconds," + ",".join(f"{encoder}_{figure}_{token}" for encoder in ENCODERS
-                                                            for figure in ("norm", "cos") for token in TOKENS))
-    table = np.array([[float(v) for v in line.split(",")] for line in lines[1:]])
-    assert table[:, 0].tolist() == list(range(1, 9)) and np.isfinite(table[:, 1]).all()
-    assert (table[:, 2] == LR).all() and (table[:, 3] > 0).all()
+    assert lines[0] == ("step,loss,val_loss,lr,seconds," + ",".join(
+        f"{encoder}_{figure}_{token}" for encoder in ENCODERS for figure in ("norm", "cos") for token in TOKENS))
+    # step 0: the initial embedding's validation loss and health; the validation loss every 4 steps (the save
+    # interval, the default)
+    table = np.array([[float(v) if v else np.nan for v in line.split(",")] for line in lines[1:]])
+    assert table[:, 0].tolist() == list(range(0, 9)) and np.isfinite(table[1:, 1]).all()
+    assert np.isfinite(table[:, 2]).tolist() == [step % 4 == 0 for step in range(9)]
+    assert (table[1:, 3] == LR).all() and (table[1:, 4] > 0).all() and np.isnan(table[0, [1, 3, 4]]).all()
     # each vector's health at step 8: its norm, and its cosine to its start (the word "toy"), computed here apart
     for k, (found, start) in enumerate(zip(rows, harness.initial_rows())):
         norms = np.sqrt((found.astype(np.float64) ** 2).sum(1))
         cosines = (found * start).sum(1) / norms / np.sqrt((start.astype(np.float64) ** 2).sum(1))
-        health = table[-1, 4 + 4 * k: 8 + 4 * k]
+        health = table[-1, 5 + 4 * k: 9 + 4 * k]
         np.testing.assert_allclose(health, np.concatenate([norms, cosines]), rtol=2e-5)
         assert (cosines < 1).all() and (cosines > 0.9).all()  # moved a little, as 8 small steps do
+        np.testing.assert_array_equal(table[0, 7 + 4 * k: 9 + 4 * k], [1, 1])  # step 0: at the start
+
+    # the best: the embedding of the lowest validation loss, kept under --max_num_ckpt 1 (whose pruning removed
+    # toy_4), with its step and loss; a step-4 best shows that pruning spares it
+    val = {int(step): loss for step, loss in table[:, :3:2] if np.isfinite(loss)}
+    best_step = min(val, key=val.get)
+    best_rows = harness.initial_rows() if best_step == 0 else state_rows(read_state(a, best_step))
+    for path in (f"{MODEL_NAME}_best_ti.ckpt", "toy_best.safetensors"):
+        embedding = load_embedding(os.path.join(a, path))
+        assert np.array_equal(embedding.clip_l, best_rows[0]) and np.array_equal(embedding.clip_g, best_rows[1])
+        assert embedding.metadata["step"] == str(best_step)
+        assert abs(float(embedding.metadata["val_loss"]) - val[best_step]) <= 1e-6
+    assert f"best validation loss  : {val[best_step]:.5f} at step {best_step}, its embeddings: " in out
+    assert f"step 8: validation loss {val[8]:.5f} (best {val[best_step]:.5f} at step {best_step})" in out
     with open(os.path.join(a, "loss.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert Image.open(os.path.join(a, "loss.png")).size[0] > 100
@@ -582,16 +707,57 @@ def test_outputs(resume_runs, harness):
 
 
 def test_resume_is_exact(resume_runs):
-    """B, resumed from A's step-4 state, ends where A ended (rows, moments, losses of steps 5-8)."""
+    """B, resumed from A's step-4 state, ends where A ended (rows, moments, losses of steps 5-8, the validation
+    loss at step 8 and the best rows), with the same validation draws and the same best embedding."""
     assert resume_runs["code_B"] == 0, resume_runs["out_B"]
     a, b = read_state(resume_runs["A"], 8), read_state(resume_runs["B"], 8)
-    assert sorted(a) == sorted(b)
+    assert sorted(a) == sorted(b) and {f"best.{name}" for name in ROW_NAMES} <= set(a)
     for name in a:
         np.testing.assert_allclose(b[name].asnumpy(), a[name].asnumpy(), rtol=0, atol=1e-6, err_msg=name)
     start = read_state(resume_runs["A"], 4)
     assert not np.array_equal(state_rows(start)[0], state_rows(a)[0])  # steps 5-8 did change the rows
-    # step, loss, lr of steps 5-8 (not the seconds)
-    assert [r[:3] for r in loss_rows(resume_runs["B"])] == [r[:3] for r in loss_rows(resume_runs["A"])[4:]]
+    # step, loss, val_loss, lr of steps 5-8 (not the seconds)
+    assert [r[:4] for r in loss_rows(resume_runs["B"])] == [r[:4] for r in loss_rows(resume_runs["A"])[5:]]
+    hosts = [read_train_state(os.path.join(run, STATE_DIR, "step_00000008"), {})["validation"]
+             for run in (resume_runs["A"], resume_runs["B"])]
+    assert len(hosts[0]["draws"]) == VALIDATION_DRAWS and hosts[0]["noise_seed"] == [42, VALIDATION_KEY]
+    assert hosts[1]["draws"] == hosts[0]["draws"] and hosts[1]["noise_seed"] == hosts[0]["noise_seed"]
+    assert hosts[1]["best_step"] == hosts[0]["best_step"]
+    best = [load_embedding(os.path.join(run, "toy_best.safetensors")) for run in (resume_runs["A"], resume_runs["B"])]
+    assert best[1].metadata["step"] == best[0].metadata["step"] == str(hosts[0]["best_step"])
+    np.testing.assert_allclose(best[1].clip_l, best[0].clip_l, rtol=0, atol=1e-6)
+
+
+def test_validation_loss_is_the_mean_loss_of_its_draws(resume_runs, harness):
+    """Run A's validation loss at steps 0, 4 and 8 (in batches of 2) is the mean of its 16 stored draws' losses,
+    computed here apart, one draw at a time, at that step's rows: the draw's cached latent, its prompt, noise from
+    RandomState(seed, VALIDATION_KEY, j) drawn as a training step draws its own, and its timestep (through the
+    in-process trainer's evaluation graph: TextualInversionLoss per sample, so no graph compiles for this test).
+    The draws: each image twice, once mirrored, a template prompt each, timesteps spread evenly."""
+    a = resume_runs["A"]
+    saved = read_train_state(os.path.join(a, STATE_DIR, "step_00000008"), {})["validation"]
+    draws = saved["draws"]
+    assert sorted((index, flipped) for _, index, flipped, *_ in draws) == sorted(
+        (i, flipped) for i in range(NUM_IMAGES) for flipped in (False, True))
+    assert [rand for *_, rand in draws] == [int((j + 0.5) * 1000 / VALIDATION_DRAWS) for j in range(VALIDATION_DRAWS)]
+    assert all("<toy> <toy>_1" in prompt for _, _, _, prompt, _, _ in draws)  # the placeholder stands for 2 vectors
+    val = {int(r[0]): float(r[2]) for r in loss_rows(a) if r[2]}
+    assert sorted(val) == [0, 4, 8]
+
+    training = harness.training
+    model, net = training.model, training.validation.net
+    for step, rows in ((0, harness.initial_rows()), (4, state_rows(read_state(a, 4))), (8, state_rows(read_state(a, 8)))):
+        for param, value in zip(training.learned_rows, rows):
+            ops.assign(param, Tensor(value))
+        losses = []
+        for j, (word, index, flipped, prompt, _, rand) in enumerate(draws):
+            batch = dict(training.latents[word].batch([(index, flipped)]), txt=[prompt])
+            moments = batch.pop("moments")
+            inputs = loss_inputs(model, moments, model.conditioner.tokenize(batch),
+                                 np.random.RandomState([42, VALIDATION_KEY, j]))
+            losses.append(float(net(*inputs[:3], Tensor([rand], ms.int32), *inputs[4:]).asnumpy()[0]))
+        assert abs(np.mean(losses) - val[step]) <= 2e-6, (step, np.mean(losses), val[step])
+    harness.reset()
 
 
 @pytest.mark.parametrize("change, key", [
@@ -691,7 +857,7 @@ def test_gradient_accumulation_matches_one_big_batch(resume_runs, harness):
         assert np.abs(found - start).max() > 100 * rounding  # the rows did move
 
 
-def test_data_parallel_two_workers(parallel_run, harness):
+def test_data_parallel_two_workers(parallel_run, resume_runs, harness):
     """msrun, 2 CPU workers, 2 steps: both finish with the same rows, only rank 0 writes, and the update is
     that of the two ranks' shards averaged: the in-process accumulation of rank 0's and rank 1's micro-batches
     (same images, noise and levels as each worker drew) gives the same rows and Adam moments."""
@@ -708,11 +874,16 @@ def test_data_parallel_two_workers(parallel_run, harness):
     # rank 0 alone wrote: one set of files, no rank-named copies, one loss row per step, nothing in the cwd
     assert sorted(os.listdir(parallel_run["root"])) == ["logs", "msrun.out", "out"]
     assert sorted(os.listdir(save)) == sorted([f"{MODEL_NAME}_2_ti.ckpt", "toy_2.safetensors", f"{MODEL_NAME}_ti.ckpt",
-                                               "toy.safetensors", "loss.csv", "loss.png", "args.yaml", STATE_DIR,
-                                               LOCK_FILE])
-    assert [int(r[0]) for r in loss_rows(save)] == [1, 2]
+                                               "toy.safetensors", f"{MODEL_NAME}_best_ti.ckpt", "toy_best.safetensors",
+                                               "loss.csv", "loss.png", "args.yaml", STATE_DIR, LOCK_FILE])
+    assert [int(r[0]) for r in loss_rows(save)] == [0, 1, 2]
     assert "effective batch   : 2 = 1 per device x 1 accumulation x 2 device(s)" in parallel_run["worker_logs"][0]
     assert "effective batch" not in parallel_run["worker_logs"][1]
+    # the validation loss, each rank evaluating half of the draws: at step 0 the same as run A's (the same draws and
+    # initial rows, one process in batches of 2), and at the end
+    val = [r[2] for r in loss_rows(save)]
+    assert val[1] == "" and val[2] != ""
+    assert abs(float(val[0]) - float(loss_rows(resume_runs["A"])[0][2])) <= 2e-6
 
     # the same two steps in process: micro-batch 0 = rank 0's shard and noise, 1 = rank 1's. Each is the same
     # batch-of-1 computation as on its rank, and halving is exact in binary floating point, so the averaged

@@ -2,10 +2,12 @@
 
 Under `--save_path`:
 - `SD-XL-base-1.0_<step>_ti.ckpt` and `<name>_<step>.safetensors`: the learned rows at a step (our MindSpore
-  checkpoint, and the SDXL community format {"clip_l", "clip_g"}); at the end the same without `_<step>`; a run
+  checkpoint, and the SDXL community format {"clip_l", "clip_g"}); at the end the same without `_<step>`; with
+  `_best` instead of `_<step>`, the rows of the lowest validation loss (never pruned by `max_num_ckpt`); a run
   that learns several words writes `SD-XL-base-1.0_<name>_<step>_ti.ckpt` and `<name>_<step>.safetensors` per word;
 - `train_state/step_<step>/`: everything needed to continue exactly (learned rows, optimizer moments, loss
-  scale, step and data order; the noise is a function of seed and step), and `train_state/latest`, naming the newest complete one.
+  scale, step and data order, the validation draws and best rows; the noise is a function of seed and step), and
+  `train_state/latest`, naming the newest complete one.
 
 Every file is written under a temporary name and renamed, and `latest` moves only after a state folder is
 complete, so a run killed at any moment leaves its last checkpoint loadable; a write that fails (a full disk)
@@ -92,8 +94,8 @@ def embedding_name(token):
 
 
 def embedding_paths(save_path, token, step=None, several_words=False):
-    """(our .ckpt, community .safetensors) paths for `step`, or the final ones when step is None; in a run that
-    learns several words, each word's .ckpt is named after it too."""
+    """(our .ckpt, community .safetensors) paths for `step` (a step number, or "best"), or the final ones when step
+    is None; in a run that learns several words, each word's .ckpt is named after it too."""
     suffix = "" if step is None else f"_{step}"
     return (os.path.join(save_path, f"{_ckpt_prefix(token, several_words)}{suffix}_ti.ckpt"),
             os.path.join(save_path, f"{embedding_name(token)}{suffix}.safetensors"))

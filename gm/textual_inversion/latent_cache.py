@@ -31,7 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 class TrainingLatents:
-    """Posterior moments [2C, h, w] (means, then log-variances) and size conditioning per (index, flipped).
+    """Posterior moments [2C, h, w] (means, then log-variances; h, w: the image's training size / 8, so one
+    shape per bucket) and size conditioning per (index, flipped).
 
     With `cache`, every (index, flipped) of `variants` is encoded now (in a child process where the device keeps
     a graph's memory, see the module's docstring; `in_child` overrides) and, with `release_encoder` (False while
@@ -70,7 +71,7 @@ class TrainingLatents:
 
 
 def image_and_conditions(dataset, key):
-    """(image float32 [3, res, res], its size conditioning) of the dataset's (index, flipped) `key`."""
+    """(image float32 [3, height, width], its size conditioning) of the dataset's (index, flipped) `key`."""
     example = dataset.variant(key[0], flipped=key[1])
     return example.pop("jpg"), example
 
@@ -81,22 +82,28 @@ def encode_in_child_process(autoencoder, dataset, keys, progress=True):
     from safetensors.numpy import save_file
 
     with tempfile.TemporaryDirectory(prefix="sdxl-ti-latents-") as job_dir:
-        conditions = []
-        images = None
-        for i, key in enumerate(keys):
-            image, condition = image_and_conditions(dataset, key)
-            if images is None:  # written image by image: all of them need not be in memory at once
-                images = np.lib.format.open_memmap(os.path.join(job_dir, "images.npy"), "w+", np.float32,
-                                                   (len(keys),) + image.shape)
-            images[i] = image
-            conditions.append(condition)
-        images.flush()
-        del images
+        # one file of images per training size (one, without bucketing), each written image by image: all of
+        # them need not be in memory at once
+        groups = {}  # size: positions in `keys`
+        for i, (index, _) in enumerate(keys):
+            groups.setdefault(dataset.target_sizes[index], []).append(i)
+        conditions = {}
+        for group, positions in enumerate(groups.values()):
+            images = None
+            for row, i in enumerate(positions):
+                image, conditions[i] = image_and_conditions(dataset, keys[i])
+                if images is None:
+                    images = np.lib.format.open_memmap(os.path.join(job_dir, f"images_{group}.npy"), "w+",
+                                                       np.float32, (len(positions),) + image.shape)
+                images[row] = image
+            images.flush()
+            del images
         weights = {name: param.asnumpy() for name, param in autoencoder.parameters_and_names()
                    if name.startswith(ENCODER_PARTS)}
         save_file(weights, os.path.join(job_dir, "encoder.safetensors"))
         job = dict(autoencoder=autoencoder.init_args, dtype=str(autoencoder.dtype).lower(),
-                   device_target=ms.get_context("device_target"), ms_mode=ms.get_context("mode"), progress=progress)
+                   device_target=ms.get_context("device_target"), ms_mode=ms.get_context("mode"), progress=progress,
+                   groups=len(groups), images=len(keys))
         with open(os.path.join(job_dir, "job.json"), "w", encoding="utf-8") as f:
             json.dump(job, f)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
@@ -105,13 +112,16 @@ def encode_in_child_process(autoencoder, dataset, keys, progress=True):
             reason = "killed: out of memory?" if code == -9 else f"exit code {code}"
             raise RuntimeError(f"encoding the training images failed in the child process ({reason}); "
                                "--cache_latents False encodes them in the training process instead, step by step")
-        moments = np.load(os.path.join(job_dir, "moments.npy"))
-    return {key: (moments[i], conditions[i]) for i, key in enumerate(keys)}
+        cache = {}
+        for group, positions in enumerate(groups.values()):
+            moments = np.load(os.path.join(job_dir, f"moments_{group}.npy"))
+            cache.update({keys[i]: (moments[row], conditions[i]) for row, i in enumerate(positions)})
+    return cache
 
 
 def encode_job(job_dir):
-    """The child's side: build the encoder from `job.json`, load `encoder.safetensors`, encode `images.npy` one
-    image at a time, write `moments.npy`."""
+    """The child's side: build the encoder from `job.json`, load `encoder.safetensors`, encode each
+    `images_<group>.npy` one image at a time, write `moments_<group>.npy`."""
     from mindspore.nn.utils import no_init_parameters
     from safetensors.numpy import load_file
 
@@ -126,12 +136,14 @@ def encode_job(job_dir):
     params = dict(autoencoder.parameters_and_names())
     for name, value in load_file(os.path.join(job_dir, "encoder.safetensors")).items():
         params[name].set_data(Tensor(value, dtype=params[name].dtype))
-    images = np.load(os.path.join(job_dir, "images.npy"), mmap_mode="r")
-    moments = []
-    for image in tqdm(images, desc="Caching VAE latents", unit="image", disable=not job["progress"]):
-        moments.append(autoencoder.encode_moments(Tensor(np.array(image[None]), ms.float32)).asnumpy()[0])
-    np.save(os.path.join(job_dir, "moments.tmp.npy"), np.stack(moments))
-    os.replace(os.path.join(job_dir, "moments.tmp.npy"), os.path.join(job_dir, "moments.npy"))
+    with tqdm(total=job["images"], desc="Caching VAE latents", unit="image", disable=not job["progress"]) as bar:
+        for group in range(job["groups"]):  # one graph per image size
+            moments = []
+            for image in np.load(os.path.join(job_dir, f"images_{group}.npy"), mmap_mode="r"):
+                moments.append(autoencoder.encode_moments(Tensor(np.array(image[None]), ms.float32)).asnumpy()[0])
+                bar.update()
+            np.save(os.path.join(job_dir, "moments.tmp.npy"), np.stack(moments))
+            os.replace(os.path.join(job_dir, "moments.tmp.npy"), os.path.join(job_dir, f"moments_{group}.npy"))
 
 
 if __name__ == "__main__":

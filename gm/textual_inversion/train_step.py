@@ -41,13 +41,17 @@ class TextualInversionLoss(nn.Cell):
     def construct(self, moments, latent_noise, noise, sigma_rand, *cond_inputs):
         """moments [B, 2C, h, w]: cached VAE posterior (mean, log-variance); latent_noise, noise: N(0, I) draws
         shaped [B, C, h, w]; sigma_rand: the sigma sampler's draw; cond_inputs: `conditioner.tokenize(batch)`."""
-        context, vector = self.conditioner(*cond_inputs)
-        return self.loss_given_conditioning(moments, latent_noise, noise, sigma_rand, context, vector)
+        return self.per_sample(moments, latent_noise, noise, sigma_rand, *cond_inputs).mean()
 
-    def loss_given_conditioning(self, moments, latent_noise, noise, sigma_rand, context, vector):
-        """The same loss once the conditioner has run: `context` [B, L, D] (crossattn), `vector` [B, V]."""
+    def per_sample(self, moments, latent_noise, noise, sigma_rand, *cond_inputs):
+        """Each sample's loss [B] (the validation loss keeps its draws apart)."""
+        context, vector = self.conditioner(*cond_inputs)
+        return self.per_sample_given_conditioning(moments, latent_noise, noise, sigma_rand, context, vector)
+
+    def per_sample_given_conditioning(self, moments, latent_noise, noise, sigma_rand, context, vector):
+        """Each sample's loss once the conditioner has run: `context` [B, L, D] (crossattn), `vector` [B, V]."""
         latents = posterior_sample(moments, latent_noise) * self.scale_factor
-        return self.loss_fn(self.model, self.denoiser, latents, context, vector, noise, sigma_rand).mean()
+        return self.loss_fn(self.model, self.denoiser, latents, context, vector, noise, sigma_rand)
 
 
 class ScaledLoss(nn.Cell):

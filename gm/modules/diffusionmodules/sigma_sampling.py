@@ -1,6 +1,9 @@
 """Training noise levels. The random draw (`draw`, on the host, from a seedable numpy generator) is
 split from the map to sigmas (`construct`, graph-compiled), so a training step can be given its
-randomness as inputs and reproduced exactly."""
+randomness as inputs and reproduced exactly. `spread` gives draws spread evenly over the same distribution
+instead (the validation loss's fixed timesteps)."""
+from statistics import NormalDist
+
 import numpy as np
 
 import mindspore as ms
@@ -20,6 +23,10 @@ class EDMSampling(nn.Cell):
         rng = np.random if rng is None else rng
         return Tensor(rng.standard_normal((n_samples,)), ms.float32)
 
+    def spread(self, n_samples):
+        """n_samples draws at the midpoints of n equal-probability strata of N(0, 1) (stratified, not random)."""
+        return Tensor([NormalDist().inv_cdf((j + 0.5) / n_samples) for j in range(n_samples)], ms.float32)
+
     def construct(self, rand):
         return ops.exp(self.p_mean + self.p_std * rand)
 
@@ -37,6 +44,11 @@ class DiscreteSampling(nn.Cell):
         """n_samples random indices in [0, num_idx); `rng` is a numpy RandomState (default: np.random)."""
         rng = np.random if rng is None else rng
         return Tensor(rng.randint(0, self.num_idx, (n_samples,)), ms.int32)
+
+    def spread(self, n_samples):
+        """n_samples indices spread evenly over [0, num_idx): the midpoints of n equal strata (stratified, not
+        random)."""
+        return Tensor(((np.arange(n_samples) + 0.5) * self.num_idx / n_samples).astype(np.int32), ms.int32)
 
     def idx_to_sigma(self, idx):
         return ops.gather(self.sigmas, idx, 0)
