@@ -56,6 +56,7 @@ from gm.textual_inversion.train_step import (
     BlockwiseTrainStep, TextualInversionLoss, TextualInversionTrainStep, loss_inputs,
 )
 from gm.textual_inversion.validation import Validation
+from gm.util import str2bool
 from gm.weights.loader import WeightFileError, layout_fingerprint, weight_format
 from gm.weights.state_dict import WeightMismatchError
 
@@ -80,14 +81,6 @@ class UsageError(ValueError):
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on (a full disk, a diverged embedding); the message says what was kept."""
-
-
-def str2bool(value):
-    if value.lower() in ("true", "1", "yes"):
-        return True
-    if value.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
 def build_parser():
@@ -458,7 +451,8 @@ class Training:
         self.validation = None
         if args.validation_interval:
             self.validation = Validation(self.model, self.datasets, self.latents, args.validation_draws, args.seed,
-                                         args.train_batch_size, args.flip_p > 0, self.learned_rows, rank, world_size)
+                                         args.train_batch_size, args.flip_p > 0, self.learned_rows, rank, world_size,
+                                         net=self.train_step.loss if args.blockwise_unet else None)
         self.identity, self.schedule = run_identity(args, config, world_size), schedule_flags(args)
         self.embedding_facts = embedding_facts(args, self.base_lr)
         self.args, self.rank, self.world_size = args, rank, world_size

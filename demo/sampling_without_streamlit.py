@@ -18,6 +18,7 @@ sys.path.insert(0, ROOT)
 
 from gm.device import add_device_arguments, resolve_device, set_device  # noqa: E402
 from gm.modules.diffusionmodules.sampler_names import SAMPLERS  # noqa: E402
+from gm.util import str2bool  # noqa: E402
 
 RANDOM_WEIGHTS = "random"  # --weight random: the config's model from random initial weights drawn from --seed
 
@@ -61,6 +62,9 @@ def get_parser():
                         help="image width in pixels, a multiple of 32 for SDXL (default: the config's "
                              "sampling.resolution, else 1024)")
     parser.add_argument("--save_path", default="outputs", help="folder the PNGs are written to")
+    parser.add_argument("--blockwise_unet", type=str2bool, default=False,
+                        help="run the UNet layer by layer from the host, each distinct layer compiled once: far less "
+                             "memory for the full-size SDXL on the CPU (README 'Running the real SDXL')")
     add_device_arguments(parser)  # --device_target, --ms_mode, --precision: the same for every command
     return parser
 
@@ -156,7 +160,8 @@ def main(argv=None):
         except ValueError as e:  # a device this MindSpore installation cannot use
             raise SamplingError(str(e)) from None
         ms.set_seed(args.seed)  # random initial weights (--weight random) follow --seed
-        pipeline = SDXLPipeline(create_model(config, args.weight, precision=args.precision))
+        pipeline = SDXLPipeline(create_model(config, args.weight, precision=args.precision),
+                                blockwise_unet=args.blockwise_unet)
         pipeline.check_size(args.H, args.W)
         for embedding in embeddings:
             pipeline.add_embedding(embedding)

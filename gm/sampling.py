@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from gm.models.loading import create_model, load_config
+from gm.modules.diffusionmodules.blockwise import BlockwiseDenoiser
 from gm.modules.diffusionmodules.denoiser import BoundDenoiser
 from gm.modules.diffusionmodules.discretizer import Img2ImgDiscretizationWrapper
 from gm.modules.diffusionmodules.openaimodel import Downsample
@@ -168,12 +169,14 @@ class SDXLPipeline:
     Keep one pipeline per engine: its compiled graphs (conditioner, denoiser, VAE) are reused across calls.
     """
 
-    def __init__(self, engine, placeholders=None):
+    def __init__(self, engine, placeholders=None, blockwise_unet=False):
         self.engine = engine
         self.placeholders = dict(placeholders or {})
         self.size_multiple = image_size_multiple(engine)
         self.latent_channels, self.latent_factor = engine.first_stage_model.embed_dim, latent_factor(engine)
-        self.denoiser = BoundDenoiser(engine.denoiser, engine.model)
+        # the UNet in one graph, or layer by layer from the host (the full-size model on the CPU: less memory)
+        denoiser_class = BlockwiseDenoiser if blockwise_unet else BoundDenoiser
+        self.denoiser = denoiser_class(engine.denoiser, engine.model)
         self.encoder, self.decoder = LatentEncoder(engine), LatentDecoder(engine)
         self.conditioner = TextConditioner(engine.conditioner)
 

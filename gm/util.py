@@ -1,5 +1,6 @@
 """Small helpers shared across `gm`: building objects from YAML configs, broadcasting, safe file writes, giving
 freed memory back to the system."""
+import argparse
 import ctypes
 import ctypes.util
 import importlib
@@ -69,3 +70,12 @@ def release_free_memory():
         trim = getattr(ctypes.CDLL(libc), "malloc_trim", None)
         if trim is not None:
             trim(0)
+
+
+def str2bool(value):
+    """A command-line flag's True/False (also 1/0, yes/no)."""
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")

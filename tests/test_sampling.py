@@ -222,6 +222,16 @@ def test_same_seed_same_images_and_image_j_uses_seed_plus_j(pipeline):
     assert np.abs(first[0].astype(int) - first[1]).mean() > 1  # another seed, another image
 
 
+def test_blockwise_unet_samples_the_same_images(pipeline, tiny_model):
+    """--blockwise_unet (the UNet layer by layer from the host, layers of one shape sharing a graph): the images of
+    the one-graph denoiser, to rounding."""
+    args = dict(negative_prompt="", sampler="EulerEDM", steps=2, guidance_scale=5.0, height=SIZE, width=SIZE, seed=3)
+    blockwise = SDXLPipeline(tiny_model, blockwise_unet=True)
+    assert len(blockwise.denoiser.unet.graphs) < len(blockwise.denoiser.unet.program)  # weights swapped in
+    ours, theirs = blockwise.generate(PROMPT, **args)[0], pipeline.generate(PROMPT, **args)[0]
+    assert np.abs(ours.astype(int) - theirs).max() <= 1
+
+
 def test_img2img_runs_the_last_strength_fraction(pipeline):
     image = np.random.RandomState(0).randint(0, 256, (SIZE + 16, SIZE, 3)).astype(np.uint8)  # cropped to size
     totals = []

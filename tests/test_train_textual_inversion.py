@@ -41,7 +41,7 @@ from gm.textual_inversion.embedding_io import load_embedding
 from gm.textual_inversion.loss_log import LossLog
 from gm.textual_inversion.optim import learning_rate
 from gm.textual_inversion.train_step import BlockwiseTrainStep, TextualInversionLoss, loss_inputs
-from gm.textual_inversion.validation import VALIDATION_KEY
+from gm.textual_inversion.validation import VALIDATION_KEY, ValidationLoss
 from tools.make_synthetic_dataset import COLORS
 from train_textual_inversion import (
     Training, check_args, draw_micro_batch, parse_args, resolve_defaults, rows_digest, schedule_changed,
@@ -435,7 +435,8 @@ def test_only_the_two_new_rows_train(harness):
 
 def test_blockwise_step_equals_the_one_graph_step(harness):
     """--blockwise_unet (the UNet layer by layer from the host, layers of one shape sharing a graph, each recomputed
-    for its input gradients) gives the one-graph step's loss and gradients, and then its optimizer state."""
+    for its input gradients) gives the one-graph step's loss and gradients, then its optimizer state, and the
+    validation graph's per-sample losses."""
     training = harness.training
     step = training.train_step
     blockwise = BlockwiseTrainStep(TextualInversionLoss(training.model), training.learned_rows, training.optimizer,
@@ -465,6 +466,9 @@ def test_blockwise_step_equals_the_one_graph_step(harness):
     blockwise(lr, Tensor(False), *inputs[0])
     assert max(relative_difference(a.asnumpy(), b) for a, b in zip(blockwise.update.accum, accum)) < 1e-4
     harness.reset()
+    # its forward pass alone: the validation loss, per sample
+    per_sample = ValidationLoss(training.model)(*inputs[0]).asnumpy()
+    np.testing.assert_allclose(blockwise.loss(*inputs[0]).asnumpy(), per_sample, rtol=1e-5)
 
 
 def test_initializer_word_starts_every_vector(harness):
@@ -582,7 +586,8 @@ def test_fp16_keeps_learned_rows_and_optimizer_state_fp32(tmp_path):
     assert [p.dtype for p in training.learned_rows] == [ms.float32, ms.float32]
     assert all(p.dtype == ms.float32 for p in training.train_step.update.state_parameters()[:5])  # m, v, Adam step
     assert all(p.dtype == ms.float32 for p in training.train_step.update.accum)
-    assert float(training.train_step.update.loss_scale.asnumpy()) == 2.0 ** 16 and training.train_step.update.dynamic_loss_scale
+    update = training.train_step.update
+    assert float(update.loss_scale.asnumpy()) == 2.0 ** 16 and update.dynamic_loss_scale
 
 
 def test_numbered_embeddings_are_pruned_and_the_best_kept(tmp_path):

@@ -171,31 +171,46 @@ class TextualInversionTrainStep(nn.Cell):
         return self.update(lr, apply_update, scaled_loss, grads)
 
 
-class BlockwiseTrainStep:
-    """The same step with the UNet run layer by layer from the host (`BlockwiseUNet`), for the full-size model on
-    the CPU, where the one graph of `TextualInversionTrainStep` does not fit in memory.
+class BlockwiseLoss:
+    """`TextualInversionLoss` with the UNet run layer by layer from the host (`BlockwiseUNet`), for the full-size
+    model on the CPU, where one graph of the whole loss (and its gradients) does not fit in memory. Around the UNet,
+    small graphs: the text conditioning, the noised latents the UNet takes, and the loss from the UNet's output.
+    Called, it gives each sample's loss [B] (the validation loss); `BlockwiseTrainStep` differentiates it."""
 
-    Four small graphs around the UNet: the text conditioning, the noised latents the UNet takes, the loss (and its
-    gradient) from the UNet's output, and the conditioning's backward pass to the learned rows; between them the
-    UNet's forward and backward, stage by stage. The same numbers as the one graph (tested on the tiny model)."""
+    def __init__(self, loss_net):
+        self.conditioner = loss_net.conditioner
+        self.unet_inputs = UNetInputs(loss_net)
+        self.per_sample_loss = LossFromUNetOutput(loss_net, mean=False)
+        self.unet = BlockwiseUNet(loss_net.model.diffusion_model)
+
+    def __call__(self, moments, latent_noise, noise, sigma_rand, *cond_inputs):
+        context, vector = self.conditioner(*cond_inputs)
+        unet_x, timesteps, *after_unet = self.unet_inputs(moments, latent_noise, noise, sigma_rand)
+        return self.per_sample_loss(self.unet.forward(unet_x, timesteps, context, vector), *after_unet)
+
+
+class BlockwiseTrainStep:
+    """`TextualInversionTrainStep` over a `BlockwiseLoss` (`--blockwise_unet`): the UNet's forward pass keeps each
+    layer's inputs, the loss's gradient with respect to the UNet's output goes back through the layers, and the
+    conditioning's backward pass (a graph of its own) takes it to the learned rows. The same numbers as the one
+    graph (tested on the tiny model)."""
 
     def __init__(self, loss_net, params, optimizer, **update_options):
         self.update = GradientUpdate(params, optimizer, **update_options)
-        self.conditioning = loss_net.conditioner
-        self.conditioning_backward = ConditioningBackward(loss_net.conditioner, self.update.params)
-        self.unet_inputs = UNetInputs(loss_net)
+        self.loss = BlockwiseLoss(loss_net)
         self.loss_and_grad = LossAndOutputGradient(ScaledLoss(LossFromUNetOutput(loss_net), self.update.loss_scale))
-        self.unet = BlockwiseUNet(loss_net.model.diffusion_model)
+        self.conditioning_backward = ConditioningBackward(loss_net.conditioner, self.update.params)
 
     def __call__(self, lr, apply_update, moments, latent_noise, noise, sigma_rand, *cond_inputs):
-        context, vector = self.conditioning(*cond_inputs)
-        unet_x, timesteps, latents, noised, c_skip, c_out, w = self.unet_inputs(moments, latent_noise, noise,
-                                                                               sigma_rand)
-        output, tape = self.unet.forward(unet_x, timesteps, context, vector, keep=True)
-        scaled_loss, d_output = self.loss_and_grad(output, latents, noised, c_skip, c_out, w)
-        d_context, d_vector = self.unet.backward(tape, d_output)
+        loss = self.loss
+        context, vector = loss.conditioner(*cond_inputs)
+        unet_x, timesteps, *after_unet = loss.unet_inputs(moments, latent_noise, noise, sigma_rand)
+        output, tape = loss.unet.forward(unet_x, timesteps, context, vector, keep=True)
+        scaled_loss, d_output = self.loss_and_grad(output, *after_unet)
+        d_context, d_vector = loss.unet.backward(tape, d_output)
         grads = self.conditioning_backward(d_context, d_vector, *cond_inputs)
-        return self.update(lr, apply_update, scaled_loss, grads)
+        # mutable: a plain tuple of Tensors is a constant to the graph, which would compile again at every call
+        return self.update(lr, apply_update, scaled_loss, ms.mutable(tuple(grads)))
 
 
 class UNetInputs(nn.Cell):
@@ -214,15 +229,17 @@ class UNetInputs(nn.Cell):
 
 
 class LossFromUNetOutput(nn.Cell):
-    """`TextualInversionLoss` after the UNet: the mean loss given the UNet's output."""
+    """`TextualInversionLoss` after the UNet: the loss given the UNet's output (the mean, or each sample's)."""
 
-    def __init__(self, loss_net):
+    def __init__(self, loss_net, mean=True):
         super().__init__(auto_prefix=False)
         self.loss_net = loss_net
+        self.mean = mean
 
     def construct(self, output, latents, noised, c_skip, c_out, w):
         denoised = self.loss_net.denoiser.combine(output, noised, c_skip, c_out)
-        return self.loss_net.loss_fn.get_loss(denoised, latents, w).mean()
+        loss = self.loss_net.loss_fn.get_loss(denoised, latents, w)
+        return loss.mean() if self.mean else loss
 
 
 class LossAndOutputGradient(nn.Cell):

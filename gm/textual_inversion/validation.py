@@ -64,13 +64,13 @@ class Validation:
     """
 
     def __init__(self, engine, datasets, latents, num_draws, seed, batch_size=1, flips=True, learned_rows=(),
-                 rank=0, world_size=1):
+                 rank=0, world_size=1, net=None):
         self.engine, self.latents, self.batch_size = engine, latents, batch_size
         self.rank, self.world_size = rank, world_size
         self.draws = validation_draws(datasets, num_draws, engine.loss_fn.sigma_sampler, flips)
         self.rand_dtype = engine.loss_fn.sigma_sampler.spread(1).dtype
         self.noise_seed = [seed, VALIDATION_KEY]
-        self.net = ValidationLoss(engine)
+        self.net = net or ValidationLoss(engine)  # or the per-sample loss the train step has (`BlockwiseLoss`)
         self.best_step = self.best_loss = None
         # the rows of the best step, saved with the training state (a resume rewrites the best files from them)
         self.best_rows = [Parameter(Tensor(rows.asnumpy().copy()), name=f"best.{rows.name}", requires_grad=False)

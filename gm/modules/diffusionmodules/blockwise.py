@@ -53,28 +53,17 @@ def _prepare(unet, x, timesteps, context, y):
     return unet.prepare(x, timesteps, context, y)
 
 
-def _feature_map(layer, x):
-    return layer(x)
+def _layer(layer, *inputs):
+    return layer(*inputs)
 
 
-def _with_emb(layer, x, emb):
-    return layer(x, emb)
-
-
-def _skip_then_emb(layer, x, skip, emb):
-    return layer(ops.cat([x, skip], axis=1), emb)
-
-
-def _skip_then_layer(layer, x, skip):
-    return layer(ops.cat([x, skip], axis=1))
+def _skip_then_layer(layer, x, skip, *inputs):
+    """An output block's first layer: the feature map and its skip connection, concatenated."""
+    return layer(ops.cat([x, skip], axis=1), *inputs)
 
 
 def _tokens_in(layer, x):
     return layer.tokens_in(x)
-
-
-def _with_context(layer, tokens, context):
-    return layer(tokens, context)
 
 
 def _features_out(layer, tokens, x_in):
@@ -83,6 +72,14 @@ def _features_out(layer, tokens, x_in):
 
 def _head(unet, h):
     return unet.out(h).astype(ms.float32)
+
+
+def _network_inputs(denoiser, x, sigma):
+    return denoiser.network_inputs(x, sigma)
+
+
+def _combine(denoiser, output, x, c_skip, c_out):
+    return denoiser.combine(output, x, c_skip, c_out)
 
 
 def _signature(stage):
@@ -125,13 +122,12 @@ class BlockwiseUNet:
                 if isinstance(layer, SpatialTransformer):
                     tokens = add(layer, _tokens_in, [h])
                     for block in layer.transformer_blocks:
-                        tokens = add(block, _with_context, [tokens, context])
+                        tokens = add(block, _layer, [tokens, context])
                     h = add(layer, _features_out, [tokens, h])
-                elif isinstance(layer, ResBlock):
-                    h = add(layer, _skip_then_emb, [h, skip, emb]) if skip is not None else add(layer, _with_emb,
-                                                                                             [h, emb])
+                elif skip is not None:  # an output block's first layer (a ResBlock in SDXL)
+                    h = add(layer, _skip_then_layer, [h, skip] + ([emb] if isinstance(layer, ResBlock) else []))
                 else:
-                    h = add(layer, _skip_then_layer, [h, skip]) if skip is not None else add(layer, _feature_map, [h])
+                    h = add(layer, _layer, [h, emb] if isinstance(layer, ResBlock) else [h])
                 skip = None
             return h
 
@@ -189,9 +185,25 @@ class BlockwiseUNet:
             if not any(i in grads for i in outputs):
                 continue
             douts = [grads.pop(i) if i in grads else ops.zeros_like(values[i]) for i in outputs]
-            dout = douts[0] if len(douts) == 1 else tuple(douts)
+            # mutable: a plain tuple of Tensors is a constant to the graph, which would compile again at every call
+            dout = douts[0] if len(douts) == 1 else ms.mutable(tuple(douts))
             input_grads = self._run(stage, [values[i] for i in inputs], dout)
             for i, grad in zip(inputs, input_grads):
                 if i in needed:
                     grads[i] = grads[i] + grad if i in grads else grad
         return grads[2], grads[3]
+
+
+class BlockwiseDenoiser:
+    """The samplers' `denoise(x, sigma, cond)` (as `BoundDenoiser`'s) with the UNet run layer by layer: the
+    denoiser's scalings before and after it are graphs of their own. For sampling the full-size model on the CPU."""
+
+    def __init__(self, denoiser, network):
+        self.network_inputs = Stage(denoiser, _network_inputs)
+        self.combine = Stage(denoiser, _combine)
+        self.unet = BlockwiseUNet(network.diffusion_model)
+
+    def denoise(self, x, sigma, cond):
+        network_x, c_noise, c_skip, c_out = self.network_inputs(x, sigma)
+        output = self.unet.forward(network_x, c_noise, cond["crossattn"], cond["vector"])
+        return self.combine(output, x, c_skip, c_out)
