@@ -104,10 +104,14 @@ def encode_in_child_process(autoencoder, dataset, keys, progress=True):
         job = dict(autoencoder=autoencoder.init_args, dtype=str(autoencoder.dtype).lower(),
                    device_target=ms.get_context("device_target"), ms_mode=ms.get_context("mode"), progress=progress,
                    groups=len(groups), images=len(keys))
-        with open(os.path.join(job_dir, "job.json"), "w", encoding="utf-8") as f:
-            json.dump(job, f)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-        code = subprocess.run([sys.executable, "-m", "gm.textual_inversion.latent_cache", job_dir], env=env).returncode
+        code = run_encode_job(job_dir, job)
+        if code != 0 and job["ms_mode"] == ms.GRAPH_MODE:
+            # The encoder's graph plans every activation of an image at once (the full-size VAE at 1024 px: 11.3 GB
+            # beside the training process's weights); PyNative keeps only the live ones (7.1 GB), at about twice
+            # the time per image.
+            print("Encoding the training images again, in PyNative mode (graph mode ran out of memory or failed)",
+                  file=sys.stderr)
+            code = run_encode_job(job_dir, dict(job, ms_mode=ms.PYNATIVE_MODE))
         if code != 0:
             reason = "killed: out of memory?" if code == -9 else f"exit code {code}"
             raise RuntimeError(f"encoding the training images failed in the child process ({reason}); "
@@ -117,6 +121,14 @@ def encode_in_child_process(autoencoder, dataset, keys, progress=True):
             moments = np.load(os.path.join(job_dir, f"moments_{group}.npy"))
             cache.update({keys[i]: (moments[row], conditions[i]) for row, i in enumerate(positions)})
     return cache
+
+
+def run_encode_job(job_dir, job):
+    """Run `encode_job` on `job` in a child process; its exit code."""
+    with open(os.path.join(job_dir, "job.json"), "w", encoding="utf-8") as f:
+        json.dump(job, f)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", "gm.textual_inversion.latent_cache", job_dir], env=env).returncode
 
 
 def encode_job(job_dir):
