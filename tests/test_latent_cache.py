@@ -37,6 +37,24 @@ def test_child_process_latents_equal_in_process(root, tiny_sdxl):
         np.testing.assert_array_equal(child[name], in_process[name], err_msg=name)
 
 
+def test_a_child_out_of_memory_in_graph_mode_encodes_again_in_pynative(root, tiny_sdxl, monkeypatch, capsys):
+    """The full-size VAE at 1024 px does not fit beside the training process in graph mode: a child that fails is
+    run again in PyNative mode (which keeps only the live tensors), with the same latents."""
+    dataset = TextualInversionDataset(os.path.join(root, DATA), "<toy>", 64)
+    keys = [(i, False) for i in range(len(dataset))]
+    expected = TrainingLatents(fresh_autoencoder(root, tiny_sdxl), dataset, progress=False, in_child=False).batch(keys)
+    modes, run = [], latent_cache.run_encode_job
+
+    def graph_mode_fails(job_dir, job):
+        modes.append(job["ms_mode"])
+        return 1 if len(modes) == 1 else run(job_dir, job)  # the first (graph mode) as if out of memory
+
+    monkeypatch.setattr(latent_cache, "run_encode_job", graph_mode_fails)
+    latents = TrainingLatents(fresh_autoencoder(root, tiny_sdxl), dataset, progress=False, in_child=True)
+    assert modes == [0, 1] and "again, in PyNative mode" in capsys.readouterr().err
+    np.testing.assert_allclose(latents.batch(keys)["moments"], expected["moments"], rtol=1e-5, atol=1e-6)
+
+
 def test_cpu_caches_in_a_child_process(root, tiny_sdxl, monkeypatch):
     """The default on the CPU; a child that fails is one clear error that names the way out."""
     calls = []

@@ -86,7 +86,7 @@ def test_clipping_matches_torch():
     grads = [g * 50 for g in random_rows(3)]  # global norm well above 1
     rows = [Parameter(Tensor(x), name=f"text{i}.new_embeddings") for i, x in enumerate(random_rows(2))]
     step = TextualInversionTrainStep(RowsLoss(rows), rows, AdamW(rows), max_grad_norm=1.0)
-    clipped = [g.asnumpy() for g in step._clip([Tensor(g) for g in grads])]
+    clipped = [g.asnumpy() for g in step.update._clip([Tensor(g) for g in grads])]
     reference = [torch.nn.Parameter(torch.zeros(g.shape)) for g in grads]
     for p, g in zip(reference, grads):
         p.grad = torch.from_numpy(g.copy())

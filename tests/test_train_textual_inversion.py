@@ -441,7 +441,7 @@ def test_blockwise_step_equals_the_one_graph_step(harness):
     step = training.train_step
     blockwise = BlockwiseTrainStep(TextualInversionLoss(training.model), training.learned_rows, training.optimizer,
                                    accumulation_steps=2)
-    unet = blockwise.unet
+    unet = blockwise.loss.unet
     assert len(unet.graphs) < len(unet.program)  # some layers run through another layer's graph, weights swapped
     inputs = [micro_batch(training, seed_key=(500, m)) for m in range(2)]
     lr = Tensor(LR, ms.float32)

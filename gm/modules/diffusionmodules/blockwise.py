@@ -7,7 +7,7 @@ about 10 GB above the weights at full size, more than the machine has (benchmark
 forward pass is a list of stages (a ResBlock, a transformer block, a projection into or out of a transformer's
 tokens, a resampling, ...). Stages of the same kind and weight shapes share one compiled graph: before a stage
 runs, its own weights are swapped into the graph's parameters (`Parameter.set_data` shares their storage: no copy)
-and swapped back after. Twenty-odd graphs serve the UNet's 120 stages, each about the memory of one layer.
+and swapped back after. 25 graphs serve the full-size UNet's 116 stages, each about the memory of one layer.
 
 For training, `forward` keeps each stage's inputs and `backward` runs the stages in reverse, each through a graph
 that recomputes it from its inputs and returns the gradients of its inputs only (the weights are frozen: no
