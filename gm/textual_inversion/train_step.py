@@ -184,9 +184,14 @@ class BlockwiseLoss:
         self.unet = BlockwiseUNet(loss_net.model.diffusion_model)
 
     def __call__(self, moments, latent_noise, noise, sigma_rand, *cond_inputs):
+        output, after_unet = self.unet_output(moments, latent_noise, noise, sigma_rand, cond_inputs)
+        return self.per_sample_loss(output, *after_unet)
+
+    def unet_output(self, moments, latent_noise, noise, sigma_rand, cond_inputs, keep=False):
+        """(the UNet's output, or (output, tape) with `keep`; what `LossFromUNetOutput` takes besides it)."""
         context, vector = self.conditioner(*cond_inputs)
         unet_x, timesteps, *after_unet = self.unet_inputs(moments, latent_noise, noise, sigma_rand)
-        return self.per_sample_loss(self.unet.forward(unet_x, timesteps, context, vector), *after_unet)
+        return self.unet.forward(unet_x, timesteps, context, vector, keep=keep), after_unet
 
 
 class BlockwiseTrainStep:
@@ -202,12 +207,10 @@ class BlockwiseTrainStep:
         self.conditioning_backward = ConditioningBackward(loss_net.conditioner, self.update.params)
 
     def __call__(self, lr, apply_update, moments, latent_noise, noise, sigma_rand, *cond_inputs):
-        loss = self.loss
-        context, vector = loss.conditioner(*cond_inputs)
-        unet_x, timesteps, *after_unet = loss.unet_inputs(moments, latent_noise, noise, sigma_rand)
-        output, tape = loss.unet.forward(unet_x, timesteps, context, vector, keep=True)
+        (output, tape), after_unet = self.loss.unet_output(moments, latent_noise, noise, sigma_rand, cond_inputs,
+                                                           keep=True)
         scaled_loss, d_output = self.loss_and_grad(output, *after_unet)
-        d_context, d_vector = loss.unet.backward(tape, d_output)
+        d_context, d_vector = self.loss.unet.backward(tape, d_output)
         grads = self.conditioning_backward(d_context, d_vector, *cond_inputs)
         # mutable: a plain tuple of Tensors is a constant to the graph, which would compile again at every call
         return self.update(lr, apply_update, scaled_loss, ms.mutable(tuple(grads)))

@@ -103,6 +103,11 @@ class BlockwiseUNet:
             self.weights[stage] = [p.data for p in self.params[stage]]  # handles on each weight's storage
             self.graph_of[stage] = self.graphs.setdefault(_signature(stage), [stage, None])
         self.last_use = {i: k for k, (_, inputs, _) in enumerate(self.program) for i in inputs}
+        # the values whose gradient `backward` needs: what context and y reach (not x's path before the first ResBlock)
+        self.needs_grad = {2, 3}
+        for _, inputs, outputs in self.program:
+            if self.needs_grad.intersection(inputs):
+                self.needs_grad.update(outputs)
 
     @staticmethod
     def _program(unet):
@@ -175,11 +180,6 @@ class BlockwiseUNet:
 
     def backward(self, values, dout):
         """(d context, d y) for the gradient `dout` of the forward pass's output; `values` is its tape."""
-        # Only what context and y reach needs a gradient (not x's own path before the first ResBlock).
-        needed = {2, 3}
-        for _, inputs, outputs in self.program:
-            if needed.intersection(inputs):
-                needed.update(outputs)
         grads = {self.program[-1][2][0]: dout}
         for stage, inputs, outputs in reversed(self.program):
             if not any(i in grads for i in outputs):
@@ -189,7 +189,7 @@ class BlockwiseUNet:
             dout = douts[0] if len(douts) == 1 else ms.mutable(tuple(douts))
             input_grads = self._run(stage, [values[i] for i in inputs], dout)
             for i, grad in zip(inputs, input_grads):
-                if i in needed:
+                if i in self.needs_grad:
                     grads[i] = grads[i] + grad if i in grads else grad
         return grads[2], grads[3]
 
