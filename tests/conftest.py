@@ -11,6 +11,19 @@ sys.path.insert(0, ROOT)
 ms.set_context(mode=ms.GRAPH_MODE)
 ms.set_device("CPU")
 
+# The suite runs in two processes (pytest.ini: pytest-xdist, a file at a time, to whichever is free). The files
+# that take longest go first, so that neither process is left with a long file at the end while the other idles.
+LONGEST_FIRST = ("test_train_textual_inversion.py", "test_sampling.py", "test_benchmarks.py", "test_pretrain_tiny.py",
+                 "test_frozen_backward.py", "test_evaluate_embedding.py", "test_vae.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = os.path.basename(str(item.path))
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
+
 
 @pytest.fixture(scope="session")
 def root():
