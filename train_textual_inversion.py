@@ -874,9 +874,9 @@ def sample_validation_grid(run, args, step):
         run.validation_pipeline = SDXLPipeline(
             run.model, placeholders={concept.token: concept.num_vectors for concept in run.concepts})
     prompts = validation_prompts(args)
-    images = [image for prompt in prompts for image in run.validation_pipeline.generate(
-        prompt, steps=args.validation_sample_step, height=args.resolution, width=args.resolution, seed=args.seed,
-        num_images=args.num_validation_images)]
+    images = run.validation_pipeline.generate(  # prompt by prompt, all of them in UNet batches
+        prompts, steps=args.validation_sample_step, height=args.resolution, width=args.resolution, seed=args.seed,
+        num_images=args.num_validation_images)
     save_png(os.path.join(args.save_path, "samples", f"step_{step}.png"),
              make_grid(images, len(prompts), args.num_validation_images),
              {"prompt": " | ".join(prompts), "step": str(step), "seed": str(args.seed)})

@@ -62,6 +62,9 @@ def get_parser():
                         help="image width in pixels, a multiple of 32 for SDXL (default: the config's "
                              "sampling.resolution, else 1024)")
     parser.add_argument("--save_path", default="outputs", help="folder the PNGs are written to")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="images per UNet call, across prompts; each image keeps its own seed, so the images do "
+                             "not change with it (default: as many as make the latents of one 1024 x 1024 image)")
     parser.add_argument("--blockwise_unet", type=str2bool, default=False,
                         help="run the UNet layer by layer from the host, each distinct layer compiled once: far less "
                              "memory for the full-size SDXL on the CPU (README 'Running the real SDXL')")
@@ -89,7 +92,7 @@ def check_args(parser, args):
         args.device_target, args.precision = resolve_device(args.device_target, args.precision)
     except ValueError as e:
         parser.error(str(e))
-    for name in ("sample_step", "num_cols", "num_rows", "H", "W"):
+    for name in ("sample_step", "num_cols", "num_rows", "H", "W", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
 
@@ -203,7 +206,8 @@ def main(argv=None):
                                         dict(common, prompt=prompt, seed=seeds)))
 
         pipeline.generate(prompts, args.negative_prompt, args.sampler, args.sample_step, args.guidance_scale,
-                         args.H, args.W, args.seed, num_images, init_image, args.strength, progress, on_image)
+                         args.H, args.W, args.seed, num_images, init_image, args.strength, progress, on_image,
+                         args.batch_size)
         bar.close()
     except (SamplingError, EmbeddingFormatError, WeightFileError, WeightMismatchError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -12,7 +12,7 @@ import re
 import warnings
 
 import numpy as np
-from mindspore import Tensor, nn
+from mindspore import Tensor, nn, ops
 from omegaconf import OmegaConf
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
@@ -255,10 +255,13 @@ class SDXLPipeline:
         return sampler
 
     def sample_latents(self, c, uc, sampler, height, width, seed, init_latents=None, on_step=None):
-        """Latents [1, C, H/f, W/f] from one seed: numpy RandomState(seed) draws the initial noise, then any
-        noise a stochastic sampler adds. `init_latents` (img2img): clean latents noised to the first sigma."""
-        noise_fn = randn_like_fn(seed)
-        shape = (1, self.latent_channels, height // self.latent_factor, width // self.latent_factor)
+        """Latents [B, C, H/f, W/f], a sample per seed of `seed` (an int, or a list of B): numpy RandomState(seed)
+        draws each sample's initial noise, then any noise a stochastic sampler adds, so a sample does not depend
+        on the batch it is drawn in. c, uc: conditioning with B rows. `init_latents` (img2img): clean latents
+        noised to the first sigma."""
+        seeds = [seed] if isinstance(seed, int) else list(seed)
+        noise_fn = randn_like_fn(seeds)
+        shape = (len(seeds), self.latent_channels, height // self.latent_factor, width // self.latent_factor)
         x = noise_fn(Tensor(np.zeros(shape, np.float32)))
         if init_latents is not None:
             x = img2img_noised_input(init_latents, x, float(sampler.discretization(sampler.num_steps)[0]))
@@ -273,13 +276,14 @@ class SDXLPipeline:
 
     def generate(self, prompts, negative_prompt="", sampler="EulerEDM", steps=40, guidance_scale=5.0,
                  height=1024, width=1024, seed=0, num_images=1, init_image=None, strength=0.75,
-                 progress=None, on_image=None):
+                 progress=None, on_image=None, batch_size=None):
         """Images for each prompt: a list of uint8 arrays [H, W, 3], prompt by prompt, `num_images` each.
 
-        The j-th image of every prompt uses seed + j, so the same arguments give the same images.
-        init_image: None (txt2img) or a path / PIL image / uint8 array for img2img, which keeps the last
-        `strength` fraction of the schedule (1.0: start from pure noise). progress(done, total) is called
-        after every sampler step, on_image(index, image) after every image.
+        The j-th image of every prompt uses seed + j, so the same arguments give the same images, whatever the
+        batch. The images of all prompts go through the UNet `batch_size` at a time (default
+        `default_batch_size`). init_image: None (txt2img) or a path / PIL image / uint8 array for img2img, which
+        keeps the last `strength` fraction of the schedule (1.0: start from pure noise). progress(done, total) is
+        called after every sampler step (done counts an image's steps), on_image(index, image) after every image.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
@@ -288,6 +292,8 @@ class SDXLPipeline:
             raise SamplingError(f"num_images must be at least 1, got {num_images}")
         if not 0 <= seed <= 2**32 - num_images:
             raise SamplingError(f"seed must lie in [0, {2**32 - num_images}] for {num_images} images, got {seed}")
+        if batch_size is not None and batch_size < 1:
+            raise SamplingError(f"batch_size must be at least 1, got {batch_size}")
         self.check_size(height, width)
         sampler = self.make_sampler(sampler, steps, guidance_scale, None if init_image is None else strength)
         for prompt in self.prompts_without_placeholders(prompts):
@@ -298,20 +304,29 @@ class SDXLPipeline:
             pixels = load_image(init_image, height, width).astype(np.float32) / 127.5 - 1.0
             init_latents = self.encoder(Tensor(pixels.transpose(2, 0, 1)[None]))
 
+        conditioning = [self.encode_prompt(prompt, negative_prompt, height, width) for prompt in prompts]
+        jobs = [(p, seed + j) for p in range(len(prompts)) for j in range(num_images)]
+        batch_size = batch_size or self.default_batch_size(height, width)
         steps_per_image = len(sampler.discretization(steps)) - 1
-        total, images = len(prompts) * num_images * steps_per_image, []
-        for prompt in prompts:
-            c, uc = self.encode_prompt(prompt, negative_prompt, height, width)
-            for j in range(num_images):
-                done = len(images) * steps_per_image
+        total, images = len(jobs) * steps_per_image, []
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start:start + batch_size]
+            c, uc = ({key: ops.cat([conditioning[p][half][key] for p, _ in batch]) for key in conditioning[0][half]}
+                     for half in (0, 1))
 
-                def on_step(info, done=done):
-                    if progress is not None:
-                        progress(done + info["i"] + 1, total)
+            def on_step(info, done=start * steps_per_image, n=len(batch)):
+                if progress is not None:
+                    progress(done + (info["i"] + 1) * n, total)
 
-                z = self.sample_latents(c, uc, sampler, height, width, seed + j, init_latents, on_step)
-                release_free_memory()  # what compiling the conditioner and UNet graphs freed, before the decoder's
-                images.append(to_uint8(self.decoder(z).asnumpy())[0])
+            z = self.sample_latents(c, uc, sampler, height, width, [s for _, s in batch], init_latents, on_step)
+            release_free_memory()  # what compiling the conditioner and UNet graphs freed, before the decoder's
+            for i in range(len(batch)):
+                images.append(to_uint8(self.decoder(z[i:i + 1]).asnumpy())[0])
                 if on_image is not None:
                     on_image(len(images) - 1, images[-1])
         return images
+
+    def default_batch_size(self, height, width):
+        """Images per UNet call when none is asked for: as many as make the latents of one 1024 x 1024 image
+        (SDXL's native size: what the model's memory is planned for), at least one."""
+        return max(1, (1024 // self.latent_factor) ** 2 // ((height // self.latent_factor) * (width // self.latent_factor)))

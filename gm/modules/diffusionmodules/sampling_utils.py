@@ -42,11 +42,21 @@ def to_sigma(neg_log_sigma):
 
 def randn_like_fn(seed=None):
     """A `noise_fn(x)` drawing N(0, I) like x from numpy's RandomState(seed): the same stream on every
-    device, so sampling with a seed is reproducible."""
-    rng = np.random.RandomState(seed)
+    device, so sampling with a seed is reproducible. A list of seeds gives each sample of the batch its own
+    stream (sample i from seed[i]), so a sample's noise does not depend on the batch it is drawn in."""
+    if isinstance(seed, (list, tuple)):
+        rngs = [np.random.RandomState(s) for s in seed]
+
+        def draw(shape):
+            return np.concatenate([rng.standard_normal((1, *shape[1:])) for rng in rngs])
+    else:
+        rng = np.random.RandomState(seed)
+
+        def draw(shape):
+            return rng.standard_normal(shape)
 
     def noise_fn(x):
-        return Tensor(rng.standard_normal(x.shape).astype(np.float32)).astype(x.dtype)
+        return Tensor(draw(x.shape).astype(np.float32)).astype(x.dtype)
 
     return noise_fn
 
