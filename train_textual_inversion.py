@@ -45,6 +45,7 @@ from gm.textual_inversion.checkpointing import (
     load_train_state, read_train_state, run_folder_lock, save_learned_embeddings, save_train_state,
 )
 from gm.textual_inversion.embedding_io import EmbeddingFormatError
+from gm.textual_inversion.encoding_check import EncodingCheck
 from gm.textual_inversion.latent_cache import TrainingLatents
 from gm.textual_inversion.loss_log import LossLog, vector_health
 from gm.textual_inversion.optim import SCHEDULES, AdamW, learning_rate
@@ -455,6 +456,9 @@ class Training:
                                          net=self.train_step.loss if args.blockwise_unet else None)
         self.identity, self.schedule = run_identity(args, config, world_size), schedule_flags(args)
         self.embedding_facts = embedding_facts(args, self.base_lr)
+        # every embedding file written must change the encoding of its word's prompt (checked as read back)
+        self.encoding_check = EncodingCheck(self.model.conditioner, [
+            (concept.token, concept.num_vectors, word_prompt(concept)) for concept in self.concepts], args.resolution)
         self.args, self.rank, self.world_size = args, rank, world_size
         self.start_step, self.log, self.validation_pipeline = 0, None, None
         self.step_shapes = set()  # the micro-batch shapes the train step has run at: one compiled graph each
@@ -545,9 +549,10 @@ class Training:
         several = len(self.concepts) > 1
         for concept, rows_l, rows_g in self.word_rows():
             save_learned_embeddings(args.save_path, concept.token, rows_l, rows_g, step, args.max_num_ckpt, facts,
-                                    several)
+                                    several, self.encoding_check)
             if final:
-                save_learned_embeddings(args.save_path, concept.token, rows_l, rows_g, None, None, facts, several)
+                save_learned_embeddings(args.save_path, concept.token, rows_l, rows_g, None, None, facts, several,
+                                        self.encoding_check)
         host_state = {"identity": self.identity, "data_orders": [order.state_dict() for order in self.orders],
                       "schedule": self.schedule}
         params = self.state_params
@@ -574,7 +579,7 @@ class Training:
         facts = dict(self.embedding_facts, step=validation.best_step, val_loss=f"{validation.best_loss:.6f}")
         for concept, rows_l, rows_g in self.word_rows(validation.best_rows):
             save_learned_embeddings(self.args.save_path, concept.token, rows_l, rows_g, "best", None, facts,
-                                    len(self.concepts) > 1)
+                                    len(self.concepts) > 1, self.encoding_check)
 
 
 def main(args):
@@ -859,7 +864,12 @@ def validation_prompts(args):
     """--validation_prompt, or by default one prompt per word, by its property (e.g. "a photo of <tok>")."""
     if args.validation_prompt is not None:
         return [args.validation_prompt]
-    return [VALIDATION_PROMPTS[concept.learnable_property].format(concept.token) for concept in args.concepts]
+    return [word_prompt(concept) for concept in args.concepts]
+
+
+def word_prompt(concept):
+    """The word's prompt by its property, e.g. "a photo of <tok>"."""
+    return VALIDATION_PROMPTS[concept.learnable_property].format(concept.token)
 
 
 def sample_validation_grid(run, args, step):

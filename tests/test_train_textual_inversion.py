@@ -7,8 +7,8 @@ module fixture and reset between them. The command-line runs (A: batch 2, 8 step
 Ctrl-C then --resume latest then kill -9, in fp16; msrun with 2 workers) start in background threads when the
 module starts and compile meanwhile on the other core; a test that reads a run waits for it (also: two words, and
 --bucketing on square and wide images of two words: two graphs). Where a run and the in-process step are compared,
-the in-process side is fed exactly what the run drew. Two more runs cannot finish: their learned rows overflow, or
-the disk fills at a save. The validation loss (a graph of its own) runs in A, B, the msrun workers (on 16 draws),
+the in-process side is fed exactly what the run drew. Three more runs cannot finish: their learned rows overflow, the
+disk fills at a save, or their tokenizers stop reaching the learned rows (the export check refuses the file). The validation loss (a graph of its own) runs in A, B, the msrun workers (on 16 draws),
 the bucketing run (8 draws, a graph per bucket) and in process; the other runs turn it off.
 """
 import os
@@ -37,7 +37,9 @@ from gm.sampling import SDXLPipeline, image_size_multiple
 from gm.textual_inversion.checkpointing import (
     LOCK_FILE, MODEL_NAME, STATE_DIR, ResumeError, load_train_state, read_train_state, save_learned_embeddings,
 )
-from gm.textual_inversion.embedding_io import load_embedding
+from gm.modules.encoders.tokenizer import bigg_tokenizer, vit_l_tokenizer
+from gm.textual_inversion import encoding_check
+from gm.textual_inversion.embedding_io import LearnedEmbedding, load_embedding
 from gm.textual_inversion.loss_log import LossLog
 from gm.textual_inversion.optim import learning_rate
 from gm.textual_inversion.train_step import BlockwiseTrainStep, TextualInversionLoss, loss_inputs
@@ -225,17 +227,55 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
+# The trainer, whose tokenizers forget the placeholder once step 2's training state is saved: from then on they
+# split it into ordinary pieces, so its learned rows are never looked up (as with a token the tokenizer cannot hold).
+ROWS_NOT_REACHED = """
+import os, runpy, sys
+
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(script))
+from gm.modules.encoders import tokenizer
+from gm.textual_inversion import checkpointing
+
+bare = {tokenizer.VIT_L_PAD_ID: tokenizer.vit_l_tokenizer(), tokenizer.BIGG_PAD_ID: tokenizer.bigg_tokenizer()}
+forgotten = []
+real_call, real_save_train_state = tokenizer.CLIPTokenizer.__call__, checkpointing.save_train_state
+
+
+def call(self, texts):
+    return real_call(bare[self.pad_id] if forgotten else self, texts)
+
+
+def save_train_state(save_path, step, *args):
+    final = real_save_train_state(save_path, step, *args)
+    forgotten.append(step)
+    return final
+
+
+tokenizer.CLIPTokenizer.__call__ = call
+checkpointing.save_train_state = save_train_state
+runpy.run_path(script, run_name="__main__")
+"""
+
+
 def failures_chain(runs, root):
     """Saving every step, a warm-up whose second step's learning rate (5e38) overflows float32: the rows turn
-    inf at step 2. Then, saving every 2 steps, a full disk at step 4's training state."""
+    inf at step 2. Then, saving every 2 steps, a full disk at step 4's training state; and tokenizers that no longer
+    reach the learned rows after step 2's save."""
     diverged, disk_full = os.path.join(root, "diverged"), os.path.join(root, "disk_full")
+    not_reached = os.path.join(root, "not_reached")
     code_d, out_d = runs.cli(BASE + VALIDATION_OFF + ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "2",
                                      "--learning_rate", "1e39", "--total_step", "4", "--save_interval", "1",
                                      "--save_path", diverged], root, "diverged")
     code_f, out_f = runs.cli(BASE + VALIDATION_OFF + ["--total_step", "6", "--save_interval", "2", "--save_path", disk_full], root,
                              "disk_full", python=[sys.executable, "-c", DISK_FULL])
+    code_n, out_n = runs.cli(BASE + VALIDATION_OFF + ["--total_step", "6", "--save_interval", "2",
+                                                      "--save_path", not_reached], root, "not_reached",
+                             python=[sys.executable, "-c", ROWS_NOT_REACHED])
     return {"diverged": diverged, "code_diverged": code_d, "out_diverged": out_d,
-            "disk_full": disk_full, "code_disk_full": code_f, "out_disk_full": out_f}
+            "disk_full": disk_full, "code_disk_full": code_f, "out_disk_full": out_f,
+            "not_reached": not_reached, "code_not_reached": code_n, "out_not_reached": out_n}
 
 
 def words_chain(runs, root):
@@ -948,6 +988,52 @@ def test_full_disk_at_a_save_stops_with_one_line_and_keeps_the_last_state(failur
         assert f.read().strip() == "step_00000002"
     read_train_state(os.path.join(save, STATE_DIR, "step_00000002"), {})  # whole and readable
     assert [int(r[0]) for r in loss_rows(save)] == [1, 2, 3, 4]
+
+
+def test_an_export_whose_rows_are_not_reached_stops_the_run_and_keeps_the_previous_files(failure_runs):
+    """After step 2's save the tokenizers split the placeholder (its rows are never looked up): the export at step 4
+    fails the encoding check, so one error line naming the file and the last complete state, exit 1; step 2's
+    embeddings stay as they were (they load, with step 2's rows) and nothing of step 4 is left, not even a
+    temporary file."""
+    save, out = failure_runs["not_reached"], failure_runs["out_not_reached"]
+    assert failure_runs["code_not_reached"] == 1, out
+    assert "Traceback" not in out
+    (error,) = error_lines(out)
+    assert f"{os.path.join(save, MODEL_NAME)}_4_ti.ckpt: the word <toy> does not change the encoding of 'a photo " \
+           f"of <toy>' in clip_l and clip_g (relative change 0.0e+00 and 0.0e+00; its 2 tokens occur 0 and 0 " \
+           f"times in the prompt's token ids): its learned rows are not reached; it was not saved" in error
+    assert f"the last complete training state is {os.path.join(save, STATE_DIR, 'step_00000002')}" in error
+    assert sorted(os.listdir(save)) == sorted([f"{MODEL_NAME}_2_ti.ckpt", "toy_2.safetensors", "loss.csv", "args.yaml",
+                                               "loss.png", STATE_DIR, LOCK_FILE])
+    rows = state_rows(read_state(save, 2))
+    for name in (f"{MODEL_NAME}_2_ti.ckpt", "toy_2.safetensors"):
+        embedding = load_embedding(os.path.join(save, name))
+        assert embedding.metadata["step"] == "2"
+        assert np.array_equal(embedding.clip_l, rows[0]) and np.array_equal(embedding.clip_g, rows[1])
+
+
+def test_the_encoding_check_passes_a_reached_word_by_far_and_restores_the_rows(harness, monkeypatch):
+    """The check every exported file passes (`EncodingCheck`): with the word's rows reached, "a photo of <toy>"
+    encodes differently from "a photo of" by over 100 times `MIN_CHANGE` in both text encoders, whatever the rows
+    hold (the initial ones, zeros); the training's own rows are back bit for bit after it. With tokenizers that
+    split the word, the two encodings are the same."""
+    training = harness.training
+    check, own = training.encoding_check, training.rows()
+    monkeypatch.setattr(encoding_check, "MIN_CHANGE", 100 * encoding_check.MIN_CHANGE)
+    for rows in (harness.initial_rows(), [np.zeros_like(r) for r in harness.initial_rows()]):
+        assert check(LearnedEmbedding("<toy>", *rows, source="test")) is None
+        assert all(np.array_equal(a, b) for a, b in zip(training.rows(), own))
+    embedders = training.model.conditioner.text_embedders()
+    tokenizers = [e.tokenizer for e in embedders]
+    try:
+        for embedder, bare in zip(embedders, (vit_l_tokenizer(), bigg_tokenizer())):
+            embedder.tokenizer = bare  # knows no placeholder: "<toy>" becomes ordinary pieces
+        problem = check(LearnedEmbedding("<toy>", *harness.initial_rows(), source="test"))
+    finally:
+        for embedder, tokenizer in zip(embedders, tokenizers):
+            embedder.tokenizer = tokenizer
+    assert "(relative change 0.0e+00 and 0.0e+00; its 2 tokens occur 0 and 0 times in the prompt's token ids)" \
+        in problem
 
 
 @pytest.mark.parametrize("scheduler, change, changed", [

@@ -102,12 +102,13 @@ def embedding_paths(save_path, token, step=None, several_words=False):
 
 
 def save_learned_embeddings(save_path, token, rows_l, rows_g, step=None, max_num_ckpt=None, metadata=None,
-                            several_words=False):
-    """Write the learned rows of `token` in both formats (each read back before it replaces anything), with
-    `metadata` (the training's facts); keep at most `max_num_ckpt` step-numbered pairs of this word."""
+                            several_words=False, verify=None):
+    """Write the learned rows of `token` in both formats (each read back, and checked by `verify`, before it
+    replaces anything), with `metadata` (the training's facts); keep at most `max_num_ckpt` step-numbered pairs of
+    this word."""
     paths = embedding_paths(save_path, token, step, several_words)
     for path in paths:
-        save_embedding(path, rows_l, rows_g, token, metadata=metadata)
+        save_embedding(path, rows_l, rows_g, token, metadata=metadata, verify=verify)
     if step is not None and max_num_ckpt:
         steps = sorted(_numbered_steps(save_path, token, several_words))
         for old in steps[:-max_num_ckpt]:

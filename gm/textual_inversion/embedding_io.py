@@ -9,7 +9,8 @@ Formats:
 - "diffusers": what diffusers' textual_inversion_sdxl.py writes: `learned_embeds.safetensors`
   (encoder 1) and `learned_embeds_2.safetensors` (encoder 2), each {token: [n, d]}.
 All are written in float32 and atomically (a temporary file in the same folder, then os.replace). A .ckpt or
-.safetensors file is read back before it replaces anything: a file that does not read back as written is an error,
+.safetensors file is read back before it replaces anything: a file that does not read back as written, or whose
+embedding as read back fails the caller's `verify` (the trainer's: its word changes the text encoding), is an error,
 and the previous file stays. Both carry the training's facts as string metadata (`metadata`: base model, step,
 learning rate, seed, the project's version), which `load_embedding` returns.
 """
@@ -80,11 +81,11 @@ def _rows(clip_l, clip_g, source):
 
 # ---------------------------------------------------------------------------------------------- writing
 
-def _write_safetensors(path, tensors, metadata, expected=None):
+def _write_safetensors(path, tensors, metadata, expected=None, verify=None):
     def write(tmp):
         safetensors.numpy.save_file(tensors, tmp, metadata=metadata)
         if expected is not None:
-            _check_read_back(_load_safetensors(tmp), expected, path)
+            _check_read_back(_load_safetensors(tmp), expected, path, verify)
     atomic_write(path, write, ".safetensors")
 
 
@@ -93,18 +94,19 @@ def _check_ckpt_name(path):
         raise EmbeddingFormatError(f"{path}: MindSpore only reads and writes checkpoints named *.ckpt (lower case)")
 
 
-def _write_ckpt(path, expected):
+def _write_ckpt(path, expected, verify):
     params = [{"name": name, "data": ms.Tensor(getattr(expected, name))} for name in ("clip_l", "clip_g")]
     extras = dict(expected.metadata, token=expected.token, num_vectors=int(expected.num_vectors))
 
     def write(tmp):  # mindspore appends ".ckpt" to a name without it: the temporary name must end with it
         ms.save_checkpoint(params, tmp, append_dict=extras, crc_check=True)
-        _check_read_back(_load_ckpt(tmp), expected, path)
+        _check_read_back(_load_ckpt(tmp), expected, path, verify)
     atomic_write(path, write, ".ckpt")
 
 
-def _check_read_back(found, expected, path):
-    """Raise EmbeddingFormatError unless the embedding read back from a just-written file is the one written."""
+def _check_read_back(found, expected, path, verify):
+    """Raise EmbeddingFormatError unless the embedding read back from a just-written file is the one written and
+    passes `verify` (None, or what is wrong with it)."""
     problems = [f"{name} {getattr(found, name).dtype} {getattr(found, name).shape} differs from the "
                 f"{getattr(expected, name).dtype} {getattr(expected, name).shape} rows written"
                 for name in ("clip_l", "clip_g") if not np.array_equal(getattr(found, name), getattr(expected, name))]
@@ -115,14 +117,18 @@ def _check_read_back(found, expected, path):
     if problems:
         raise EmbeddingFormatError(f"{path}: the file written does not read back as written ({'; '.join(problems)}); "
                                    "it was not saved, and the previous file there is kept.")
+    problem = verify(found) if verify is not None else None
+    if problem:
+        raise EmbeddingFormatError(f"{path}: {problem}; it was not saved, and the previous file there is kept.")
 
 
-def save_embedding(path, clip_l, clip_g, token, format=None, metadata=None):
+def save_embedding(path, clip_l, clip_g, token, format=None, metadata=None, verify=None):
     """Write both encoders' rows ([n, d1], [n, d2]) for `token`; returns `path`.
 
     `format` (one of FORMATS) defaults to the one the extension names: .ckpt or .safetensors (the
     SDXL community format). "diffusers" treats `path` as a folder and writes its two files there. `metadata`:
-    training facts ({name: string}) stored in a .ckpt or .safetensors file.
+    training facts ({name: string}) stored in a .ckpt or .safetensors file. `verify(embedding)`: a further check of
+    a .ckpt or .safetensors file's embedding as read back, None if it passes, else what is wrong.
     """
     if not token or not isinstance(token, str):
         raise ValueError(f"token must be a non-empty string, got {token!r}")
@@ -142,10 +148,10 @@ def save_embedding(path, clip_l, clip_g, token, format=None, metadata=None):
     expected = LearnedEmbedding(token, clip_l, clip_g, path, format, metadata)
 
     if format == "ckpt":
-        _write_ckpt(path, expected)
+        _write_ckpt(path, expected, verify)
     elif format == "safetensors":
         _write_safetensors(path, {"clip_l": clip_l, "clip_g": clip_g},
-                           dict(metadata, token=token, num_vectors=str(clip_l.shape[0])), expected)
+                           dict(metadata, token=token, num_vectors=str(clip_l.shape[0])), expected, verify)
     else:
         for name, rows in zip(DIFFUSERS_FILES, (clip_l, clip_g)):
             _write_safetensors(os.path.join(path, name), {token: rows}, {"format": "pt"})
