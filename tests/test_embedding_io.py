@@ -310,3 +310,25 @@ def test_a_file_that_does_not_read_back_is_refused_and_the_old_one_kept(tmp_path
         monkeypatch.undo()
         assert open(path, "rb").read() == before
     assert sorted(os.listdir(tmp_path)) == ["emb.ckpt", "emb.safetensors"]
+
+
+def test_an_embedding_that_fails_verify_is_refused_and_the_old_one_kept(tmp_path, rows):
+    """`verify` sees the embedding as read back from the new file (its rows, not the ones passed in); what it
+    reports refuses the file, named, and leaves the previous file and no temporary behind."""
+    seen = []
+
+    def verify(embedding):
+        seen.append(embedding)
+        return "the word is never looked up"
+
+    for name in ("emb.safetensors", "emb.ckpt"):
+        path = str(tmp_path / name)
+        save_embedding(path, *rows, TOKEN, verify=lambda embedding: None)
+        before = open(path, "rb").read()
+        with pytest.raises(EmbeddingFormatError, match=f"{name}: the word is never looked up; it was not saved, and "
+                                                       "the previous file there is kept"):
+            save_embedding(path, *(r + 1 for r in rows), TOKEN, verify=verify)
+        assert_same(seen[-1], [r + 1 for r in rows])
+        assert seen[-1].source != path  # read from the temporary file, before it could replace anything
+        assert open(path, "rb").read() == before
+    assert sorted(os.listdir(tmp_path)) == ["emb.ckpt", "emb.safetensors"]
