@@ -145,11 +145,11 @@ def detect(image):
                       None if ring is None else NAMES[ring], None if dot is None else NAMES[dot])
 
 
-def concept_score(images, target=TOY):
-    """How well pictures show the (shape, colour, ring, dot) `target`: per attribute, the fraction of pictures
-    whose detected value is the target's ("ring": the target's ring colour, or no ring when it has none); "score",
-    the mean of those four; "all", the fraction of pictures right in all four."""
+def concept_score(found, target=TOY):
+    """How well pictures show the (shape, colour, ring, dot) `target`, from their detected Attributes `found`: per
+    attribute, the fraction whose value is the target's ("ring": the target's ring colour, or no ring when it has
+    none); "score", the mean of those four; "all", the fraction right in all four."""
     target = Attributes(*target)
-    hits = np.array([[getattr(detect(image), f) == getattr(target, f) for f in FIELDS] for image in images])
+    hits = np.array([[getattr(a, f) == getattr(target, f) for f in FIELDS] for a in found]).reshape(-1, len(FIELDS))
     scores = dict(zip(FIELDS, hits.mean(0).tolist()))
     return dict(scores, score=float(hits.mean()), all=float(hits.all(1).mean()))
