@@ -29,8 +29,7 @@ ANGLES = 36  # bins of the outline's angular profile
 ROUND = 0.03  # below this relative amplitude of its first five harmonics an outline is a circle
 DOMINANT = 2.0  # a polygon's own harmonic is at least this many times stronger than each other of the five
 SHAPE_OF_HARMONIC = {3: "triangle", 4: "square", 5: "star"}
-
-
+EDGE_BLEND = 1.2  # pixels: a ring lies farther out than the blend of the shape's edge with the background
 FIELDS = ("shape", "color", "ring", "dot")
 
 
@@ -135,7 +134,7 @@ def detect(image):
             break
         if k == color:
             continue
-        if (coverage(angle[pixels]) >= 12 and np.median(radius[pixels]) >= extent + 1.2
+        if (coverage(angle[pixels]) >= 12 and np.median(radius[pixels]) >= extent + EDGE_BLEND
                 and pixels.sum() >= 3 * (beyond & (labels == k)).sum()):
             ring = int(k)
             break
