@@ -33,10 +33,6 @@ from tools.shape_detector import FIELDS  # noqa: E402
 NONE = "none"  # --target's word for no ring or no dot
 
 
-class ConceptScoreError(ValueError):
-    """Input this tool cannot use; the message says which."""
-
-
 def get_parser():
     parser = argparse.ArgumentParser(
         description="The concept score (shape, colour, ring, dot) of samples of the tiny SDXL.",
@@ -119,10 +115,6 @@ def scored_sets(args):
     token = embedding.token if embedding else ""
     pictures = [load_image(item.path, side, side) for item in scan_folder(args.data_path, token)] \
         if args.data_path else []
-    try:
-        set_device(args.device_target, args.ms_mode)
-    except ValueError as e:  # a device this MindSpore installation cannot use
-        raise ConceptScoreError(str(e)) from None
     pipeline = SDXLPipeline(create_model(config, args.weight or weight, precision=args.precision))
     pipeline.check_size(side, side)
     if embedding:
@@ -148,10 +140,8 @@ def scored_sets(args):
 
 
 def write_outputs(args, sets, scores, detections):
-    import json
-
     from gm.sampling import make_grid, save_png
-    from gm.util import atomic_write
+    from tools.evaluate_embedding import write_json
 
     os.makedirs(args.output, exist_ok=True)
     cols = max(len(pictures) for _, pictures in sets)
@@ -165,13 +155,7 @@ def write_outputs(args, sets, scores, detections):
                          "config": os.path.abspath(args.config), "weight": args.weight,
                          "textual_inversion_weight": args.textual_inversion_weight,
                          "initializer_token": args.initializer_token}}
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-
-    atomic_write(os.path.join(args.output, "scores.json"), write, ".json")
+    write_json(os.path.join(args.output, "scores.json"), data)
 
 
 def main(argv=None):
@@ -188,8 +172,13 @@ def main(argv=None):
     from tools.shape_detector import concept_score, detect
 
     try:
+        set_device(args.device_target, args.ms_mode)
+    except ValueError as e:  # a device this MindSpore installation cannot use
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         sets = scored_sets(args)
-    except (ConceptScoreError, DataError, EmbeddingFormatError, PlaceholderError, SamplingError, WeightFileError,
+    except (DataError, EmbeddingFormatError, PlaceholderError, SamplingError, WeightFileError,
             WeightMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
