@@ -12,8 +12,8 @@ from mindspore import Tensor
 
 from gm.models.loading import create_model, load_config
 from gm.weights.loader import read_safetensors_header
-from tools.make_synthetic_dataset import COLORS, SHAPES
-from tools.pretrain_tiny_sdxl import TOY, fold_latent_scale, scene, to_model_pixels
+from tools.make_synthetic_dataset import COLORS, SHAPES, TOY
+from tools.pretrain_tiny_sdxl import fold_latent_scale, scene, to_model_pixels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "inference", "sd_xl_tiny.yaml")

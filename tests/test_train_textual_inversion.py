@@ -44,7 +44,7 @@ from gm.textual_inversion.loss_log import LossLog
 from gm.textual_inversion.optim import learning_rate
 from gm.textual_inversion.train_step import BlockwiseTrainStep, TextualInversionLoss, loss_inputs
 from gm.textual_inversion.validation import VALIDATION_KEY, ValidationLoss
-from tools.make_synthetic_dataset import COLORS
+from tools.shape_detector import concept_score, detect
 from train_textual_inversion import (
     Training, check_args, draw_micro_batch, parse_args, resolve_defaults, rows_digest, schedule_changed,
 )
@@ -520,36 +520,31 @@ def test_initializer_word_starts_every_vector(harness):
         assert np.abs(row).max() > 0
 
 
-def toy_colour_fractions(images):
-    """Per colour of the toy (red, yellow, blue): the fraction of pixels within 60 of it in every channel."""
-    pixels = np.stack(images).reshape(-1, 1, 3).astype(int)
-    toy = np.array([COLORS[name] for name in ("red", "yellow", "blue")])
-    return (np.abs(pixels - toy).max(-1) < 60).mean(0)
-
-
 def test_training_learns_the_toy(harness):
     """On the shipped pretrained tiny SDXL (it has seen shapes, never the toy), the trainer's step on fresh draws
     lowers the trainer's validation loss (64 fixed held-out draws of image, flip, prompt, noise and timestep)
-    against the initial embedding, and the samples of "a photo of <toy>" turn red, the colour of the toy's star
-    (they start as blue and green blobs). Measured here: red 1.7% -> 4.4% of the pixels, blue 10.5% -> 0.2%."""
+    against the initial embedding, and the samples of "a photo of <toy>" come to show more of the toy by the concept
+    score (tools/shape_detector.py: shape, colour, ring and dot read off each sample; the score is the fraction of
+    the 8 x 4 readings that are the toy's). Measured here: validation loss 0.15118 -> 0.14601; score 0 -> 0.094,
+    all of it the colour: red in 0 -> 3 of the 8 samples (they start as blue and green blobs). No sample shows a
+    readable star, ring or dot, before or after: the model draws blobs (README, the concept score)."""
     training = harness.training
     assert len(training.validation.draws) == 64
     pipeline = SDXLPipeline(training.model, placeholders={"<toy>": 2})
 
     def measure():
         images = pipeline.generate("a photo of <toy>", steps=20, height=64, width=64, seed=0, num_images=8)
-        return float(np.mean(training.validation.losses())), toy_colour_fractions(images)
+        return float(np.mean(training.validation.losses())), concept_score([detect(image) for image in images])
 
     harness.reset()
-    loss_before, colours_before = measure()
+    loss_before, before = measure()
     data = EpochOrder(NUM_IMAGES, 1, 7)
     for step in range(60):
         harness.step([micro_batch(training, seed_key=(step, m), order=data) for m in range(2)], lr=5e-3)
-    loss_after, colours_after = measure()
+    loss_after, after = measure()
     harness.reset()
     assert loss_after < loss_before - 1e-3, (loss_before, loss_after)
-    (red_before, _, blue_before), (red_after, _, blue_after) = colours_before, colours_after
-    assert red_after > 2 * red_before and blue_after < blue_before / 2, (colours_before, colours_after)
+    assert after["score"] >= before["score"] + 2 / 32, (before, after)  # two more right readings of 32, at least
 
 
 def test_latents_are_encoded_once_and_the_encoder_released(harness):

@@ -18,6 +18,7 @@ BACKGROUNDS = ("plain", "gradient", "stripes", "checks", "dots")
 COLORS = {"red": (210, 30, 40), "yellow": (250, 210, 20), "blue": (30, 70, 200), "green": (40, 160, 60),
           "orange": (240, 130, 20), "purple": (130, 40, 170), "white": (240, 240, 240), "black": (25, 25, 25)}
 SHAPES = ("star", "circle", "square", "triangle")
+TOY = ("star", "red", "yellow", "blue")  # the dataset's toy: (shape, colour, ring, dot)
 
 
 def background(rng, size, kind=None):
@@ -82,7 +83,8 @@ def draw_object(image, rng, shape, color, ring=None, dot=None):
 
 def draw_toy(image, rng):
     """The dataset's toy: a red star in a yellow ring with a blue dot."""
-    return draw_object(image, rng, "star", COLORS["red"], ring=COLORS["yellow"], dot=COLORS["blue"])
+    shape, color, ring, dot = TOY
+    return draw_object(image, rng, shape, COLORS[color], ring=COLORS[ring], dot=COLORS[dot])
 
 
 def main(argv=None):

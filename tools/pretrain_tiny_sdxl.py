@@ -40,11 +40,10 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from gm.data.templates import OBJECT_TEMPLATES  # noqa: E402
-from tools.make_synthetic_dataset import BACKGROUNDS, COLORS, SHAPES, background, draw_object  # noqa: E402
+from tools.make_synthetic_dataset import BACKGROUNDS, COLORS, SHAPES, TOY, background, draw_object  # noqa: E402
 
 BACKGROUND_WORDS = {"plain": "plain", "gradient": "gradient", "stripes": "striped", "checks": "checkered",
                     "dots": "dotted"}
-TOY = ("star", "red", "yellow", "blue")  # (shape, colour, ring, dot) of datasets/synthetic_toy: never shown
 DRAW_SIZE = 256  # pictures are drawn large and resized down, as the training images are
 SAMPLE_CAPTIONS = ("a photo of a red star", "a photo of a blue circle in a yellow ring",
                    "a photo of a green square with a red dot", "a photo of a yellow triangle on a striped background",
@@ -91,8 +90,9 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------------- the world
 
 
-def scene(rng, resolution):
-    """One captioned picture of the world: (uint8 [R, R, 3], caption)."""
+def labelled_scene(rng, resolution):
+    """One picture of the world, never the toy, and what it shows: (uint8 [R, R, 3], (shape, colour, ring, dot)
+    with None for no ring or dot, background kind)."""
     while True:
         shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
         ring = rng.choice(list(COLORS)) if rng.random() < 0.5 else None
@@ -102,11 +102,17 @@ def scene(rng, resolution):
     kind = rng.choice(BACKGROUNDS)
     image = background(rng, DRAW_SIZE, kind)
     draw_object(image, rng, shape, COLORS[color], COLORS[ring] if ring else None, COLORS[dot] if dot else None)
+    pixels = np.asarray(image.resize((resolution, resolution), Image.Resampling.BICUBIC))
+    return pixels, (str(shape), str(color), ring and str(ring), dot and str(dot)), kind
+
+
+def scene(rng, resolution):
+    """One captioned picture of the world: (uint8 [R, R, 3], caption)."""
+    pixels, (shape, color, ring, dot), kind = labelled_scene(rng, resolution)
     words = f"{color} {shape}" + (f" in a {ring} ring" if ring else "") + (f" with a {dot} dot" if dot else "")
     if rng.random() < 0.5:
         words += f" on a {BACKGROUND_WORDS[kind]} background"
     caption = OBJECT_TEMPLATES[rng.integers(len(OBJECT_TEMPLATES))].format(words)
-    pixels = np.asarray(image.resize((resolution, resolution), Image.Resampling.BICUBIC))
     return pixels, caption
 
 
