@@ -22,9 +22,9 @@ from gm.modules.diffusionmodules.blockwise import BlockwiseDenoiser
 from gm.modules.diffusionmodules.denoiser import BoundDenoiser
 from gm.modules.diffusionmodules.discretizer import Img2ImgDiscretizationWrapper
 from gm.modules.diffusionmodules.openaimodel import Downsample
-from gm.modules.layers import default_conv_impl
 from gm.modules.diffusionmodules.sampler_names import SAMPLERS
 from gm.modules.diffusionmodules.sampling_utils import img2img_noised_input, randn_like_fn
+from gm.modules.layers import default_conv_impl
 from gm.textual_inversion.embedding_io import check_widths, load_embedding
 from gm.textual_inversion.placeholder import (add_placeholder_tokens, expand_placeholders, find_placeholders,
                                               set_placeholder_rows)
@@ -54,6 +54,13 @@ def sampling_defaults(config):
     weight = OmegaConf.select(config, "sampling.weight")
     side = int(OmegaConf.select(config, "sampling.resolution", default=1024))
     return (os.path.join(PROJECT_ROOT, weight) if weight else None), side
+
+
+def prompt_batch_at_size(prompt, height, width):
+    """The conditioner's batch of one prompt for an uncropped image of height x width (SDXL's size conditioning)."""
+    size = np.array([[height, width]], np.float32)
+    return {"txt": [prompt], "original_size_as_tuple": size, "crop_coords_top_left": np.zeros((1, 2), np.float32),
+            "target_size_as_tuple": size}
 
 
 def latent_factor(engine):
@@ -222,10 +229,7 @@ class SDXLPipeline:
     # ------------------------------------------------------------------------------------------ conditioning
 
     def _size_batch(self, prompt, height, width):
-        return {"txt": [expand_placeholders(prompt, self.placeholders)],
-                "original_size_as_tuple": np.array([[height, width]], np.float32),
-                "crop_coords_top_left": np.zeros((1, 2), np.float32),
-                "target_size_as_tuple": np.array([[height, width]], np.float32)}
+        return prompt_batch_at_size(expand_placeholders(prompt, self.placeholders), height, width)
 
     def encode_prompt(self, prompt, negative_prompt, height, width):
         """(c, uc): conditioning dicts {"crossattn", "vector"} of the prompt and of the negative prompt, one batch."""
@@ -335,4 +339,4 @@ class SDXLPipeline:
         batch 8, 87 s of it compiling, against 55 s at batch 1; once compiled, 10 s against 22 s)."""
         if default_conv_impl() == "im2col":
             return 1
-        return max(1, (1024 // self.latent_factor) ** 2 // ((height // self.latent_factor) * (width // self.latent_factor)))
+        return max(1, 1024 * 1024 // (height * width))  # sizes are multiples of the latent factor: its ratio

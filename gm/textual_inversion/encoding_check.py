@@ -17,6 +17,7 @@ import numpy as np
 from mindspore import Tensor
 
 from gm.modules.encoders.modules import TEXT_ENCODERS
+from gm.sampling import prompt_batch_at_size
 from gm.textual_inversion.placeholder import expand_placeholders, placeholder_tokens
 
 MIN_CHANGE = 1e-3  # far from both: 0 when the rows are not reached, above 0.1 for a word that is (measured, tiny model)
@@ -46,7 +47,8 @@ class EncodingCheck:
     def __call__(self, embedding):
         token = embedding.token
         prompt, word_ids = self.words[token]
-        with_word = self.conditioner.tokenize(self._batch(expand_placeholders(prompt, {token: len(word_ids[0])})))
+        with_word = self.conditioner.tokenize(prompt_batch_at_size(
+            expand_placeholders(prompt, {token: len(word_ids[0])}), self.size, self.size))
         without = list(with_word)
         for embedder, k, ids in zip(self.embedders, self.inputs, word_ids):
             without[k] = Tensor(left_out(with_word[k].asnumpy(), ids, embedder.tokenizer.pad_id))
@@ -58,11 +60,6 @@ class EncodingCheck:
         return (f"the word {token} does not change the encoding of {prompt!r} in {' and '.join(unchanged)} (relative "
                 f"change {' and '.join(f'{c:.1e}' for c in changes)}; its {len(word_ids[0])} tokens occur "
                 f"{' and '.join(map(str, found))} times in the prompt's token ids): its learned rows are not reached")
-
-    def _batch(self, prompt):
-        size = np.array([[self.size, self.size]], np.float32)
-        return {"txt": [prompt], "original_size_as_tuple": size, "crop_coords_top_left": np.zeros((1, 2), np.float32),
-                "target_size_as_tuple": size}
 
     def _changes(self, embedding, word_ids, with_word, without):
         """Each text encoder's relative change between the two encodings, the file's rows in the token tables."""
