@@ -974,17 +974,27 @@ def print_outputs(args, run, step, timing):
           f'--prompt "{validation_prompts(args)[0]}"')
 
 
-if __name__ == "__main__":
-    arguments = parse_args()
+# what a user can get wrong (arguments, images, weight files, a run folder in use): one `error:` line, exit 2
+USER_ERRORS = (UsageError, DataError, TemplateError, PlaceholderError, WeightFileError, WeightMismatchError,
+               ResumeError, RunFolderInUse)
+
+
+def cli(argv=None):
+    """The command: parse `argv` (default: sys.argv), train, and return the exit code. A user's error is one
+    `error:` line and exit 2; a run stopped by a failed save or non-finite rows, one line and exit 1."""
+    args = parse_args(argv)
     try:
-        sys.exit(main(arguments))
-    except (UsageError, DataError, TemplateError, PlaceholderError, WeightFileError, WeightMismatchError,
-            ResumeError, RunFolderInUse) as error:
+        return main(args)
+    except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except TrainingStopped as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     except KeyboardInterrupt:
         print("\nInterrupted; nothing saved since the last checkpoint.", file=sys.stderr)
-        sys.exit(INTERRUPTED)
+        return INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,6 +1,7 @@
 """Text-to-image sampling: seconds per image, ours (MindSpore graph mode) against diffusers, same weights.
 
     python benchmarks/bench_sampling.py --config small [--resolution 512] [--steps 20]
+    python benchmarks/bench_sampling.py --config tiny --steps 40 --grid 8 --images 1   # the README's sampling command
 
 Ours is `gm.sampling.SDXLPipeline.generate` (Euler, sgm's DDPM sigmas, classifier-free guidance with both halves in
 one UNet batch); the reference is diffusers' `StableDiffusionXLPipeline` with `EulerDiscreteScheduler`. Both: the
@@ -8,6 +9,10 @@ same weights, size, steps, guidance 5.0 with the empty negative prompt (zero emb
 count, each in its own process. One untimed image first (ours compiles its graphs then), then the median of
 --images images. Printed per side: seconds per image, its parts (prompt encoding and set-up, the denoising loop,
 VAE decode) and peak memory; the last line holds the ratio ours / reference.
+
+--grid N makes each call a grid of N images of the prompt, as the sampling command makes one (seeds seed ... seed +
+N - 1): ours with the pipeline's default batch, the reference with `num_images_per_prompt` (all N in one UNet
+batch); the time per image is the call's over N, and the parts of a single image are not reported.
 """
 import argparse
 import os
@@ -36,6 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--images", type=int, default=None,
                    help="timed images after the untimed first one (default: 2; full: 0, the first image's own parts "
                         "are reported, its graph compile included)")
+    p.add_argument("--grid", type=int, default=1, help="images per call, a grid of one prompt (default: 1)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of both sides (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default=None, help="diffusers folder of the weights (default: written once to a cache)")
@@ -50,6 +56,8 @@ def parse_args(argv=None):
         args.images = 0 if full else 2
     if args.resolution % 32:
         p.error(f"--resolution {args.resolution}: use a multiple of 32")
+    if args.grid < 1:
+        p.error(f"--grid must be at least 1, got {args.grid}")
     return args
 
 
@@ -77,11 +85,11 @@ class StepClock:
 
 
 def measure(generate, args):
-    """First image (untimed: compiles), then the median parts of `args.images` images."""
+    """First call (untimed: compiles), then the median parts of `args.images` calls, per image of a call."""
     first = generate(args.seed).parts()
-    runs = [generate(args.seed + 1 + i).parts() for i in range(args.images)] or [first]
+    runs = [generate(args.seed + (1 + i) * args.grid).parts() for i in range(args.images)] or [first]
     median = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
-    return {"first_image_seconds": first["total"], "seconds": median["total"], "parts": median,
+    return {"first_image_seconds": first["total"], "seconds": median["total"] / args.grid, "parts": median,
             "times": [r["total"] for r in runs], "peak_gb": memory_gb("VmHWM"), "threads": args.threads}
 
 
@@ -96,7 +104,8 @@ def run_ours(args):
     def generate(seed):
         clock = StepClock()
         pipeline.generate(PROMPT, sampler="EulerEDM", steps=args.steps, guidance_scale=GUIDANCE,
-                         height=args.resolution, width=args.resolution, seed=seed, progress=clock.step)
+                         height=args.resolution, width=args.resolution, seed=seed, num_images=args.grid,
+                         progress=clock.step)
         return clock.finish()
 
     result = measure(generate, args)
@@ -123,8 +132,8 @@ def run_reference(args):
 
         with torch.no_grad():
             pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=GUIDANCE, height=args.resolution,
-                 width=args.resolution, generator=torch.Generator().manual_seed(seed), output_type="np",
-                 callback_on_step_end=on_step_end)
+                 width=args.resolution, num_images_per_prompt=args.grid,
+                 generator=torch.Generator().manual_seed(seed), output_type="np", callback_on_step_end=on_step_end)
         return clock.finish()
 
     result = measure(generate, args)
@@ -137,15 +146,20 @@ def report(args, ours, ref):
         ref = {"seconds": float("nan"), "first_image_seconds": float("nan"), "peak_gb": float("nan"),
                "model_rss_gb": float("nan"), "parts": dict.fromkeys(ours["parts"], float("nan"))}
         print("\nthe reference ran out of memory (killed): its column is nan")
+    what = f"grids of {args.grid} images (ours at its default batch)" if args.grid > 1 else "images"
     print(f"\nSampling, config {args.config}, {args.resolution} px, {args.steps} Euler steps, guidance {GUIDANCE} "
-          f"(UNet batch 2), fp32, {args.threads} threads; median of {args.images} images after one untimed")
-    rows = [
-        ("s/image (median)", ours["seconds"], ref["seconds"], "{:.2f}"),
-        ("  prompt encoding + set-up", ours["parts"]["setup"], ref["parts"]["setup"], "{:.3f}"),
-        ("  denoising loop", ours["parts"]["denoise"], ref["parts"]["denoise"], "{:.2f}"),
-        ("    per step (UNet batch 2)", ours["parts"]["per_step"], ref["parts"]["per_step"], "{:.3f}"),
-        ("  VAE decode", ours["parts"]["decode"], ref["parts"]["decode"], "{:.3f}"),
-        ("first image, incl. graph compile (s)", ours["first_image_seconds"], ref["first_image_seconds"], "{:.1f}"),
+          f"(UNet batch 2 per image), fp32, {args.threads} threads; median of {args.images} {what} after one untimed")
+    rows = [("s/image (median)", ours["seconds"], ref["seconds"], "{:.2f}")]
+    if args.grid == 1:  # a grid's steps and decodes interleave: its parts are not an image's
+        rows += [
+            ("  prompt encoding + set-up", ours["parts"]["setup"], ref["parts"]["setup"], "{:.3f}"),
+            ("  denoising loop", ours["parts"]["denoise"], ref["parts"]["denoise"], "{:.2f}"),
+            ("    per step (UNet batch 2)", ours["parts"]["per_step"], ref["parts"]["per_step"], "{:.3f}"),
+            ("  VAE decode", ours["parts"]["decode"], ref["parts"]["decode"], "{:.3f}"),
+        ]
+    first = "first grid" if args.grid > 1 else "first image"
+    rows += [
+        (f"{first}, incl. graph compile (s)", ours["first_image_seconds"], ref["first_image_seconds"], "{:.1f}"),
         ("peak resident memory (GB)", ours["peak_gb"], ref["peak_gb"], "{:.2f}"),
         ("  of which after model load (GB)", ours["model_rss_gb"], ref["model_rss_gb"], "{:.2f}"),
     ]
@@ -159,8 +173,8 @@ def report(args, ours, ref):
 
 def side_argv(args):
     return ["--config", args.config, "--resolution", str(args.resolution), "--steps", str(args.steps),
-            "--images", str(args.images), "--threads", str(args.threads), "--seed", str(args.seed),
-            "--weights", args.weights]
+            "--images", str(args.images), "--grid", str(args.grid), "--threads", str(args.threads), "--seed",
+            str(args.seed), "--weights", args.weights]
 
 
 def main(argv=None):

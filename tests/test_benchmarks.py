@@ -37,9 +37,12 @@ def test_ti_step_benchmark(root, weights):
 
 @pytest.mark.timeout(900)
 def test_sampling_benchmark(root, weights):
-    lines = run_benchmark(root, "bench_sampling.py", "--steps", "2", "--images", "1", "--weights", weights)
+    """A grid of two images per call (the sampling command's way; a single image's path differs only in its report)."""
+    lines = run_benchmark(root, "bench_sampling.py", "--steps", "2", "--images", "1", "--grid", "2",
+                          "--weights", weights)
     assert re.fullmatch(rf"ratios ours/reference: time_per_image={FLOAT} peak_memory={FLOAT}", lines[-1])
     assert any(line.startswith("s/image (median)") for line in lines)
+    assert any(line.startswith("first grid, incl. graph compile (s)") for line in lines)
 
 
 def test_full_config_is_the_real_sdxl_layout(root, tmp_path):

@@ -43,7 +43,7 @@ from gm.textual_inversion.embedding_io import LearnedEmbedding, load_embedding
 from gm.textual_inversion.loss_log import LossLog
 from gm.textual_inversion.optim import learning_rate
 from gm.textual_inversion.train_step import BlockwiseTrainStep, TextualInversionLoss, loss_inputs
-from gm.textual_inversion.validation import VALIDATION_KEY, ValidationLoss
+from gm.textual_inversion.validation import VALIDATION_KEY
 from tools.shape_detector import concept_score, detect
 from train_textual_inversion import (
     Training, check_args, draw_micro_batch, parse_args, resolve_defaults, rows_digest, schedule_changed,
@@ -278,25 +278,12 @@ def failures_chain(runs, root):
             "not_reached": not_reached, "code_not_reached": code_n, "out_not_reached": out_n}
 
 
-def words_chain(runs, root):
-    """Two words in one run: <toy> (BASE: 2 vectors, the toy images) and <dot> (--concept: 1 vector, 3 of those
-    images, the style templates), both started from "toy"; 2 steps of one micro-batch, saved at each, no weight
-    decay (so a row without gradient stays as it is at step 1)."""
-    dots = os.path.join(root, "dots")
-    os.makedirs(dots)
-    for name in sorted(os.listdir(DATA))[:3]:
-        shutil.copy(os.path.join(DATA, name), dots)
-    save = os.path.join(root, "run")
-    code, out = runs.cli(BASE + VALIDATION_OFF + ["--concept", f"<dot>:{dots}:1:style", "--adam_weight_decay", "0", "--total_step", "2",
-                                 "--save_interval", "1", "--save_path", save], root, "words")
-    return {"save": save, "dots": dots, "code": code, "out": out}
-
-
 def bucketing_chain(runs, root):
-    """--bucketing True with two words: <toy> on 4 square and 2 wide (3:2) toy images, <dot> (--concept) on one of
-    each; 6 steps of batch 2 (the words in turn: each bucket of each word reached), with the validation loss (8
-    draws, one per image, in batches of 2: each batch of one size); then --resume latest without --bucketing, which
-    must be refused."""
+    """--bucketing True with two words: <toy> (BASE: 2 vectors) on 4 square and 2 wide (3:2) toy images, <dot>
+    (--concept: 1 vector, the style templates) on one of each, both started from "toy"; 6 steps of batch 2 (the
+    words in turn: each bucket of each word reached), saved at each, no weight decay (so a row without gradient
+    stays as it is at step 1), with the validation loss at the start and the end (8 draws, one per image, in
+    batches of 2: each batch of one size); then --resume latest without --bucketing, which must be refused."""
     data, dots, save = (os.path.join(root, name) for name in ("data", "dots", "run"))
     os.makedirs(data)
     os.makedirs(dots)
@@ -304,18 +291,20 @@ def bucketing_chain(runs, root):
         image = Image.open(os.path.join(DATA, f"toy_{i:02d}.png"))
         folder = data if i < 6 else dots
         (image if i in (0, 1, 2, 3, 6) else image.resize((384, 256))).save(os.path.join(folder, f"toy_{i:02d}.png"))
-    args = [data if a == DATA else a for a in BASE] + ["--concept", f"<dot>:{dots}:1", "--train_batch_size", "2",
-                                                       "--total_step", "6", "--save_path", save]
+    args = [data if a == DATA else a for a in BASE] + ["--concept", f"<dot>:{dots}:1:style", "--train_batch_size", "2",
+                                                       "--total_step", "6", "--save_interval", "1",
+                                                       "--validation_interval", "6", "--adam_weight_decay", "0",
+                                                       "--save_path", save]
     code, out = runs.cli(args + ["--bucketing", "True", "--validation_draws", "8"], root, "run")
     refused = subprocess.run([sys.executable, SCRIPT, *args, "--resume", "latest"], capture_output=True, text=True,
                              timeout=TIMEOUT, env=env())
-    return {"save": save, "code": code, "out": out, "refused": refused}
+    return {"save": save, "dots": dots, "code": code, "out": out, "refused": refused}
 
 
 CHAINS = {"resume": resume_chain, "signals": signal_chain, "parallel": parallel_chain, "failures": failures_chain,
-          "words": words_chain, "bucketing": bucketing_chain}
+          "bucketing": bucketing_chain}
 FIXTURE_CHAINS = {"resume_runs": "resume", "signal_runs": "signals", "parallel_run": "parallel",
-                  "failure_runs": "failures", "words_run": "words", "bucketing_run": "bucketing"}
+                  "failure_runs": "failures", "bucketing_run": "bucketing"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -350,11 +339,6 @@ def parallel_run(runs):
 @pytest.fixture(scope="module")
 def failure_runs(runs):
     return runs.get("failures")
-
-
-@pytest.fixture(scope="module")
-def words_run(runs):
-    return runs.get("words")
 
 
 @pytest.fixture(scope="module")
@@ -506,8 +490,8 @@ def test_blockwise_step_equals_the_one_graph_step(harness):
     blockwise(lr, Tensor(False), *inputs[0])
     assert max(relative_difference(a.asnumpy(), b) for a, b in zip(blockwise.update.accum, accum)) < 1e-4
     harness.reset()
-    # its forward pass alone: the validation loss, per sample
-    per_sample = ValidationLoss(training.model)(*inputs[0]).asnumpy()
+    # its forward pass alone: the validation loss, per sample (the trainer's evaluation graph: compiled once)
+    per_sample = training.validation.net(*inputs[0]).asnumpy()
     np.testing.assert_allclose(blockwise.loss(*inputs[0]).asnumpy(), per_sample, rtol=1e-5)
 
 
@@ -1051,12 +1035,12 @@ def test_resume_warns_only_when_past_learning_rates_change(scheduler, change, ch
     assert schedule_changed(saved, dict(saved, **change), 4, 2) is changed
 
 
-def test_two_words_learn_their_own_rows(words_run, harness):
+def test_two_words_learn_their_own_rows(bucketing_run, harness):
     """--concept adds a second word with its own images, vectors and templates: the micro-batches take the words in
     turn (step 1 <toy>, step 2 <dot>), so at step 1 only <toy>'s rows have moved and <dot>'s are still "toy"'s row,
     bit for bit; at step 2 <dot>'s have moved too. Each word has its own embedding files."""
-    save, out = words_run["save"], words_run["out"]
-    assert words_run["code"] == 0, out
+    save, out = bucketing_run["save"], bucketing_run["out"]
+    assert bucketing_run["code"] == 0, out
     names = {f"{MODEL_NAME}_{word}{step}_ti.ckpt" for word in ("toy", "dot") for step in ("_1", "_2", "")}
     names |= {f"{word}{step}.safetensors" for word in ("toy", "dot") for step in ("_1", "_2", "")}
     assert names <= set(os.listdir(save)) and not os.path.exists(os.path.join(save, f"{MODEL_NAME}_ti.ckpt"))
@@ -1075,7 +1059,7 @@ def test_two_words_learn_their_own_rows(words_run, harness):
     for dot, toy, start in zip(rows("dot", ""), rows("toy", ""), toy_start):
         assert np.abs(dot - start[:1]).max() > 0 and np.abs(dot - toy[:1]).max() > 0
 
-    assert f"images found      : 3 in {words_run['dots']} for <dot>" in out
+    assert f"images found      : 2 in {bucketing_run['dots']} for <dot>" in out
     assert "tokens added      : 3 to each text encoder (<toy>, <toy>_1, <dot>)" in out
     assert out.count("--textual_inversion_weight") == 2
     saved = OmegaConf.load(os.path.join(save, "args.yaml"))
