@@ -3,7 +3,8 @@
     python benchmarks/bench_ti_step.py --config small --resolution 512 [--recompute] [--steps 5]
 
 Ours is the trainer's step: `TextualInversionTrainStep` over the learned rows only, compiled as one graph, with the
-training image's VAE latents cached before training (the encoder then released). The reference is the training
+training image's VAE latents cached before training by the trainer's `TrainingLatents` (on the CPU in a child
+process, as the trainer does; the encoder then released). The reference is the training
 step of diffusers' examples/textual_inversion/textual_inversion_sdxl.py (both encoders' tokens trained), rewritten
 here: the VAE encodes the image every step, AdamW holds both full token tables, the original rows are copied back
 after each step, and `--recompute` turns on its gradient checkpointing (UNet and text encoders, as the diffusers
@@ -19,6 +20,7 @@ The last line holds the ratios ours / reference.
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -70,10 +72,15 @@ def parse_args(argv=None):
     return args
 
 
-def training_image(args):
-    """The one training image, [B, 3, R, R] in [-1, 1] (random pixels: the values do not change the cost)."""
+def training_pixels(args):
+    """The batch's training images, uint8 [B, R, R, 3] (random pixels: the values do not change the cost)."""
     rng = np.random.RandomState(args.seed)
-    return rng.uniform(-1, 1, (args.batch, 3, args.resolution, args.resolution)).astype(np.float32)
+    return rng.randint(0, 256, (args.batch, args.resolution, args.resolution, 3)).astype(np.uint8)
+
+
+def training_image(args):
+    """The training images as the models take them, [B, 3, R, R] in [-1, 1]."""
+    return training_pixels(args).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1
 
 
 def size_conditioning(args):
@@ -90,10 +97,12 @@ def build_ours(args):
     """The trainer's set-up on our side: model, placeholder tokens, cached latents, the compiled-to-be train step.
 
     Returns (model, learned rows, train step, inputs() -> a fresh micro-batch, facts about the set-up)."""
-    from mindspore import Tensor
+    from PIL import Image
 
+    from gm.data.dataset import TextualInversionDataset
     from gm.device import resolve_device
     from gm.models.loading import create_model, load_config
+    from gm.textual_inversion.latent_cache import TrainingLatents
     from gm.textual_inversion.optim import AdamW
     from gm.textual_inversion.placeholder import add_trainable_placeholder, expand_placeholders
     from gm.textual_inversion.train_step import (
@@ -107,11 +116,15 @@ def build_ours(args):
     learned = add_trainable_placeholder(model.conditioner, PLACEHOLDER, args.num_vectors, INITIALIZER,
                                         np.random.RandomState(args.seed))
 
-    # latent caching, as the trainer does: the image is encoded once, then the VAE encoder is released
+    # latent caching, the trainer's: each image encoded once (on the CPU by a child process), the encoder released
     start = time.perf_counter()
-    moments = model.first_stage_model.encode_moments(Tensor(training_image(args))).asnumpy()
+    with tempfile.TemporaryDirectory() as folder:
+        for i, pixels in enumerate(training_pixels(args)):
+            Image.fromarray(pixels).save(os.path.join(folder, f"{i:03d}.png"))
+        latents = TrainingLatents(model.first_stage_model, TextualInversionDataset(folder, PLACEHOLDER, args.resolution),
+                                  progress=False)
+    moments = latents.batch([(i, False) for i in range(args.batch)])["moments"]
     facts["latent_cache_seconds"] = time.perf_counter() - start
-    del model.first_stage_model.encoder
     log(f"ours: latents cached in {facts['latent_cache_seconds']:.1f} s")
 
     optimizer = AdamW(learned, weight_decay=WEIGHT_DECAY)

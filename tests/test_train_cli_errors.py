@@ -1,8 +1,8 @@
 """Bad input to train_textual_inversion.py, through the command line: each case gives one clear `error:` line
 naming the flag or file, a non-zero exit, no traceback, and nothing written (neither in --save_path nor in the
 working directory). A few cases run as the user runs them, in a process of their own (their exit code and all they
-print); the rest through the command's own entry point (`cli`) in this process, which saves importing MindSpore
-anew for each (about 8 s of CPU a case)."""
+print); the rest through the command's own entry point (`cli`) in this process, which saves starting Python and
+importing MindSpore anew for each."""
 import contextlib
 import io
 import os
