@@ -5,11 +5,12 @@ A train graph takes about 40 s of CPU to compile, so this module compiles few. O
 trainer's own setup: 2 vectors from "toy", batch 1, 2 accumulation steps) is shared by the tests through a
 module fixture and reset between them. The command-line runs (A: batch 2, 8 steps; B: A resumed from step 4;
 Ctrl-C then --resume latest then kill -9, in fp16; msrun with 2 workers) start in background threads when the
-module starts and compile meanwhile on the other core; a test that reads a run waits for it (also: two words, and
---bucketing on square and wide images of two words: two graphs). Where a run and the in-process step are compared,
-the in-process side is fed exactly what the run drew. Three more runs cannot finish: their learned rows overflow, the
-disk fills at a save, or their tokenizers stop reaching the learned rows (the export check refuses the file). The validation loss (a graph of its own) runs in A, B, the msrun workers (on 16 draws),
-the bucketing run (8 draws, a graph per bucket) and in process; the other runs turn it off.
+module starts and compile meanwhile on the other core; a test that reads a run waits for it (also: --bucketing with
+two words on square and wide images: two graphs). Where a run and the in-process step are compared, the in-process
+side is fed exactly what the run drew. Three more runs cannot finish: their learned rows overflow, the disk fills at
+a save, or their tokenizers stop reaching the learned rows (the export check refuses the file). The validation loss
+(a graph of its own) runs in A, B, the msrun workers (on 16 draws), the bucketing run (8 draws, a graph per bucket)
+and in process; the other runs turn it off.
 """
 import os
 import shutil
