@@ -24,7 +24,6 @@ from gm.modules.diffusionmodules.discretizer import Img2ImgDiscretizationWrapper
 from gm.modules.diffusionmodules.openaimodel import Downsample
 from gm.modules.diffusionmodules.sampler_names import SAMPLERS
 from gm.modules.diffusionmodules.sampling_utils import img2img_noised_input, randn_like_fn
-from gm.modules.layers import on_cpu
 from gm.textual_inversion.embedding_io import check_widths, load_embedding
 from gm.textual_inversion.placeholder import (add_placeholder_tokens, expand_placeholders, find_placeholders,
                                               set_placeholder_rows)
@@ -333,11 +332,5 @@ class SDXLPipeline:
 
     def default_batch_size(self, height, width):
         """Images per UNet call when none is asked for: as many as make the latents of one 1024 x 1024 image
-        (SDXL's native size: what the model's memory is planned for), at least one. On the CPU, one: the UNet's
-        attention projections are a product per image (`Linear.to_columns` / `from_columns`), so a batch's graph
-        grows with the batch, and for a one-off grid the compile costs more than the batch saves (tiny model, a grid
-        of 8 at 64 px, 40 steps: 97 s at batch 8, 87 s of it compiling, against 55 s at batch 1; once compiled, 10 s
-        against 22 s)."""
-        if on_cpu():
-            return 1
+        (SDXL's native size: what the model's memory is planned for), at least one."""
         return max(1, 1024 * 1024 // (height * width))  # sizes are multiples of the latent factor: its ratio
