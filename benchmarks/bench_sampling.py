@@ -2,7 +2,7 @@
 
     python benchmarks/bench_sampling.py --config small [--resolution 512] [--steps 20]
     python benchmarks/bench_sampling.py --config tiny --steps 40 --grid 8 --images 1   # the README's sampling command
-    python benchmarks/bench_sampling.py --config full --blockwise_unet --steps 2   # the real SDXL at 1024 px
+    python benchmarks/bench_sampling.py --config full --blockwise_unet --vae_tiling --steps 2  # real SDXL, 1024 px
 
 Ours is `gm.sampling.SDXLPipeline.generate` (Euler, sgm's DDPM sigmas, classifier-free guidance with both halves in
 one UNet batch); the reference is diffusers' `StableDiffusionXLPipeline` with `EulerDiscreteScheduler`. Both: the
@@ -45,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--grid", type=int, default=1, help="images per call, a grid of one prompt (default: 1)")
     p.add_argument("--blockwise_unet", action="store_true",
                    help="ours: the UNet layer by layer from the host (the sampling command's --blockwise_unet True)")
+    p.add_argument("--vae_tiling", action="store_true",
+                   help="ours: decode in 512 px tiles (the sampling command's --vae_tiling True)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of both sides (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default=None, help="diffusers folder of the weights (default: written once to a cache)")
@@ -102,7 +104,7 @@ def run_ours(args):
     from gm.sampling import SDXLPipeline, build_engine
 
     engine = build_engine(config_path(args.config), args.weights, precision=resolve_device()[1])
-    pipeline = SDXLPipeline(engine, blockwise_unet=args.blockwise_unet)
+    pipeline = SDXLPipeline(engine, blockwise_unet=args.blockwise_unet, vae_tiling=args.vae_tiling)
     rss_model = memory_gb("VmRSS")
 
     def generate(seed):
@@ -152,7 +154,8 @@ def report(args, ours, ref):
         print("\nthe reference ran out of memory (killed): its column is nan")
     what = f"grids of {args.grid} images (ours at its default batch)" if args.grid > 1 else "images"
     print(f"\nSampling, config {args.config}, {args.resolution} px, {args.steps} Euler steps, guidance {GUIDANCE} "
-          f"(UNet batch 2 per image){', ours UNet layer by layer' if args.blockwise_unet else ''}, fp32, "
+          f"(UNet batch 2 per image){', ours UNet layer by layer' if args.blockwise_unet else ''}"
+          f"{', ours VAE in tiles' if args.vae_tiling else ''}, fp32, "
           f"{args.threads} threads; median of {args.images} {what} after one untimed")
     rows = [("s/image (median)", ours["seconds"], ref["seconds"], "{:.2f}")]
     if args.grid == 1:  # a grid's steps and decodes interleave: its parts are not an image's
@@ -177,9 +180,10 @@ def report(args, ours, ref):
 
 
 def side_argv(args):
-    return ["--config", args.config, "--resolution", str(args.resolution), "--steps", str(args.steps),
-            "--images", str(args.images), "--grid", str(args.grid), "--threads", str(args.threads), "--seed",
-            str(args.seed), "--weights", args.weights] + ["--blockwise_unet"] * args.blockwise_unet
+    return (["--config", args.config, "--resolution", str(args.resolution), "--steps", str(args.steps),
+             "--images", str(args.images), "--grid", str(args.grid), "--threads", str(args.threads), "--seed",
+             str(args.seed), "--weights", args.weights]
+            + ["--blockwise_unet"] * args.blockwise_unet + ["--vae_tiling"] * args.vae_tiling)
 
 
 def main(argv=None):

@@ -28,6 +28,7 @@ from gm.textual_inversion.embedding_io import check_widths, load_embedding
 from gm.textual_inversion.placeholder import (add_placeholder_tokens, expand_placeholders, find_placeholders,
                                               set_placeholder_rows)
 from gm.util import atomic_write, instantiate_from_config, release_free_memory
+from gm.vae_tiling import decode_tiled
 
 DISCRETIZATION = {"target": "gm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"}
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a config's sampling.weight is under it
@@ -176,7 +177,7 @@ class SDXLPipeline:
     Keep one pipeline per engine: its compiled graphs (conditioner, denoiser, VAE) are reused across calls.
     """
 
-    def __init__(self, engine, placeholders=None, blockwise_unet=False):
+    def __init__(self, engine, placeholders=None, blockwise_unet=False, vae_tiling=False):
         self.engine = engine
         self.placeholders = dict(placeholders or {})
         self.size_multiple = image_size_multiple(engine)
@@ -185,6 +186,7 @@ class SDXLPipeline:
         denoiser_class = BlockwiseDenoiser if blockwise_unet else BoundDenoiser
         self.denoiser = denoiser_class(engine.denoiser, engine.model)
         self.encoder, self.decoder = LatentEncoder(engine), LatentDecoder(engine)
+        self.vae_tiling = vae_tiling  # images larger than a tile decoded tile by tile (`gm.vae_tiling`)
         self.conditioner = TextConditioner(engine.conditioner)
 
     # ------------------------------------------------------------------------------------------ embeddings
@@ -325,10 +327,16 @@ class SDXLPipeline:
             z = self.sample_latents(c, uc, sampler, height, width, [s for _, s in batch], init_latents, on_step)
             release_free_memory()  # what compiling the conditioner and UNet graphs freed, before the decoder's
             for i in range(len(batch)):
-                images.append(to_uint8(self.decoder(z[i:i + 1]).asnumpy())[0])
+                images.append(to_uint8(self.decode(z[i:i + 1]))[0])
                 if on_image is not None:
                     on_image(len(images) - 1, images[-1])
         return images
+
+    def decode(self, z):
+        """Images [B, 3, H, W] in [-1, 1] (numpy) from latents: in one piece, or with `vae_tiling` tile by tile."""
+        if self.vae_tiling:
+            return decode_tiled(self.decoder, z, self.latent_factor)
+        return self.decoder(z).asnumpy()
 
     def default_batch_size(self, height, width):
         """Images per UNet call when none is asked for: as many as make the latents of one 1024 x 1024 image

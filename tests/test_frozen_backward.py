@@ -59,8 +59,13 @@ CONV_CASES = [  # batch, in, out, height, width, kernel, stride, padding
 ]
 
 
-@pytest.mark.parametrize("batch, cin, cout, height, width, kernel, stride, padding", CONV_CASES)
-def test_frozen_conv_input_gradient_matches_torch(batch, cin, cout, height, width, kernel, stride, padding):
+@pytest.mark.parametrize("batch, cin, cout, height, width, kernel, stride, padding, batch_at_once",
+                         [case + (True,) for case in CONV_CASES] + [case + (False,) for case in CONV_CASES if case[0] > 1])
+def test_frozen_conv_input_gradient_matches_torch(monkeypatch, batch, cin, cout, height, width, kernel, stride, padding,
+                                                  batch_at_once):
+    """A batch in one product (its weight copies within the budget), or a product per sample."""
+    if not batch_at_once:
+        monkeypatch.setattr(layers, "WEIGHT_COPIES_BYTES", 0)  # read when the graph is built
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, cin, height, width)).astype(np.float32)
     weight = rng.standard_normal((cout, cin, kernel, kernel)).astype(np.float32)

@@ -339,7 +339,7 @@ def test_cli_txt2img_with_three_embedding_formats(tmp_path, embeddings, tiny_sdx
                      "--textual_inversion_weight", paths["ckpt"], "--textual_inversion_weight", paths["safetensors"],
                      "--textual_inversion_weight", paths["diffusers"], "--prompt_file", str(prompts),
                      "--sampler", "EulerAncestral", "--sample_step", "3", "--H", str(SIZE), "--W", str(SIZE),
-                     "--num_cols", "2", "--seed", "11", "--save_path", str(out))
+                     "--num_cols", "2", "--seed", "11", "--save_path", str(out), "--vae_tiling", "True")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert f"warning: the prompt '{PROMPT}' uses none of the learned words" in result.stderr
@@ -357,7 +357,8 @@ def test_cli_txt2img_with_three_embedding_formats(tmp_path, embeddings, tiny_sdx
     grid = np.asarray(Image.open(out / names[0]))
     np.testing.assert_array_equal(grid[:, SIZE:], np.asarray(Image.open(out / names[2])))
 
-    # the same seed and arguments give the same images, here in another process from the same weights
+    # the same seed and arguments give the same images, here in another process from the same weights (and decoded
+    # whole: an image within one tile is the same tiled)
     ours = pipeline.generate(PROMPT, sampler="EulerAncestral", steps=3, height=SIZE, width=SIZE, seed=11, num_images=2)
     for j, name in enumerate(names[4:]):
         assert np.abs(np.asarray(Image.open(out / name)).astype(int) - ours[j]).max() <= 1

@@ -99,6 +99,20 @@ def band_rows(band_bytes, row_elements, dtype):
     return max(1, band_bytes // (row_elements * (4 if dtype == ms.float32 else 2)))
 
 
+# The most one convolution may spend on copies of its weight, one per sample, to compute a batch in one product: a
+# gradient graph keeps them for its backward pass, and larger weights gain nothing from it (the product per sample
+# is as fast; what a batched product saves is the compile of a graph that grows with the batch).
+WEIGHT_COPIES_BYTES = 16 * 2 ** 20
+
+
+@ms.constexpr
+def batch_at_once(batch, rows, columns, out_channels, band_bytes, dtype):
+    """Whether a convolution computes its batch in one product: its weight's copies within WEIGHT_COPIES_BYTES and
+    the batch's unfolded input within one band (`rows` x `columns` per sample)."""
+    size = 4 if dtype == ms.float32 else 2
+    return batch * out_channels * rows * size <= WEIGHT_COPIES_BYTES and batch * rows * columns * size <= band_bytes
+
+
 class Conv2d(nn.Cell):
     """2-D convolution with torch's parameter layout: weight [out, in, kh, kw], bias [out]."""
 
@@ -132,19 +146,18 @@ class Conv2d(nn.Cell):
         n, c, h, w = x.shape
         k, s, p = self.kernel_size, self.stride, self.padding
         weight = after(self.weight, x).astype(x.dtype).reshape(self.out_channels, c * k * k)
-        if k == 1 and s == 1 and p == 0:
-            if n == 1:
-                return _matmul(weight, x.reshape(c, h * w)).reshape(1, self.out_channels, h, w)
-            # as [c, n*h*w]: this moves x, not the weight
-            y = _matmul(weight, x.transpose(1, 0, 2, 3).reshape(c, n * h * w))
-            return y.reshape(self.out_channels, n, h, w).transpose(1, 0, 2, 3)
         h_out = (h + 2 * p - k) // s + 1
         w_out = (w + 2 * p - k) // s + 1
-        rows_per_band = band_rows(self.band_bytes, c * k * k * w_out, x.dtype)
-        # One 2-D product per sample: a batched product would broadcast (copy) the weight to every sample.
-        outputs = []
-        for image in _samples(x):
-            outputs.append(self._image_product(image, weight, h_out, w_out, rows_per_band))
+        if n > 1 and batch_at_once(n, c * k * k, h_out * w_out, self.out_channels, self.band_bytes, x.dtype):
+            # the whole batch in one product (a product per sample makes the graph grow with the batch)
+            cols = x.reshape(n, c, h * w) if k == 1 and s == 1 and p == 0 else ops.unfold(x, k, 1, p, s)
+            y = _batch_matmul(_per_sample(weight, x), cols.reshape(n, c * k * k, h_out * w_out))
+            return y.reshape(n, self.out_channels, h_out, w_out)
+        if k == 1 and s == 1 and p == 0:
+            outputs = [_matmul(weight, image.reshape(c, h * w)) for image in _samples(x)]
+        else:
+            rows_per_band = band_rows(self.band_bytes, c * k * k * w_out, x.dtype)
+            outputs = [self._image_product(image, weight, h_out, w_out, rows_per_band) for image in _samples(x)]
         y = outputs[0] if n == 1 else ops.stack(outputs)
         return y.reshape(n, self.out_channels, h_out, w_out)
 
