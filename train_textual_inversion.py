@@ -451,8 +451,10 @@ class Training:
         # ---- the validation loss on fixed held-out draws (its graph compiles at the first evaluation at each size)
         self.validation = None
         if args.validation_interval:
+            # layer by layer, the train step's own graphs evaluate it, at its batch; else a graph of its own
             self.validation = Validation(self.model, self.datasets, self.latents, args.validation_draws, args.seed,
-                                         args.train_batch_size, args.flip_p > 0, self.learned_rows, rank, world_size,
+                                         args.train_batch_size if args.blockwise_unet else None, args.flip_p > 0,
+                                         self.learned_rows, rank, world_size,
                                          net=self.train_step.loss if args.blockwise_unet else None)
         self.identity, self.schedule = run_identity(args, config, world_size), schedule_flags(args)
         self.embedding_facts = embedding_facts(args, self.base_lr)

@@ -56,6 +56,12 @@ def sampling_defaults(config):
     return (os.path.join(PROJECT_ROOT, weight) if weight else None), side
 
 
+def images_per_call(height, width):
+    """Images of height x width per UNet call by default: as many as make the latents of one 1024 x 1024 image
+    (SDXL's native size: what the model's memory is planned for), at least one."""
+    return max(1, 1024 * 1024 // (height * width))  # sizes are multiples of the latent factor: its ratio
+
+
 def prompt_batch_at_size(prompt, height, width):
     """The conditioner's batch of one prompt for an uncropped image of height x width (SDXL's size conditioning)."""
     size = np.array([[height, width]], np.float32)
@@ -339,6 +345,5 @@ class SDXLPipeline:
         return self.decoder(z).asnumpy()
 
     def default_batch_size(self, height, width):
-        """Images per UNet call when none is asked for: as many as make the latents of one 1024 x 1024 image
-        (SDXL's native size: what the model's memory is planned for), at least one."""
-        return max(1, 1024 * 1024 // (height * width))  # sizes are multiples of the latent factor: its ratio
+        """Images per UNet call when none is asked for (`images_per_call`)."""
+        return images_per_call(height, width)

@@ -59,13 +59,15 @@ CONV_CASES = [  # batch, in, out, height, width, kernel, stride, padding
 ]
 
 
-@pytest.mark.parametrize("batch, cin, cout, height, width, kernel, stride, padding, batch_at_once",
-                         [case + (True,) for case in CONV_CASES] + [case + (False,) for case in CONV_CASES if case[0] > 1])
+@pytest.mark.parametrize("batch, cin, cout, height, width, kernel, stride, padding, per_product", (
+    [case + (None,) for case in CONV_CASES]  # the whole batch in one product
+    + [case + (1,) for case in CONV_CASES if case[0] > 1]  # a product per sample
+    + [(5, 4, 6, 7, 9, 3, 1, 1, 2), (3, 4, 6, 5, 5, 1, 1, 0, 2)]))  # groups of 2, the last of 1
 def test_frozen_conv_input_gradient_matches_torch(monkeypatch, batch, cin, cout, height, width, kernel, stride, padding,
-                                                  batch_at_once):
-    """A batch in one product (its weight copies within the budget), or a product per sample."""
-    if not batch_at_once:
-        monkeypatch.setattr(layers, "WEIGHT_COPIES_BYTES", 0)  # read when the graph is built
+                                                  per_product):
+    """The samples in groups, a product each, as many per product as the weight's copies allow."""
+    if per_product is not None:  # read when the graph is built
+        monkeypatch.setattr(layers, "WEIGHT_COPIES_BYTES", per_product * cout * cin * kernel * kernel * 4)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, cin, height, width)).astype(np.float32)
     weight = rng.standard_normal((cout, cin, kernel, kernel)).astype(np.float32)

@@ -754,7 +754,7 @@ def test_resume_is_exact(resume_runs):
 
 
 def test_validation_loss_is_the_mean_loss_of_its_draws(resume_runs, harness):
-    """Run A's validation loss at steps 0, 4 and 8 (in batches of 2) is the mean of its 16 stored draws' losses,
+    """Run A's validation loss at steps 0, 4 and 8 (all 16 draws in one batch) is the mean of its draws' losses,
     computed here apart, one draw at a time, at that step's rows: the draw's cached latent, its prompt, noise from
     RandomState(seed, VALIDATION_KEY, j) drawn as a training step draws its own, and its timestep (through the
     in-process trainer's evaluation graph: TextualInversionLoss per sample, so no graph compiles for this test).

@@ -99,18 +99,18 @@ def band_rows(band_bytes, row_elements, dtype):
     return max(1, band_bytes // (row_elements * (4 if dtype == ms.float32 else 2)))
 
 
-# The most one convolution may spend on copies of its weight, one per sample, to compute a batch in one product: a
-# gradient graph keeps them for its backward pass, and larger weights gain nothing from it (the product per sample
-# is as fast; what a batched product saves is the compile of a graph that grows with the batch).
+# The most one convolution may spend on copies of its weight, one per sample, to compute several samples in one
+# product: a gradient graph keeps them for its backward pass, and larger weights gain nothing from it (a product per
+# sample is as fast; what a batched product saves is the compile of a graph that grows with the batch).
 WEIGHT_COPIES_BYTES = 16 * 2 ** 20
 
 
 @ms.constexpr
-def batch_at_once(batch, rows, columns, out_channels, band_bytes, dtype):
-    """Whether a convolution computes its batch in one product: its weight's copies within WEIGHT_COPIES_BYTES and
-    the batch's unfolded input within one band (`rows` x `columns` per sample)."""
+def samples_per_product(batch, rows, columns, out_channels, band_bytes, dtype):
+    """How many samples a convolution computes in one product: as many as keep its weight's copies within
+    WEIGHT_COPIES_BYTES and their unfolded input within one band (`rows` x `columns` per sample), at least one."""
     size = 4 if dtype == ms.float32 else 2
-    return batch * out_channels * rows * size <= WEIGHT_COPIES_BYTES and batch * rows * columns * size <= band_bytes
+    return max(1, min(batch, WEIGHT_COPIES_BYTES // (out_channels * rows * size), band_bytes // (rows * columns * size)))
 
 
 class Conv2d(nn.Cell):
@@ -148,18 +148,23 @@ class Conv2d(nn.Cell):
         weight = after(self.weight, x).astype(x.dtype).reshape(self.out_channels, c * k * k)
         h_out = (h + 2 * p - k) // s + 1
         w_out = (w + 2 * p - k) // s + 1
-        if n > 1 and batch_at_once(n, c * k * k, h_out * w_out, self.out_channels, self.band_bytes, x.dtype):
-            # the whole batch in one product (a product per sample makes the graph grow with the batch)
-            cols = x.reshape(n, c, h * w) if k == 1 and s == 1 and p == 0 else ops.unfold(x, k, 1, p, s)
-            y = _batch_matmul(_per_sample(weight, x), cols.reshape(n, c * k * k, h_out * w_out))
-            return y.reshape(n, self.out_channels, h_out, w_out)
-        if k == 1 and s == 1 and p == 0:
+        group = samples_per_product(n, c * k * k, h_out * w_out, self.out_channels, self.band_bytes, x.dtype)
+        if group > 1:  # samples in groups, a product each (a product per sample makes the graph grow with the batch)
+            outputs = [self._group_product(samples, weight, h_out * w_out) for samples in ops.split(x, group, 0)]
+        elif k == 1 and s == 1 and p == 0:
             outputs = [_matmul(weight, image.reshape(c, h * w)) for image in _samples(x)]
         else:
             rows_per_band = band_rows(self.band_bytes, c * k * k * w_out, x.dtype)
             outputs = [self._image_product(image, weight, h_out, w_out, rows_per_band) for image in _samples(x)]
-        y = outputs[0] if n == 1 else ops.stack(outputs)
+        y = outputs[0] if len(outputs) == 1 else ops.concat([o.reshape((-1,) + o.shape[-2:]) for o in outputs])
         return y.reshape(n, self.out_channels, h_out, w_out)
+
+    def _group_product(self, samples, weight, positions):
+        """[m, out, positions] for m samples, one batched product (the weight copied per sample, `_per_sample`)."""
+        m, c, h, w = samples.shape
+        k, s, p = self.kernel_size, self.stride, self.padding
+        cols = samples.reshape(m, c, h * w) if k == 1 and s == 1 and p == 0 else ops.unfold(samples, k, 1, p, s)
+        return _batch_matmul(_per_sample(weight, samples), cols.reshape(m, c * k * k, positions))
 
     def _image_product(self, image, weight, h_out, w_out, rows_per_band):
         """One image's [out, h_out*w_out]: unfolded whole, or band by band when that would be too large. (Its own

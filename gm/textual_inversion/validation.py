@@ -23,6 +23,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor
 
 from gm.data.dataset import Choice, prompt_batch
+from gm.sampling import images_per_call
 from gm.textual_inversion.train_step import TextualInversionLoss, loss_inputs
 
 VALIDATION_KEY = 7_411  # seeds the validation's noise apart from the training's (seed, rank, step, micro-batch)
@@ -57,13 +58,14 @@ class Validation:
     """The validation loss of a run: its draws, the evaluation graph, and the best (lowest) loss so far with the
     learned rows that gave it.
 
-    Each rank evaluates its share of the draws (every world_size-th), in batches of `batch_size` of one training
-    size (with bucketing each image is drawn at its bucket's size; the last batch of a size padded, so the graph
-    compiles once per size), and the per-draw losses are summed across ranks: all ranks must call `losses` at the
-    same steps.
+    Each rank evaluates its share of the draws (every world_size-th), in batches of one training size (with
+    bucketing each image is drawn at its bucket's size; the last batch of a size padded, so the graph compiles once
+    per size) and the per-draw losses are summed across ranks: all ranks must call `losses` at the same steps. A
+    batch holds `batch_size` draws, by default as many as a sampling call holds images of that size
+    (`gm.sampling.images_per_call`), at most the draws of that size.
     """
 
-    def __init__(self, engine, datasets, latents, num_draws, seed, batch_size=1, flips=True, learned_rows=(),
+    def __init__(self, engine, datasets, latents, num_draws, seed, batch_size=None, flips=True, learned_rows=(),
                  rank=0, world_size=1, net=None):
         self.engine, self.latents, self.batch_size = engine, latents, batch_size
         self.rank, self.world_size = rank, world_size
@@ -95,10 +97,11 @@ class Validation:
             word, index = self.draws[j][:2]
             by_size.setdefault(self.latents[word].dataset.target_sizes[index], []).append(j)
         losses = np.zeros(len(self.draws), np.float32)
-        for mine in by_size.values():
-            for start in range(0, len(mine), self.batch_size):
-                batch = mine[start:start + self.batch_size]
-                padded = batch + batch[-1:] * (self.batch_size - len(batch))
+        for size, mine in by_size.items():
+            batch_size = min(self.batch_size or images_per_call(*size), len(mine))
+            for start in range(0, len(mine), batch_size):
+                batch = mine[start:start + batch_size]
+                padded = batch + batch[-1:] * (batch_size - len(batch))
                 losses[batch] = self.net(*self.inputs(padded)).asnumpy()[:len(batch)]
         if self.world_size > 1:
             from mindspore.mint.distributed import all_reduce
