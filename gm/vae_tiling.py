@@ -1,5 +1,5 @@
 """Decoding latents in overlapping tiles, for images whose decode in one piece does not fit in memory: the full-size
-SDXL VAE at 1024 px on the CPU beside the loaded model (measured: out of memory at 23.8 GB of the machine's 25.7).
+SDXL VAE at 1024 px on the CPU beside the loaded model (measured: out of memory at 24.3 GB of the machine's 25.7 GB).
 
 The tiles are `tile` x `tile` latents, all of one size (so the decoder compiles once), spread evenly so that
 neighbours overlap by at least `overlap` latents. Each decoded tile is weighted by linear ramps across the

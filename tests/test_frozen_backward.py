@@ -151,15 +151,14 @@ def test_chunked_attention_matches_torch_and_autodiff(monkeypatch, lq, lk, chunk
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_projections_in_column_layout_match_torch(batch):
-    """`Linear.to_columns` ([B, L, in] -> [B, out, L]) and `from_columns` ([B, in, L] -> [B, L, out]), forward and
-    input gradient: a batch of one is a 2-D product, a larger batch one batched product with its own backward."""
+    """`Linear.to_columns` ([B, L, in] -> [B, out, L]) and `from_columns` ([B, in, L] -> [B, L, out]), forward, input
+    gradient and, for the pretraining, the weight's gradient: a batch of one is a 2-D product, a larger batch one
+    batched product with its own backward."""
     rng = np.random.default_rng(3)
     linear = layers.Linear(5, 6)
     weight, bias = (rng.standard_normal(p.shape).astype(np.float32) for p in (linear.weight, linear.bias))
     linear.weight.set_data(Tensor(weight))
     linear.bias.set_data(Tensor(bias))
-    for param in linear.get_parameters():
-        param.requires_grad = False
     tokens = rng.standard_normal((batch, 7, 5)).astype(np.float32)
     columns = rng.standard_normal((batch, 5, 7)).astype(np.float32)
     up_columns, up_tokens = (rng.standard_normal(shape).astype(np.float32) for shape in ((batch, 6, 7), (batch, 7, 6)))
@@ -178,9 +177,12 @@ def test_projections_in_column_layout_match_torch(batch):
     inputs = Tensor(tokens), Tensor(columns)
     assert_close(ms.jit(linear.to_columns)(inputs[0]).asnumpy(), t_to_columns.detach().numpy())
     assert_close(ms.jit(linear.from_columns)(inputs[1]).asnumpy(), t_from_columns.detach().numpy())
-    grads = ms.jit(ms.grad(loss, grad_position=(0, 1)))(*inputs)
-    assert_close(grads[0].asnumpy(), t_tokens.grad.numpy())
-    assert_close(grads[1].asnumpy(), t_columns.grad.numpy())
+    (grad_tokens, grad_columns), (grad_weight, grad_bias) = ms.jit(
+        ms.grad(loss, grad_position=(0, 1), weights=[linear.weight, linear.bias]))(*inputs)
+    assert_close(grad_tokens.asnumpy(), t_tokens.grad.numpy())
+    assert_close(grad_columns.asnumpy(), t_columns.grad.numpy())
+    assert_close(grad_weight.asnumpy(), t_linear.weight.grad.numpy())
+    assert_close(grad_bias.asnumpy(), t_linear.bias.grad.numpy())
 
 
 @pytest.mark.parametrize("recompute", [False, True])

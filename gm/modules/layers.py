@@ -250,14 +250,15 @@ class ColumnsProjection(nn.Cell):
 
     The product needs the weight once per sample. Its backward (`bprop`) copies the weight again instead of
     keeping the forward's copy: autodiff would keep a copy of every projection's weight per sample until the
-    backward pass, more memory than the weights themselves. The weight gets no gradient (the model is frozen)."""
+    backward pass, more memory than the weights themselves. The weight's gradient (the pretraining's; a frozen
+    weight's is never computed: the graph drops what no output needs) is the samples' products summed."""
 
     def construct(self, x, weight):
         return _batch_matmul_transpose_b(_per_sample(weight, x), x)
 
     def bprop(self, x, weight, out, dout):
         weights = _per_sample(weight, dout)  # a copy of its own: merged with the forward's, it would be kept until here
-        return _batch_matmul_transpose_a(dout, weights), ops.zeros(weight.shape, weight.dtype)
+        return _batch_matmul_transpose_a(dout, weights), _batch_matmul(dout, x).sum(0)
 
 
 class TokensProjection(nn.Cell):
@@ -269,7 +270,7 @@ class TokensProjection(nn.Cell):
 
     def bprop(self, x, weight, out, dout):
         weights = _per_sample(weight, dout)
-        return _batch_matmul_transpose_ab(weights, dout), ops.zeros(weight.shape, weight.dtype)
+        return _batch_matmul_transpose_ab(weights, dout), _batch_matmul_transpose_ab(dout, x).sum(0)
 
 
 _columns_projection = ColumnsProjection()
