@@ -42,7 +42,7 @@ def test_missing_data_folder_is_one_error_line(tmp_path):
 
 def test_scores_prompts_the_word_its_start_and_the_images(tmp_path):
     """A word of two vectors started from "star" reads, before training, as "star star": its start's samples are
-    those of that prompt. The training images score 1; every set is a row of the grid, in the table's order."""
+    those of that prompt (to float rounding). The training images score 1; every set is a row of the grid, in the table's order."""
     rng = np.random.RandomState(0)
     embedding = save_embedding(str(tmp_path / "toy.safetensors"), rng.randn(2, 32), rng.randn(2, 64), "<toy>")
     out = tmp_path / "out"
@@ -58,7 +58,9 @@ def test_scores_prompts_the_word_its_start_and_the_images(tmp_path):
     assert [len(s["detected"]) for s in scores["sets"]] == [2, 2, 2, 8, 8]
     grid = np.asarray(Image.open(out / "grid.png"))
     assert grid.shape == (5 * 64, 8 * 64, 3)
-    start, star_star, learned = grid[128:192, :128], grid[64:128, :128], grid[:64, :128]
-    assert np.array_equal(start, star_star) and not np.array_equal(learned, star_star)
+    start, star_star, learned = (grid[rows, :128].astype(int) for rows in (slice(128, 192), slice(64, 128), slice(64)))
+    # the same conditioning and seeds: the same images, to float rounding (a batch's products on the CPU may round a
+    # pixel value by one level from one call to the next)
+    assert np.abs(start - star_star).max() <= 1 and np.abs(learned - star_star).max() > 1
     for label in labels:
         assert label in result.stdout
