@@ -293,7 +293,7 @@ class SDXLPipeline:
 
         The j-th image of every prompt uses seed + j, so the same arguments give the same images, whatever the
         batch. The images of all prompts go through the UNet `batch_size` at a time (default
-        `default_batch_size`). init_image: None (txt2img) or a path / PIL image / uint8 array for img2img, which
+        `images_per_call`). init_image: None (txt2img) or a path / PIL image / uint8 array for img2img, which
         keeps the last `strength` fraction of the schedule (1.0: start from pure noise). progress(done, total) is
         called after every sampler step (done counts an image's steps), on_image(index, image) after every image.
         """
@@ -318,7 +318,7 @@ class SDXLPipeline:
 
         conditioning = [self.encode_prompt(prompt, negative_prompt, height, width) for prompt in prompts]
         jobs = [(p, seed + j) for p in range(len(prompts)) for j in range(num_images)]
-        batch_size = batch_size or self.default_batch_size(height, width)
+        batch_size = batch_size or images_per_call(height, width)
         steps_per_image = len(sampler.discretization(steps)) - 1
         total, images = len(jobs) * steps_per_image, []
         for start in range(0, len(jobs), batch_size):
@@ -343,7 +343,3 @@ class SDXLPipeline:
         if self.vae_tiling:
             return decode_tiled(self.decoder, z, self.latent_factor)
         return self.decoder(z).asnumpy()
-
-    def default_batch_size(self, height, width):
-        """Images per UNet call when none is asked for (`images_per_call`)."""
-        return images_per_call(height, width)
