@@ -40,6 +40,7 @@ from gm.device import add_device_arguments, resolve_device, set_device
 from gm.models.loading import create_model, load_config
 from gm.modules.encoders.modules import TEXT_ENCODERS
 from gm.modules.diffusionmodules.denoiser_weighting import EpsMinSNRWeighting, EpsWeighting
+from gm.sampling import SDXLPipeline, guidance_batch, make_grid, save_png
 from gm.textual_inversion.checkpointing import (
     STATE_DIR, ResumeError, RunFolderInUse, embedding_name, embedding_paths, find_train_state, latest_train_state,
     load_train_state, read_train_state, run_folder_lock, save_learned_embeddings, save_train_state,
@@ -56,7 +57,7 @@ from gm.textual_inversion.placeholder import (
 from gm.textual_inversion.train_step import (
     BlockwiseTrainStep, TextualInversionLoss, TextualInversionTrainStep, loss_inputs,
 )
-from gm.textual_inversion.validation import Validation
+from gm.textual_inversion.validation import Validation, ValidationLoss
 from gm.util import str2bool
 from gm.weights.loader import WeightFileError, layout_fingerprint, weight_format
 from gm.weights.state_dict import WeightMismatchError
@@ -448,21 +449,28 @@ class Training:
         # what a training state holds besides the host side (step, data order)
         self.state_params = self.learned_rows + self.train_step.update.state_parameters()
 
-        # ---- the validation loss on fixed held-out draws (its graph compiles at the first evaluation at each size)
-        self.validation = None
+        # ---- the validation loss on fixed held-out draws (its graphs compile at the first evaluation at each size)
+        self.validation, self.validation_pipeline = None, None
+        if args.infer_during_train:  # the validation grids' sampling pipeline (its graphs compile at the first grid)
+            self.validation_pipeline = SDXLPipeline(
+                self.model, placeholders={concept.token: concept.num_vectors for concept in self.concepts})
         if args.validation_interval:
-            # layer by layer, the train step's own graphs evaluate it, at its batch; else a graph of its own
+            net, batch_size = None, None  # a ValidationLoss of its own, as many draws a call as a sampling call has
+            if args.blockwise_unet:  # layer by layer: the train step's own graphs, at its batch
+                net, batch_size = self.train_step.loss, args.train_batch_size
+            elif self.validation_pipeline is not None:  # the grids' compiled UNet serves it too, at their batch
+                net = ValidationLoss(self.model, self.validation_pipeline.denoiser)
+                batch_size = guidance_batch(len(validation_prompts(args)) * args.num_validation_images,
+                                            args.resolution, args.resolution)
             self.validation = Validation(self.model, self.datasets, self.latents, args.validation_draws, args.seed,
-                                         args.train_batch_size if args.blockwise_unet else None, args.flip_p > 0,
-                                         self.learned_rows, rank, world_size,
-                                         net=self.train_step.loss if args.blockwise_unet else None)
+                                         batch_size, args.flip_p > 0, self.learned_rows, rank, world_size, net)
         self.identity, self.schedule = run_identity(args, config, world_size), schedule_flags(args)
         self.embedding_facts = embedding_facts(args, self.base_lr)
         # every embedding file written must change the encoding of its word's prompt (checked as read back)
         self.encoding_check = EncodingCheck(self.model.conditioner, [
             (concept.token, concept.num_vectors, word_prompt(concept)) for concept in self.concepts], args.resolution)
         self.args, self.rank, self.world_size = args, rank, world_size
-        self.start_step, self.log, self.validation_pipeline = 0, None, None
+        self.start_step, self.log = 0, None
         self.step_shapes = set()  # the micro-batch shapes the train step has run at: one compiled graph each
 
     def resume(self, state_dir, host):
@@ -878,13 +886,7 @@ def sample_validation_grid(run, args, step):
     """Sample the validation prompts with the current learned rows; save one grid (a row per prompt) as
     samples/step_<n>.png.
 
-    The sampling pipeline (built at the first call, then reused) shares the model, so it sees the rows as
-    they are now; it draws its own noise and leaves the training RNGs alone."""
-    from gm.sampling import SDXLPipeline, make_grid, save_png
-
-    if run.validation_pipeline is None:
-        run.validation_pipeline = SDXLPipeline(
-            run.model, placeholders={concept.token: concept.num_vectors for concept in run.concepts})
+    The run's sampling pipeline shares the model, so it sees the rows as they are now; it draws its own noise and leaves the training RNGs alone."""
     prompts = validation_prompts(args)
     images = run.validation_pipeline.generate(  # prompt by prompt, all of them in UNet batches
         prompts, steps=args.validation_sample_step, height=args.resolution, width=args.resolution, seed=args.seed,
@@ -942,9 +944,10 @@ def print_outputs(args, run, step, timing):
         print(f"  time                  : {compiled}{speed}")
     if timing["validation"]:
         evaluations = len(timing["validation"])
+        shared = ", the UNet's shared with the sample grids" if args.infer_during_train and not args.blockwise_unet else ""
         print(f"  validation loss       : {evaluations} evaluation{'s' if evaluations > 1 else ''} of "
-              f"{len(run.validation.draws)} draws in {sum(timing['validation']):.1f} s (the first, with its graph's "
-              f"compile: {timing['validation'][0]:.1f} s); {run.log.val_losses[0]:.5f} at step {run.log.val_steps[0]} "
+              f"{len(run.validation.draws)} draws in {sum(timing['validation']):.1f} s (the first, with its graphs' "
+              f"compile{shared}: {timing['validation'][0]:.1f} s); {run.log.val_losses[0]:.5f} at step {run.log.val_steps[0]} "
               f"-> {run.log.val_losses[-1]:.5f} at step {run.log.val_steps[-1]}")
     health = np.array(vector_health(run.rows(), run.initial_rows)).reshape(len(TEXT_ENCODERS), 2, -1)
     for name, embedder, rows, (norms, cosines) in zip(TEXT_ENCODERS, run.model.conditioner.text_embedders(),

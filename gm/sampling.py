@@ -62,6 +62,13 @@ def images_per_call(height, width):
     return max(1, 1024 * 1024 // (height * width))  # sizes are multiples of the latent factor: its ratio
 
 
+def guidance_batch(num_images, height, width, batch_size=None):
+    """The batch the denoiser is called at when `SDXLPipeline.generate` makes `num_images` images of height x width
+    (its first call's, if the last is smaller): the images of one call (`batch_size`, default `images_per_call`),
+    twice, for the two halves of classifier-free guidance."""
+    return 2 * min(num_images, batch_size or images_per_call(height, width))
+
+
 def prompt_batch_at_size(prompt, height, width):
     """The conditioner's batch of one prompt for an uncropped image of height x width (SDXL's size conditioning)."""
     size = np.array([[height, width]], np.float32)

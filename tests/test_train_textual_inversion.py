@@ -610,6 +610,27 @@ def test_fp16_keeps_learned_rows_and_optimizer_state_fp32(tmp_path):
     assert float(update.loss_scale.asnumpy()) == 2.0 ** 16 and update.dynamic_loss_scale
 
 
+def test_validation_loss_and_sample_grids_share_one_compiled_unet(harness, tmp_path):
+    """With sample grids on, the validation loss runs through the grids' sampling pipeline's denoiser, at the batch the
+    grids call it at (their 3 images, twice for guidance), so a run compiles one UNet graph for both; its losses are
+    those of the evaluation with a UNet graph of its own (the harness's: no grids, its draws all in one call)."""
+    args = parse_args(BASE + ["--infer_during_train", "True", "--num_validation_images", "3",
+                              "--save_path", str(tmp_path)])
+    config = load_config(args.config)
+    resolve_defaults(args, config)
+    check_args(args)
+    training = Training(args, config)
+    validation, pipeline = training.validation, training.validation_pipeline
+    assert validation.net.denoiser is pipeline.denoiser and validation.batch_size == 6
+    losses = validation.losses()
+    pipeline.generate("a photo of <toy>", steps=2, height=64, width=64, num_images=3)
+    assert len(pipeline.denoiser.compile_cache) == 1  # the grid ran on the graph the validation compiled
+    harness.reset()
+    own = harness.training.validation
+    assert own.net.denoiser is not pipeline.denoiser and own.batch_size is None  # images_per_call: all 64 draws at once
+    np.testing.assert_allclose(losses, own.losses(), rtol=1e-5)
+
+
 def test_numbered_embeddings_are_pruned_and_the_best_kept(tmp_path):
     rows = np.zeros((1, 32), np.float32), np.zeros((1, 64), np.float32)
     save_learned_embeddings(str(tmp_path), "<toy>", *rows)

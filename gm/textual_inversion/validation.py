@@ -12,19 +12,22 @@ from a RandomState keyed by (seed, VALIDATION_KEY, j), drawn as a training step 
 With one image, the draws differ from the training's by noise and timestep only. With bucketing a draw's image
 is at its bucket's size, its latent cached at that size, as in training.
 
-`ValidationLoss` is the evaluation graph: the training loss per draw, forward only, compiled at its first call
-(and, with bucketing, at its first call at each bucket's size).
+`ValidationLoss` evaluates it: the training loss per draw, forward only, in three graphs compiled at their first call
+(and, with bucketing, at their first call at each bucket's size). The middle one is the denoiser, nearly all of the
+compile; a run that samples validation grids passes the sampling pipeline's, so one compiled UNet serves both.
 """
 import collections
 
 import numpy as np
 
 import mindspore as ms
-from mindspore import Parameter, Tensor
+from mindspore import Parameter, Tensor, nn
 
 from gm.data.dataset import Choice, prompt_batch
+from gm.models.autoencoder import posterior_sample
+from gm.modules.diffusionmodules.denoiser import BoundDenoiser
 from gm.sampling import images_per_call
-from gm.textual_inversion.train_step import TextualInversionLoss, loss_inputs
+from gm.textual_inversion.train_step import loss_inputs
 
 VALIDATION_KEY = 7_411  # seeds the validation's noise apart from the training's (seed, rank, step, micro-batch)
 # the dataset keys its prompt choices by (seed, epoch, index): the validation's are epochs no training reaches
@@ -32,11 +35,47 @@ VALIDATION_EPOCH = 2 ** 40
 Draw = collections.namedtuple("Draw", ["word", "index", "flipped", "prompt", "encoder_prompts", "rand"])
 
 
-class ValidationLoss(TextualInversionLoss):
-    """The loss of each draw [B], without gradient: the evaluation graph."""
+class NoisedDraws(nn.Cell):
+    """The training loss (`TextualInversionLoss`) up to the denoiser: its input, its noise levels, its
+    conditioning, and the clean latents the loss compares its output with."""
 
-    def construct(self, *inputs):
-        return self.per_sample(*inputs)
+    def __init__(self, engine):
+        super().__init__(auto_prefix=False)  # the engine's parameters keep their checkpoint names
+        self.conditioner, self.loss_fn, self.scale_factor = engine.conditioner, engine.loss_fn, engine.scale_factor
+
+    def construct(self, moments, latent_noise, noise, sigma_rand, *cond_inputs):
+        context, vector = self.conditioner(*cond_inputs)
+        latents = posterior_sample(moments, latent_noise) * self.scale_factor
+        noised, sigmas = self.loss_fn.noised(latents, noise, sigma_rand)
+        return noised, sigmas, context, vector, latents
+
+
+class DrawLosses(nn.Cell):
+    """The training loss after the denoiser: each draw's weighted error [B]."""
+
+    def __init__(self, loss_fn):
+        super().__init__()
+        self.loss_fn = loss_fn
+
+    def construct(self, denoised, latents, sigmas):
+        return self.loss_fn.get_loss(denoised, latents, self.loss_fn.weights(sigmas, latents.ndim))
+
+
+class ValidationLoss:
+    """The loss of each draw [B], without gradient, called as `TextualInversionLoss.per_sample`: the draws' noised
+    latents and conditioning, the denoiser, and the weighted errors, each a graph of its own. `denoiser` (a
+    `BoundDenoiser`; default: one of this loss's own) may be the sampling pipeline's: the validation then compiles
+    no UNet of its own where it evaluates at the batch the pipeline's graph was compiled at."""
+
+    def __init__(self, engine, denoiser=None):
+        self.noised_draws = NoisedDraws(engine)
+        self.denoiser = denoiser or BoundDenoiser(engine.denoiser, engine.model)
+        self.draw_losses = DrawLosses(engine.loss_fn)
+
+    def __call__(self, moments, latent_noise, noise, sigma_rand, *cond_inputs):
+        noised, sigmas, context, vector, latents = self.noised_draws(moments, latent_noise, noise, sigma_rand,
+                                                                     *cond_inputs)
+        return self.draw_losses(self.denoiser(noised, sigmas, context, vector), latents, sigmas)
 
 
 def validation_draws(datasets, num_draws, sigma_sampler, flips):
@@ -72,7 +111,8 @@ class Validation:
         self.draws = validation_draws(datasets, num_draws, engine.loss_fn.sigma_sampler, flips)
         self.rand_dtype = engine.loss_fn.sigma_sampler.spread(1).dtype
         self.noise_seed = [seed, VALIDATION_KEY]
-        self.net = net or ValidationLoss(engine)  # or the per-sample loss the train step has (`BlockwiseLoss`)
+        # a ValidationLoss, or the per-sample loss the train step has (`BlockwiseLoss`)
+        self.net = net or ValidationLoss(engine)
         self.best_step = self.best_loss = None
         # the rows of the best step, saved with the training state (a resume rewrites the best files from them)
         self.best_rows = [Parameter(Tensor(rows.asnumpy().copy()), name=f"best.{rows.name}", requires_grad=False)
