@@ -18,7 +18,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from gm.modules.encoders.tokenizer import CONTEXT_LENGTH, EOS_TOKEN_ID, VOCAB_SIZE
-from gm.modules.layers import LayerNorm, Linear, attention, default_attention_impl, gelu
+from gm.modules.layers import LayerNorm, Linear, attention, default_attention_impl, gelu, linear
 
 
 class Embedding(nn.Cell):
@@ -226,7 +226,7 @@ class MultiheadAttention(nn.Cell):
         self.out_proj = Linear(width, width)
 
     def construct(self, x, mask):
-        qkv = ops.matmul(x, self.in_proj_weight.astype(x.dtype).T) + self.in_proj_bias.astype(x.dtype)
+        qkv = linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = ops.split(qkv, qkv.shape[-1] // 3, -1)
         return self.out_proj(attention(q, k, v, self.heads, self.attn_impl, mask))
 
