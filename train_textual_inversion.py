@@ -886,7 +886,8 @@ def sample_validation_grid(run, args, step):
     """Sample the validation prompts with the current learned rows; save one grid (a row per prompt) as
     samples/step_<n>.png.
 
-    The run's sampling pipeline shares the model, so it sees the rows as they are now; it draws its own noise and leaves the training RNGs alone."""
+    The run's sampling pipeline shares the model, so it sees the rows as they are now; it draws its own noise and
+    leaves the training RNGs alone."""
     prompts = validation_prompts(args)
     images = run.validation_pipeline.generate(  # prompt by prompt, all of them in UNet batches
         prompts, steps=args.validation_sample_step, height=args.resolution, width=args.resolution, seed=args.seed,
@@ -944,11 +945,12 @@ def print_outputs(args, run, step, timing):
         print(f"  time                  : {compiled}{speed}")
     if timing["validation"]:
         evaluations = len(timing["validation"])
-        shared = ", the UNet's shared with the sample grids" if args.infer_during_train and not args.blockwise_unet else ""
+        grids_unet = args.infer_during_train and not args.blockwise_unet
+        shared = ", the UNet's shared with the sample grids" if grids_unet else ""
         print(f"  validation loss       : {evaluations} evaluation{'s' if evaluations > 1 else ''} of "
               f"{len(run.validation.draws)} draws in {sum(timing['validation']):.1f} s (the first, with its graphs' "
-              f"compile{shared}: {timing['validation'][0]:.1f} s); {run.log.val_losses[0]:.5f} at step {run.log.val_steps[0]} "
-              f"-> {run.log.val_losses[-1]:.5f} at step {run.log.val_steps[-1]}")
+              f"compile{shared}: {timing['validation'][0]:.1f} s); {run.log.val_losses[0]:.5f} at step "
+              f"{run.log.val_steps[0]} -> {run.log.val_losses[-1]:.5f} at step {run.log.val_steps[-1]}")
     health = np.array(vector_health(run.rows(), run.initial_rows)).reshape(len(TEXT_ENCODERS), 2, -1)
     for name, embedder, rows, (norms, cosines) in zip(TEXT_ENCODERS, run.model.conditioner.text_embedders(),
                                                       run.rows(), health):
