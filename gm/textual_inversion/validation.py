@@ -94,7 +94,7 @@ def validation_draws(datasets, num_draws, sigma_sampler, flips):
 
 
 class Validation:
-    """The validation loss of a run: its draws, the evaluation graph, and the best (lowest) loss so far with the
+    """The validation loss of a run: its draws, their evaluation (`net`), and the best (lowest) loss so far with the
     learned rows that gave it.
 
     Each rank evaluates its share of the draws (every world_size-th), in batches of one training size (with
