@@ -69,8 +69,9 @@ def get_parser():
                         help="run the UNet layer by layer from the host, each distinct layer compiled once: far less "
                              "memory for the full-size SDXL on the CPU (README 'Running the real SDXL')")
     parser.add_argument("--vae_tiling", type=str2bool, default=False,
-                        help="decode images larger than 512 px in overlapping 512 px tiles: what lets the full-size "
-                             "SDXL decode 1024 px on a 24 GB CPU machine; tones may differ slightly between tiles")
+                        help="decode images (and encode img2img's image) larger than 512 px in overlapping 512 px "
+                             "tiles: what lets the full-size SDXL decode 1024 px on a 24 GB CPU machine; tones may "
+                             "differ slightly between tiles")
     add_device_arguments(parser)  # --device_target, --ms_mode, --precision: the same for every command
     return parser
 

@@ -28,7 +28,7 @@ from gm.textual_inversion.embedding_io import check_widths, load_embedding
 from gm.textual_inversion.placeholder import (add_placeholder_tokens, expand_placeholders, find_placeholders,
                                               set_placeholder_rows)
 from gm.util import atomic_write, instantiate_from_config, release_free_memory
-from gm.vae_tiling import decode_tiled
+from gm.vae_tiling import decode_tiled, encode_tiled
 
 DISCRETIZATION = {"target": "gm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"}
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a config's sampling.weight is under it
@@ -199,7 +199,7 @@ class SDXLPipeline:
         denoiser_class = BlockwiseDenoiser if blockwise_unet else BoundDenoiser
         self.denoiser = denoiser_class(engine.denoiser, engine.model)
         self.encoder, self.decoder = LatentEncoder(engine), LatentDecoder(engine)
-        self.vae_tiling = vae_tiling  # images larger than a tile decoded tile by tile (`gm.vae_tiling`)
+        self.vae_tiling = vae_tiling  # images larger than a tile decoded and encoded tile by tile (`gm.vae_tiling`)
         self.conditioner = TextConditioner(engine.conditioner)
 
     # ------------------------------------------------------------------------------------------ embeddings
@@ -321,7 +321,7 @@ class SDXLPipeline:
         init_latents = None
         if init_image is not None:
             pixels = load_image(init_image, height, width).astype(np.float32) / 127.5 - 1.0
-            init_latents = self.encoder(Tensor(pixels.transpose(2, 0, 1)[None]))
+            init_latents = self.encode(Tensor(pixels.transpose(2, 0, 1)[None]))
 
         conditioning = [self.encode_prompt(prompt, negative_prompt, height, width) for prompt in prompts]
         jobs = [(p, seed + j) for p in range(len(prompts)) for j in range(num_images)]
@@ -344,6 +344,12 @@ class SDXLPipeline:
                 if on_image is not None:
                     on_image(len(images) - 1, images[-1])
         return images
+
+    def encode(self, x):
+        """Latents from images [B, 3, H, W] in [-1, 1] (a tensor): in one piece, or with `vae_tiling` tile by tile."""
+        if self.vae_tiling:
+            return Tensor(encode_tiled(self.encoder, x, self.latent_factor))
+        return self.encoder(x)
 
     def decode(self, z):
         """Images [B, 3, H, W] in [-1, 1] (numpy) from latents: in one piece, or with `vae_tiling` tile by tile."""
