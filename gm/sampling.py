@@ -152,7 +152,7 @@ class LatentEncoder(nn.Cell):
     """Image [B, 3, H, W] in [-1, 1] -> latents, compiled as one graph."""
 
     def __init__(self, engine):
-        super().__init__()
+        super().__init__(auto_prefix=False)  # the engine's parameters keep their checkpoint names
         self.engine = engine
 
     def construct(self, x):
@@ -163,7 +163,7 @@ class LatentDecoder(nn.Cell):
     """Latents -> images [B, 3, H, W] in [-1, 1], compiled as one graph."""
 
     def __init__(self, engine):
-        super().__init__()
+        super().__init__(auto_prefix=False)  # the engine's parameters keep their checkpoint names
         self.engine = engine
 
     def construct(self, z):
@@ -175,7 +175,7 @@ class TextConditioner(nn.Cell):
     a graph compiled before keeps the old token tables."""
 
     def __init__(self, conditioner):
-        super().__init__()
+        super().__init__(auto_prefix=False)  # the learned rows keep their names (the training state's keys)
         self.conditioner = conditioner
 
     def construct(self, *inputs):

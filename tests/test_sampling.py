@@ -208,6 +208,12 @@ def test_final_latents_match_diffusers(pipeline, tiny_sdxl, monkeypatch, name, s
 # ------------------------------------------------------------------------------------------------ the pipeline
 
 
+def test_the_pipeline_keeps_the_models_parameter_names(pipeline):
+    """Its graphs (conditioner, denoiser, VAE halves) hold the model without renaming a parameter: the trainer's grids
+    share the model, whose learned rows are the training state's keys by name."""
+    assert all(name == param.name for name, param in pipeline.engine.parameters_and_names())
+
+
 def test_same_seed_same_images_whatever_the_batch(pipeline):
     """Image j of every prompt uses seed + j and its own noise stream (EulerAncestral adds noise at every step), so
     two prompts' four images drawn in one UNet batch equal those drawn one at a time: to the rounding of the batched

@@ -625,6 +625,8 @@ def test_validation_loss_and_sample_grids_share_one_compiled_unet(harness, tmp_p
     losses = validation.losses()
     pipeline.generate("a photo of <toy>", steps=2, height=64, width=64, num_images=3)
     assert len(pipeline.denoiser.compile_cache) == 1  # the grid ran on the graph the validation compiled
+    # the pipeline's graphs renamed nothing: the learned rows keep their names, the training state's keys
+    assert all(name == p.name for name, p in training.model.parameters_and_names())
     harness.reset()
     own = harness.training.validation
     assert own.net.denoiser is not pipeline.denoiser and own.batch_size is None  # images_per_call: all 64 draws at once

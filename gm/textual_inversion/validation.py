@@ -54,7 +54,7 @@ class DrawLosses(nn.Cell):
     """The training loss after the denoiser: each draw's weighted error [B]."""
 
     def __init__(self, loss_fn):
-        super().__init__()
+        super().__init__(auto_prefix=False)
         self.loss_fn = loss_fn
 
     def construct(self, denoised, latents, sigmas):

@@ -70,7 +70,7 @@ class BoundDenoiser(nn.Cell):
     is given a Cell argument on every call. `denoise` is the samplers' `denoiser(x, sigma, cond)`."""
 
     def __init__(self, denoiser, network):
-        super().__init__()
+        super().__init__(auto_prefix=False)  # the network's parameters keep their checkpoint names
         self.denoiser, self.network = denoiser, network
 
     def construct(self, x, sigma, context, y):
