@@ -945,8 +945,9 @@ def print_outputs(args, run, step, timing):
         print(f"  time                  : {compiled}{speed}")
     if timing["validation"]:
         evaluations = len(timing["validation"])
-        grids_unet = args.infer_during_train and not args.blockwise_unet
-        shared = ", the UNet's shared with the sample grids" if grids_unet else ""
+        grids = run.validation_pipeline
+        shared_unet = grids is not None and getattr(run.validation.net, "denoiser", None) is grids.denoiser
+        shared = ", the UNet's shared with the sample grids" if shared_unet else ""
         print(f"  validation loss       : {evaluations} evaluation{'s' if evaluations > 1 else ''} of "
               f"{len(run.validation.draws)} draws in {sum(timing['validation']):.1f} s (the first, with its graphs' "
               f"compile{shared}: {timing['validation'][0]:.1f} s); {run.log.val_losses[0]:.5f} at step "

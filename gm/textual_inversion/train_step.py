@@ -48,9 +48,20 @@ class TextualInversionLoss(nn.Cell):
         context, vector = self.conditioner(*cond_inputs)
         return self.per_sample_given_conditioning(moments, latent_noise, noise, sigma_rand, context, vector)
 
+    def clean_latents(self, moments, latent_noise):
+        """The latents the loss denoises: a draw from the cached posterior, x scale_factor."""
+        return posterior_sample(moments, latent_noise) * self.scale_factor
+
+    def noised_latents(self, moments, latent_noise, noise, sigma_rand):
+        """(the clean latents, the noised latents the denoiser takes, their noise levels): the loss up to the
+        denoiser, for the graphs that run it apart (`UNetInputs`, the validation's `NoisedDraws`)."""
+        latents = self.clean_latents(moments, latent_noise)
+        noised, sigmas = self.loss_fn.noised(latents, noise, sigma_rand)
+        return latents, noised, sigmas
+
     def per_sample_given_conditioning(self, moments, latent_noise, noise, sigma_rand, context, vector):
         """Each sample's loss once the conditioner has run: `context` [B, L, D] (crossattn), `vector` [B, V]."""
-        latents = posterior_sample(moments, latent_noise) * self.scale_factor
+        latents = self.clean_latents(moments, latent_noise)
         return self.loss_fn(self.model, self.denoiser, latents, context, vector, noise, sigma_rand)
 
 
@@ -225,8 +236,7 @@ class UNetInputs(nn.Cell):
 
     def construct(self, moments, latent_noise, noise, sigma_rand):
         net = self.loss_net
-        latents = posterior_sample(moments, latent_noise) * net.scale_factor
-        noised, sigmas = net.loss_fn.noised(latents, noise, sigma_rand)
+        latents, noised, sigmas = net.noised_latents(moments, latent_noise, noise, sigma_rand)
         unet_x, timesteps, c_skip, c_out = net.denoiser.network_inputs(noised, sigmas)
         return unet_x, timesteps, latents, noised, c_skip, c_out, net.loss_fn.weights(sigmas, latents.ndim)
 

@@ -24,10 +24,9 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn
 
 from gm.data.dataset import Choice, prompt_batch
-from gm.models.autoencoder import posterior_sample
 from gm.modules.diffusionmodules.denoiser import BoundDenoiser
 from gm.sampling import images_per_call
-from gm.textual_inversion.train_step import loss_inputs
+from gm.textual_inversion.train_step import TextualInversionLoss, loss_inputs
 
 VALIDATION_KEY = 7_411  # seeds the validation's noise apart from the training's (seed, rank, step, micro-batch)
 # the dataset keys its prompt choices by (seed, epoch, index): the validation's are epochs no training reaches
@@ -39,14 +38,13 @@ class NoisedDraws(nn.Cell):
     """The training loss (`TextualInversionLoss`) up to the denoiser: its input, its noise levels, its
     conditioning, and the clean latents the loss compares its output with."""
 
-    def __init__(self, engine):
+    def __init__(self, loss_net):
         super().__init__(auto_prefix=False)  # the engine's parameters keep their checkpoint names
-        self.conditioner, self.loss_fn, self.scale_factor = engine.conditioner, engine.loss_fn, engine.scale_factor
+        self.loss_net = loss_net
 
     def construct(self, moments, latent_noise, noise, sigma_rand, *cond_inputs):
-        context, vector = self.conditioner(*cond_inputs)
-        latents = posterior_sample(moments, latent_noise) * self.scale_factor
-        noised, sigmas = self.loss_fn.noised(latents, noise, sigma_rand)
+        context, vector = self.loss_net.conditioner(*cond_inputs)
+        latents, noised, sigmas = self.loss_net.noised_latents(moments, latent_noise, noise, sigma_rand)
         return noised, sigmas, context, vector, latents
 
 
@@ -68,7 +66,7 @@ class ValidationLoss:
     no UNet of its own where it evaluates at the batch the pipeline's graph was compiled at."""
 
     def __init__(self, engine, denoiser=None):
-        self.noised_draws = NoisedDraws(engine)
+        self.noised_draws = NoisedDraws(TextualInversionLoss(engine))
         self.denoiser = denoiser or BoundDenoiser(engine.denoiser, engine.model)
         self.draw_losses = DrawLosses(engine.loss_fn)
 
