@@ -2,7 +2,8 @@
 
     python benchmarks/bench_sampling.py --config small [--resolution 512] [--steps 20]
     python benchmarks/bench_sampling.py --config tiny --steps 40 --grid 8 --images 1   # the README's sampling command
-    python benchmarks/bench_sampling.py --config full --blockwise_unet --vae_tiling --steps 2  # real SDXL, 1024 px
+    python benchmarks/bench_sampling.py --config full --blockwise_unet --vae_tiling --release_models --steps 2
+                                                                      # real SDXL, 1024 px, as the sampling command
 
 Ours is `gm.sampling.SDXLPipeline.generate` (Euler, sgm's DDPM sigmas, classifier-free guidance with both halves in
 one UNet batch); the reference is diffusers' `StableDiffusionXLPipeline` with `EulerDiscreteScheduler`. Both: the
@@ -47,6 +48,9 @@ def parse_args(argv=None):
                    help="ours: the UNet layer by layer from the host (the sampling command's --blockwise_unet True)")
     p.add_argument("--vae_tiling", action="store_true",
                    help="ours: decode in 512 px tiles (the sampling command's --vae_tiling True)")
+    p.add_argument("--release_models", action="store_true",
+                   help="ours: free each model's weights once its part is done, as the sampling command does (one "
+                        "call: needs --images 0)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of both sides (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default=None, help="diffusers folder of the weights (default: written once to a cache)")
@@ -63,6 +67,8 @@ def parse_args(argv=None):
         p.error(f"--resolution {args.resolution}: use a multiple of 32")
     if args.grid < 1:
         p.error(f"--grid must be at least 1, got {args.grid}")
+    if args.release_models and args.images:
+        p.error("--release_models frees the models after the first call: use it with --images 0")
     return args
 
 
@@ -111,7 +117,7 @@ def run_ours(args):
         clock = StepClock()
         pipeline.generate(PROMPT, sampler="EulerEDM", steps=args.steps, guidance_scale=GUIDANCE,
                          height=args.resolution, width=args.resolution, seed=seed, num_images=args.grid,
-                         progress=clock.step)
+                         progress=clock.step, release_models=args.release_models)
         return clock.finish()
 
     result = measure(generate, args)
@@ -155,7 +161,8 @@ def report(args, ours, ref):
     what = f"grids of {args.grid} images (ours at its default batch)" if args.grid > 1 else "images"
     print(f"\nSampling, config {args.config}, {args.resolution} px, {args.steps} Euler steps, guidance {GUIDANCE} "
           f"(UNet batch 2 per image){', ours UNet layer by layer' if args.blockwise_unet else ''}"
-          f"{', ours VAE in tiles' if args.vae_tiling else ''}, fp32, "
+          f"{', ours VAE in tiles' if args.vae_tiling else ''}"
+          f"{', ours freeing each model once done' if args.release_models else ''}, fp32, "
           f"{args.threads} threads; median of {args.images} {what} after one untimed")
     rows = [("s/image (median)", ours["seconds"], ref["seconds"], "{:.2f}")]
     if args.grid == 1:  # a grid's steps and decodes interleave: its parts are not an image's
@@ -183,7 +190,8 @@ def side_argv(args):
     return (["--config", args.config, "--resolution", str(args.resolution), "--steps", str(args.steps),
              "--images", str(args.images), "--grid", str(args.grid), "--threads", str(args.threads), "--seed",
              str(args.seed), "--weights", args.weights]
-            + ["--blockwise_unet"] * args.blockwise_unet + ["--vae_tiling"] * args.vae_tiling)
+            + ["--blockwise_unet"] * args.blockwise_unet + ["--vae_tiling"] * args.vae_tiling
+            + ["--release_models"] * args.release_models)
 
 
 def main(argv=None):

@@ -4,7 +4,10 @@
         --textual_inversion_weight runs/toy/SD-XL-base-1.0_ti.ckpt --prompt "a photo of <toy> on a beach"
 
 Every image is written as a PNG whose text metadata holds the prompt, seed, sampler, steps, guidance and
-embeddings; each prompt also gets a grid of its --num_rows x --num_cols images.
+embeddings; each prompt also gets a grid of its --num_rows x --num_cols images. A run is one call of the pipeline,
+which frees each model's weights once its part is done: the text encoders once the prompts are encoded, the UNet
+once every image is sampled, then the images are decoded and written. So the full-size SDXL's peak memory is that
+of its loaded weights, not of its weights and every graph's memory together.
 """
 import argparse
 import math
@@ -211,7 +214,7 @@ def main(argv=None):
 
         pipeline.generate(prompts, args.negative_prompt, args.sampler, args.sample_step, args.guidance_scale,
                          args.H, args.W, args.seed, num_images, init_image, args.strength, progress, on_image,
-                         args.batch_size)
+                         args.batch_size, release_models=True)  # one call: each model freed once done
         bar.close()
     except (SamplingError, EmbeddingFormatError, WeightFileError, WeightMismatchError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,5 +1,5 @@
 """Small helpers shared across `gm`: building objects from YAML configs, broadcasting, safe file writes, giving
-freed memory back to the system."""
+memory back to the system."""
 import argparse
 import ctypes
 import ctypes.util
@@ -70,6 +70,30 @@ def release_free_memory():
         trim = getattr(ctypes.CDLL(libc), "malloc_trim", None)
         if trim is not None:
             trim(0)
+
+
+def release_weights(*cells):
+    """Free the memory of `cells`' weights for the rest of the process; the cells cannot run again.
+
+    A MindSpore graph that has run keeps its parameters alive, and its own memory, for as long as it is compiled,
+    whatever Python still refers to. So each parameter's data is replaced by a one-element placeholder, then the
+    resources of every compiled graph are freed (`mindspore.ms_memory_recycle`: graphs still in use compile again
+    at their next call) and the C heap trimmed. Measured on the CPU: a 2 GB parameter's memory given back whole,
+    where deleting its cell or replacing its data alone gave back nothing. Handles on a weight's storage kept
+    elsewhere (`param.data`) keep it: let go of them first.
+    """
+    import gc
+
+    import mindspore as ms
+    import numpy as np
+
+    empty = ms.Tensor(np.zeros((1,), np.float32))
+    for cell in cells:
+        for param in cell.get_parameters():
+            param.set_data(empty.astype(param.dtype), slice_shape=True)
+    gc.collect()  # cells the caller has let go of, and their graphs' hold on the weights
+    ms.ms_memory_recycle()
+    release_free_memory()
 
 
 def str2bool(value):
