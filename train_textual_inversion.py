@@ -189,7 +189,8 @@ def build_parser():
     g.add_argument("--validation_interval", type=int, default=None,
                    help="evaluate the validation loss (the loss on fixed held-out draws of image, flip, prompt, noise "
                         "and timestep) at step 0, every N steps and at the end, and keep the embedding with the lowest "
-                        "as <name>_best; 0 turns it off and saves its compiled graph's memory (default: the config's "
+                        "as <name>_best; 0 turns it off and saves its time and the memory of its graphs (the UNet's is "
+                        "the sample grids' when they are on) (default: the config's "
                         "training.validation_interval, else --save_interval)")
     g.add_argument("--validation_draws", type=int, default=64,
                    help="draws of the validation loss, rounded up to a multiple of the number of images "
