@@ -350,11 +350,12 @@ class SDXLPipeline:
                 if progress is not None:
                     progress(done + (info["i"] + 1) * n, total)
 
-            sampled.append(self.sample_latents(c, uc, sampler, height, width, [s for _, s in batch], init_latents,
-                                               on_step))
+            z = self.sample_latents(c, uc, sampler, height, width, [s for _, s in batch], init_latents, on_step)
             release_free_memory()  # what compiling the conditioner and UNet graphs freed, before the decoder's
-            if not release_models:  # each batch's images as soon as it is sampled
-                self._decode(sampled.pop(), images, on_image)
+            if release_models:
+                sampled.append(z)  # decoded once the UNet is freed
+            else:
+                self._decode(z, images, on_image)  # each batch's images as soon as it is sampled
         if release_models:  # every image sampled: the UNet's work is done, then the decoder's begins
             self.denoiser = None  # with it the layer-by-layer UNet's own handles on the weights
             release_weights(self.engine.model)
