@@ -4,6 +4,7 @@
 The Ascend choices here (fp16 by default, flash attention and native convolution in `gm.modules.layers`) follow
 MindSpore's documentation and MindONE's SDXL defaults; they cannot be run on the project's CPU machines.
 """
+import contextlib
 import os
 
 DEVICE_TARGETS = ("auto", "Ascend", "GPU", "CPU")
@@ -57,6 +58,20 @@ def resolve_device(device_target="auto", precision="auto"):
     if precision == "bf16" and target == "CPU":
         raise ValueError("--precision bf16 needs Ascend (MindSpore has no CPU kernels for it); use fp32 or fp16 on CPU.")
     return target, precision
+
+
+@contextlib.contextmanager
+def eager_mode():
+    """MindSpore's PyNative mode inside the block, the mode before it after: cells run op by op, each tensor freed
+    once unreferenced, and no compiled graph keeps memory (for work in pieces of many sizes: `gm.vae_tiling`)."""
+    import mindspore as ms
+
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        yield
+    finally:
+        ms.set_context(mode=mode)
 
 
 def set_device(device_target="auto", ms_mode=0):

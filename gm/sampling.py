@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from gm import vae_tiling
 from gm.models.loading import create_model, load_config
 from gm.modules.diffusionmodules.blockwise import BlockwiseDenoiser
 from gm.modules.diffusionmodules.denoiser import BoundDenoiser
@@ -28,7 +29,6 @@ from gm.textual_inversion.embedding_io import check_widths, load_embedding
 from gm.textual_inversion.placeholder import (add_placeholder_tokens, expand_placeholders, find_placeholders,
                                               set_placeholder_rows)
 from gm.util import atomic_write, instantiate_from_config, release_free_memory, release_weights
-from gm.vae_tiling import decode_tiled, encode_tiled
 
 DISCRETIZATION = {"target": "gm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"}
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a config's sampling.weight is under it
@@ -372,12 +372,12 @@ class SDXLPipeline:
 
     def encode(self, x):
         """Latents from images [B, 3, H, W] in [-1, 1] (a tensor): in one piece, or with `vae_tiling` tile by tile."""
-        if self.vae_tiling:
-            return Tensor(encode_tiled(self.encoder, x, self.latent_factor))
+        if self.vae_tiling and max(x.shape[2:]) > vae_tiling.TILE * self.latent_factor:
+            return vae_tiling.encode_tiled(self.engine.first_stage_model, x) * self.engine.scale_factor
         return self.encoder(x)
 
     def decode(self, z):
         """Images [B, 3, H, W] in [-1, 1] (numpy) from latents: in one piece, or with `vae_tiling` tile by tile."""
-        if self.vae_tiling:
-            return decode_tiled(self.decoder, z, self.latent_factor)
+        if self.vae_tiling and max(z.shape[2:]) > vae_tiling.TILE:
+            return vae_tiling.decode_tiled(self.engine.first_stage_model, z / self.engine.scale_factor)
         return self.decoder(z).asnumpy()

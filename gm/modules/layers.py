@@ -295,7 +295,7 @@ class GroupNorm(nn.Cell):
         super().__init__()
         if num_channels % num_groups:
             raise ValueError(f"GroupNorm: {num_channels} channels are not divisible by {num_groups} groups")
-        self.num_groups = num_groups
+        self.num_groups, self.eps = num_groups, eps
         self.weight = Parameter(initializer("ones", (num_channels,), ms.float32), name="weight") if affine else None
         self.bias = Parameter(initializer("zeros", (num_channels,), ms.float32), name="bias") if affine else None
         self.norm = ops.LayerNorm(begin_norm_axis=2, begin_params_axis=1, epsilon=eps)
