@@ -72,10 +72,10 @@ def get_parser():
                         help="run the UNet layer by layer from the host, each distinct layer compiled once: far less "
                              "memory for the full-size SDXL on the CPU (README 'Running the real SDXL')")
     parser.add_argument("--vae_tiling", type=str2bool, default=False,
-                        help="decode images (and encode img2img's image) larger than 512 px in overlapping 512 px "
-                             "tiles, for less memory: decoding the full-size SDXL's 1024 px image, this command holds "
-                             "9.4 GB in one piece on the CPU, 3.6 GB in tiles (the UNet freed by then); tones may "
-                             "differ slightly between tiles")
+                        help="decode images (and encode img2img's image) larger than 512 px tile by tile, with the "
+                             "same result as in one piece, for less memory: decoding the full-size SDXL's 1024 px "
+                             "image, this command holds 9.4 GB in one piece on the CPU, 6.7 GB in tiles (the UNet "
+                             "freed by then); for images above 1024 px, or with little memory")
     add_device_arguments(parser)  # --device_target, --ms_mode, --precision: the same for every command
     return parser
 

@@ -101,9 +101,15 @@ def encoder_halo(encoder):
     return _halo([c for c in convolutions if c[1] > WHOLE_FACTOR])
 
 
+def _drain(items):
+    """The list's items, each taken off the list as it is handed out: the caller's list no longer keeps it alive."""
+    while items:
+        yield items.pop(0)
+
+
 def _group_norm(norm, tiles, grid, factor):
-    """`norm` (a `gm.modules.layers.GroupNorm`) applied to each tile, one at a time (a generator of tensors), with
-    the statistics of all the cores together.
+    """`norm` (a `gm.modules.layers.GroupNorm`) applied to each tile, one at a time (a generator of tensors that
+    drains `tiles`), with the statistics of all the cores together.
 
     Each core's per-group mean and sum of squared deviations are merged in float64 (Chan et al.'s pairwise
     formula), then folded with the norm's affine into one scale and shift per channel."""
@@ -126,20 +132,21 @@ def _group_norm(norm, tiles, grid, factor):
     shift = norm.bias.asnumpy() - np.repeat(mean, per_channel, 1) * scale
     scale = scale.reshape(batch, channels, 1, 1).astype(tiles[0].dtype)
     shift = shift.reshape(batch, channels, 1, 1).astype(tiles[0].dtype)
-    return (Tensor(t * scale + shift) for t in tiles)
+    return (Tensor(t * scale + shift) for t in _drain(tiles))
 
 
 def _each(cell, tiles):
-    return [cell(Tensor(t)).asnumpy() for t in tiles]
+    """`cell` over the tiles (drained)."""
+    return [cell(Tensor(t)).asnumpy() for t in _drain(tiles)]
 
 
 def _resnet_block(block, tiles, grid, factor):
-    """`ResnetBlock.construct` over the tiles, its GroupNorms with the statistics of the whole image."""
-    hidden = [block.conv1(nonlinearity(t)).asnumpy() for t in _group_norm(block.norm1, tiles, grid, factor)]
+    """`ResnetBlock.construct` over the tiles (drained), its GroupNorms with the statistics of the whole image."""
+    hidden = [block.conv1(nonlinearity(t)).asnumpy() for t in _group_norm(block.norm1, list(tiles), grid, factor)]
     hidden = [block.conv2(block.dropout(nonlinearity(t))).asnumpy()
               for t in _group_norm(block.norm2, hidden, grid, factor)]
-    skips = _each(block.nin_shortcut, tiles) if block.has_shortcut else tiles
-    return [s + h for s, h in zip(skips, hidden)]
+    return [(block.nin_shortcut(Tensor(t)).asnumpy() if block.has_shortcut else t) + h
+            for t, h in zip(_drain(tiles), _drain(hidden))]
 
 
 def _check_attention_in_mid_block_only(levels):

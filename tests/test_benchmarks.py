@@ -59,3 +59,17 @@ def test_full_config_is_the_real_sdxl_layout(root, tmp_path):
     files = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names if f.endswith(".safetensors")]
     assert sum(os.path.getsize(f) for f in files) > 6.9e9 and sum(os.stat(f).st_blocks for f in files) * 512 < 1e7
 
+
+
+@pytest.mark.timeout(900)
+def test_vae_benchmark(root, weights):
+    """The decoder alone at 640 px (2 x 2 tiles of 512 px): our tiles equal our whole image to float rounding,
+    diffusers' (each tile normalized by itself) do not. (`--encode` shares all but the call.)"""
+    lines = run_benchmark(root, "bench_vae.py", "--weights", weights)
+    assert re.fullmatch(rf"ratios ours/reference: tiled_time={FLOAT} tiled_peak_memory={FLOAT}", lines[-1])
+    differences = {}
+    for line in lines:
+        match = re.fullmatch(r"(ours|reference) tiled vs whole: largest difference (\S+), mean (\S+) .*", line)
+        if match:
+            differences[match[1]] = float(match[2])
+    assert differences["ours"] < 1e-3 and differences["reference"] > 1e-2, differences
