@@ -129,7 +129,12 @@ def build_parser():
     g.add_argument("--blockwise_unet", type=str2bool, default=False,
                    help="run the UNet layer by layer from the host, each distinct layer compiled once and each "
                         "layer recomputed in the backward pass: what makes the full-size SDXL's step fit in 24 GB "
-                        "on the CPU (slower per step; README 'Running the real SDXL')")
+                        "on the CPU (slower per step; README 'Running the real SDXL'); the validation grids' UNet "
+                        "runs so too")
+    g.add_argument("--vae_tiling", type=str2bool, default=False,
+                   help="decode the validation grids' images tile by tile, with the same result as in one piece: "
+                        "less memory beside the loaded UNet (the full-size decoder at 1024 px alone: 5.1 GB against "
+                        "10.1 GB in one piece, slower; benchmarks/bench_vae.py)")
 
     g = p.add_argument_group("the new word")
     g.add_argument("--placeholder_token", default=None, help='the new word, e.g. "<cat-toy>" (with --data_path)')
@@ -454,7 +459,8 @@ class Training:
         self.validation, self.validation_pipeline = None, None
         if args.infer_during_train:  # the validation grids' sampling pipeline (its graphs compile at the first grid)
             self.validation_pipeline = SDXLPipeline(
-                self.model, placeholders={concept.token: concept.num_vectors for concept in self.concepts})
+                self.model, placeholders={concept.token: concept.num_vectors for concept in self.concepts},
+                blockwise_unet=args.blockwise_unet, vae_tiling=args.vae_tiling)
         if args.validation_interval:
             net, batch_size = None, None  # a ValidationLoss of its own, as many draws a call as a sampling call has
             if args.blockwise_unet:  # layer by layer: the train step's own graphs, at its batch

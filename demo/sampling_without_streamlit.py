@@ -74,7 +74,7 @@ def get_parser():
     parser.add_argument("--vae_tiling", type=str2bool, default=False,
                         help="decode images (and encode img2img's image) larger than 512 px tile by tile, with the "
                              "same result as in one piece, for less memory: decoding the full-size SDXL's 1024 px "
-                             "image, this command holds 9.4 GB in one piece on the CPU, 6.7 GB in tiles (the UNet "
+                             "image, this command holds 9.4 GB in one piece on the CPU, 5.7 GB in tiles (the UNet "
                              "freed by then); for images above 1024 px, or with little memory")
     add_device_arguments(parser)  # --device_target, --ms_mode, --precision: the same for every command
     return parser

@@ -1,6 +1,6 @@
 """Decoding latents and encoding images tile by tile, exactly: for images whose decode or encode in one piece does
 not fit in memory (the full-size SDXL VAE at 1024 px on the CPU beside the loaded model: the decoder's graph alone
-peaks at 9.4 GB there).
+peaks at 10.1 GB there).
 
 The VAE's convolutions see a pixel's neighbours only, but its GroupNorms normalize with the whole image's
 statistics and its mid block attends over the whole image. So:
@@ -19,8 +19,8 @@ The layers run op by op, in MindSpore's PyNative mode for the call (`gm.device.e
 size of every layer would keep a graph's memory for the process's life. Between layers the tiles are numpy arrays
 (freed to the system when dropped; MindSpore's CPU pool keeps what it once held), the whole image's activation plus
 the halos; a layer's larger buffers (its normalized input, the convolution's unfolded input) exist for one tile at
-a time. Measured, the full-size VAE decoding a 1024 px image alone: 5.1 GB peak and 223 s in 512 px cores, against
-9.4 GB and 134 s for the decoder's graph in one piece (benchmarks/README.md).
+a time. Measured, the full-size decoder alone at 1024 px: 5.1 GB peak and 218 s in 512 px tiles, against 10.1 GB
+and 135 s for its graph in one piece (`benchmarks/bench_vae.py`).
 """
 import math
 

@@ -34,6 +34,7 @@ from mindspore import Tensor, ops
 from gm.data.dataset import BUCKET_MULTIPLE, EpochOrder
 from gm.models.autoencoder import AutoencoderKL
 from gm.models.loading import load_config
+from gm.modules.diffusionmodules.blockwise import BlockwiseDenoiser
 from gm.sampling import SDXLPipeline, image_size_multiple
 from gm.textual_inversion.checkpointing import (
     LOCK_FILE, MODEL_NAME, STATE_DIR, ResumeError, load_train_state, read_train_state, save_learned_embeddings,
@@ -631,6 +632,21 @@ def test_validation_loss_and_sample_grids_share_one_compiled_unet(harness, tmp_p
     own = harness.training.validation
     assert own.net.denoiser is not pipeline.denoiser and own.batch_size is None  # images_per_call: all 64 draws at once
     np.testing.assert_allclose(losses, own.losses(), rtol=1e-5)
+
+
+def test_the_grids_sample_with_the_runs_memory_flags(tmp_path):
+    """--blockwise_unet True and --vae_tiling True: the validation grids' pipeline runs its UNet layer by layer and
+    decodes in tiles too (at full size on the CPU the one-graph UNet beside the training's does not fit), and the
+    validation loss runs through the train step's layer graphs."""
+    args = parse_args(BASE + ["--infer_during_train", "True", "--blockwise_unet", "True", "--vae_tiling", "True",
+                              "--save_path", str(tmp_path)])
+    config = load_config(args.config)
+    resolve_defaults(args, config)
+    check_args(args)
+    training = Training(args, config)
+    pipeline = training.validation_pipeline
+    assert isinstance(pipeline.denoiser, BlockwiseDenoiser) and pipeline.vae_tiling
+    assert training.validation.net is training.train_step.loss
 
 
 def test_numbered_embeddings_are_pruned_and_the_best_kept(tmp_path):
