@@ -491,12 +491,8 @@ def side_argv(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.side == "ours":
-        return run_ours(args)
-    if args.side == "ours-parts":
-        return run_ours_parts(args)
-    if args.side == "reference":
-        return run_reference(args)
+    if args.side:  # a side's own process, started by `run_side` below
+        return {"ours": run_ours, "ours-parts": run_ours_parts, "reference": run_reference}[args.side](args)
     args.weights = reference_weights(args.config, args.seed, args.weights)
     flops = step_flops(args)
     script = os.path.abspath(__file__)

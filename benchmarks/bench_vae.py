@@ -122,10 +122,8 @@ def difference(tiled, whole):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.side == "ours":
-        return run_ours(args)
-    if args.side == "reference":
-        return run_reference(args)
+    if args.side:  # a side's own process, started by `run_side` below
+        return {"ours": run_ours, "reference": run_reference}[args.side](args)
     args.weights = reference_weights(args.config, args.seed, args.weights)
     script = os.path.abspath(__file__)
     results, outputs = {}, {}
