@@ -387,6 +387,9 @@ def setup_device(args):
         return 0, 1
     from mindspore.communication import get_group_size, get_rank, init
 
+    # msrun's scheduler (this script too) ends the run when a worker's heartbeat is late by MS_NODE_TIMEOUT seconds;
+    # on a loaded CPU the heartbeats stalled while the workers compiled (a CI run: two tiny workers, 300 s)
+    os.environ.setdefault("MS_NODE_TIMEOUT", "1800")
     init()
     return get_rank(), get_group_size()
 
