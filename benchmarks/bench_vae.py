@@ -63,12 +63,10 @@ def run_ours(args):
     from gm import vae_tiling
     from gm.models.loading import load_config
     from gm.util import instantiate_from_config
-    from gm.weights.loader import DiffusersFolder
+    from gm.weights.loader import load_weights
 
     vae = instantiate_from_config(load_config(config_path(args.config)).model.params.first_stage_config)
-    weights = DiffusersFolder(args.weights)
-    for name, param in vae.parameters_and_names():
-        param.set_data(Tensor(np.ascontiguousarray(weights.read("first_stage_model." + name)), dtype=param.dtype))
+    load_weights(vae, args.weights, prefix="first_stage_model.")
     rss_model = memory_gb("VmRSS")
 
     class Whole(nn.Cell):  # the VAE's call in one compiled graph, as the sampling pipeline's

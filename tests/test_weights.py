@@ -80,6 +80,23 @@ def test_all_formats_load_bit_identical(root, tiny_sdxl, tiny_model, converted):
             assert value.dtype == np.float32 and np.array_equal(value, loaded[key]), f"{path}: {key}"
 
 
+def test_one_part_loads_alone_under_its_prefix(root, tiny_sdxl, tiny_model, converted):
+    """The VAE alone, built from its config section, loads from every format under "first_stage_model." (what
+    benchmarks/bench_vae.py does); a prefix that names no part of the file is refused with the missing names."""
+    from gm.util import instantiate_from_config
+    from gm.weights.loader import load_weights
+    from gm.weights.state_dict import WeightMismatchError
+
+    config = load_config(os.path.join(root, TINY)).model.params.first_stage_config
+    expected = params_of(tiny_model.first_stage_model)
+    for path in (tiny_sdxl.single_file, converted["fp16"], tiny_sdxl.diffusers_folder):
+        vae = load_weights(instantiate_from_config(config), path, prefix="first_stage_model.")
+        params = params_of(vae)
+        assert params.keys() == expected.keys() and all(np.array_equal(params[k], expected[k]) for k in expected)
+    with pytest.raises(WeightMismatchError, match="missing.*vae.decoder.conv_in.weight"):
+        load_weights(instantiate_from_config(config), tiny_sdxl.single_file, prefix="vae.")
+
+
 def test_diffusers_fp16_variant_and_sharded_files(root, tiny_sdxl, tiny_model, tmp_path):
     """A diffusers folder as downloaded with variant="fp16", the UNet split into shards with an index."""
     for name in COMPONENTS:

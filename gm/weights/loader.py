@@ -363,17 +363,20 @@ def check_shapes(expected, found, path):
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def load_weights(model, path):
+def load_weights(model, path, prefix=""):
     """Load `path` (single file, diffusers folder or .ckpt) into `model`, strictly, one tensor at a time.
 
     Names and shapes are checked for the whole model before any tensor is read. Each tensor is read from the
     file, converted to its parameter's dtype and stored, so the peak is the model plus its largest tensor.
+    With a `prefix` (e.g. "first_stage_model."), `model` is the part of the checkpoint's model whose names start
+    with it (its parameters' names without it) and the checkpoint's other tensors are neither checked nor read.
     """
     from mindspore import Tensor
 
-    params = dict(model.parameters_and_names())
+    params = {prefix + name: param for name, param in model.parameters_and_names()}
     weights = open_weights(path)
-    check_shapes({k: tuple(p.shape) for k, p in params.items()}, weights.shapes(), path)
+    found = {name: shape for name, shape in weights.shapes().items() if name.startswith(prefix)}
+    check_shapes({k: tuple(p.shape) for k, p in params.items()}, found, path)
     for name, param in params.items():
         param.set_data(Tensor(np.ascontiguousarray(weights.read(name)), dtype=param.dtype))
     return model
