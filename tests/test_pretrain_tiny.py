@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+from safetensors import safe_open
 
 from mindspore import Tensor
 
@@ -53,22 +54,38 @@ def test_folding_the_latent_scale_changes_the_latent_not_the_reconstruction():
     np.testing.assert_allclose(vae.decode(Tensor(folded[:, :4])).asnumpy(), reconstruction, atol=1e-4)
 
 
-def test_short_run_writes_a_loadable_single_file(tmp_path):
-    output = str(tmp_path / "tiny_shapes.safetensors")
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", "pretrain_tiny_sdxl.py"), "--output", output, "--vae_steps", "3",
-         "--vae_batch", "2", "--pool", "16", "--unet_steps", "3", "--unet_batch", "4", "--unet_weighting", "v",
-         "--sample_steps", "2"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+def pretrain(*argv):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "pretrain_tiny_sdxl.py"), *argv], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "latent x 0.13025 has std 1.000" in proc.stdout
-    header = read_safetensors_header(output)
-    assert {dtype for dtype, _ in header.values()} == {"F16"}
-    create_model(load_config(TINY), weight=output)  # every name and shape of the config, nothing else
-    for suffix in ("_loss.png", "_samples.png"):
-        assert os.path.getsize(output.replace(".safetensors", suffix)) > 1000
+    return proc.stdout
+
+
+def test_short_runs_in_two_stages_write_loadable_single_files(tmp_path):
+    """The VAE alone (--unet_steps 0: no samples), then the UNet on its latents (the shipped checkpoint's recipe);
+    each writes an original-format single file that loads into the tiny config, its loss curves and a picture of
+    the VAE's reconstructions."""
+    vae_only, output = str(tmp_path / "vae_only.safetensors"), str(tmp_path / "tiny_shapes.safetensors")
+    pretrain("--output", vae_only, "--vae_steps", "3", "--vae_batch", "2", "--vae_loss", "l1_edges",
+             "--unet_steps", "0")
+    stdout = pretrain("--init_weight", vae_only, "--output", output, "--vae_steps", "0", "--pool", "16",
+                      "--unet_steps", "3", "--unet_batch", "4", "--unet_weighting", "v", "--sample_steps", "2")
+    assert "latent x 0.13025 has std 1.000" in stdout
+    for path in (vae_only, output):
+        header = read_safetensors_header(path)
+        assert {dtype for dtype, _ in header.values()} == {"F16"}
+        create_model(load_config(TINY), weight=path)  # every name and shape of the config, nothing else
+    pictures = {"vae_only": ("_loss.png", "_reconstructions.png"),
+                "tiny_shapes": ("_loss.png", "_reconstructions.png", "_samples.png")}
+    for stem, suffixes in pictures.items():
+        for suffix in suffixes:
+            assert os.path.getsize(tmp_path / (stem + suffix)) > 1000, stem + suffix
     assert sorted(os.listdir(tmp_path)) == sorted(
-        os.path.basename(output.replace(".safetensors", s)) for s in (".safetensors", "_loss.png", "_samples.png"))
+        stem + suffix for stem, suffixes in pictures.items() for suffix in (".safetensors", *suffixes))
+    # the first stage trained the VAE only: the second read it and kept it (before its latent rescaling)
+    with safe_open(vae_only, "numpy") as first, safe_open(output, "numpy") as second:
+        name = "first_stage_model.decoder.conv_out.weight"
+        assert np.array_equal(first.get_tensor(name), second.get_tensor(name))
 
 
 def test_a_missing_config_or_init_weight_is_one_error_line(tmp_path):
@@ -79,4 +96,13 @@ def test_a_missing_config_or_init_weight_is_one_error_line(tmp_path):
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
         assert proc.returncode == 2
         assert proc.stderr.strip().splitlines() == [f"error: {flag} {missing}: no such file or folder."]
+    assert os.listdir(tmp_path) == []
+
+
+def test_nothing_to_train_is_refused(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "pretrain_tiny_sdxl.py"), "--vae_steps", "0",
+                           "--unet_steps", "0", "--output", str(tmp_path / "out.safetensors")],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith("error: --vae_steps 0 and --unet_steps 0: nothing to train")
     assert os.listdir(tmp_path) == []
