@@ -62,7 +62,7 @@ def pretrain(*argv):
 
 
 def test_short_runs_in_two_stages_write_loadable_single_files(tmp_path):
-    """The VAE alone (--unet_steps 0: no samples), then the UNet on its latents (the shipped checkpoint's recipe);
+    """The VAE alone (--unet_steps 0: no samples), then the UNet on its latents (--init_weight, --vae_steps 0);
     each writes an original-format single file that loads into the tiny config, its loss curves and a picture of
     the VAE's reconstructions."""
     vae_only, output = str(tmp_path / "vae_only.safetensors"), str(tmp_path / "tiny_shapes.safetensors")
