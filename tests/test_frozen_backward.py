@@ -1,7 +1,8 @@
 """The backward pass of a frozen model (textual inversion: input gradients only) against PyTorch, and what it keeps.
 
-- convolution: the im2col convolution's input gradient (weights frozen) and, for training, its weight gradient
-  equal torch's; with the weight frozen the graph keeps none of the unfolded input columns.
+- convolution: the im2col and the native convolution's input gradient (weights frozen) and, for training, their
+  weight gradient equal torch's; with the weight frozen the graph keeps none of the unfolded input columns; the
+  CPU's choice between them.
 - attention: `ChunkedAttention` (probabilities recomputed in the backward, query chunk by query chunk) equals torch
   and the plain autodiff path, forward and gradients, and keeps far less than the plain path.
 - the tiny UNet's gradients with respect to its text context and pooled text embedding equal diffusers', also
@@ -37,10 +38,9 @@ def assert_close(ours, expected, rel=1e-4):
     assert np.abs(ours - expected).max() <= rel * scale, (np.abs(ours - expected).max(), scale)
 
 
-def make_conv(weight, bias, stride, padding, trainable):
+def make_conv(weight, bias, stride, padding, trainable, impl="im2col"):
     out_channels, in_channels, kernel, _ = weight.shape
-    conv = Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding)
-    assert conv.impl == "im2col"
+    conv = Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, impl=impl)
     conv.weight.set_data(Tensor(weight))
     conv.bias.set_data(Tensor(bias))
     for param in conv.get_parameters():
@@ -59,20 +59,22 @@ CONV_CASES = [  # batch, in, out, height, width, kernel, stride, padding
 ]
 
 
-@pytest.mark.parametrize("batch, cin, cout, height, width, kernel, stride, padding, per_product", (
-    [case + (None,) for case in CONV_CASES]  # the whole batch in one product
-    + [case + (1,) for case in CONV_CASES if case[0] > 1]  # a product per sample
-    + [(5, 4, 6, 7, 9, 3, 1, 1, 2), (3, 4, 6, 5, 5, 1, 1, 0, 2)]))  # groups of 2, the last of 1
+@pytest.mark.parametrize("batch, cin, cout, height, width, kernel, stride, padding, per_product, impl", (
+    [case + (None, "im2col") for case in CONV_CASES]  # the whole batch in one product
+    + [case + (1, "im2col") for case in CONV_CASES if case[0] > 1]  # a product per sample
+    + [(5, 4, 6, 7, 9, 3, 1, 1, 2, "im2col"), (3, 4, 6, 5, 5, 1, 1, 0, 2, "im2col")]  # groups of 2, the last of 1
+    + [case + (None, "native") for case in CONV_CASES[1::2]]))  # the CPU's own kernel (`"auto"`, small maps)
 def test_frozen_conv_input_gradient_matches_torch(monkeypatch, batch, cin, cout, height, width, kernel, stride, padding,
-                                                  per_product):
-    """The samples in groups, a product each, as many per product as the weight's copies allow."""
+                                                  per_product, impl):
+    """im2col: the samples in groups, a product each, as many per product as the weight's copies allow; and the
+    native kernel."""
     if per_product is not None:  # read when the graph is built
         monkeypatch.setattr(layers, "WEIGHT_COPIES_BYTES", per_product * cout * cin * kernel * kernel * 4)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, cin, height, width)).astype(np.float32)
     weight = rng.standard_normal((cout, cin, kernel, kernel)).astype(np.float32)
     bias = rng.standard_normal(cout).astype(np.float32)
-    conv = make_conv(weight, bias, stride, padding, trainable=False)
+    conv = make_conv(weight, bias, stride, padding, trainable=False, impl=impl)
     x_t = torch.tensor(x, requires_grad=True)
     y_t = torch.nn.functional.conv2d(x_t, torch.tensor(weight), torch.tensor(bias), stride, padding)
     upstream = rng.standard_normal(tuple(y_t.shape)).astype(np.float32)
@@ -85,14 +87,15 @@ def test_frozen_conv_input_gradient_matches_torch(monkeypatch, batch, cin, cout,
     assert_close(ms.jit(ms.grad(loss, grad_position=0))(Tensor(x)).asnumpy(), x_t.grad.numpy())
 
 
+@pytest.mark.parametrize("impl", ["im2col", "native"])
 @pytest.mark.parametrize("stride, padding", [(1, 1), (2, 1)])
-def test_trainable_conv_gets_weight_gradients(stride, padding):
+def test_trainable_conv_gets_weight_gradients(stride, padding, impl):
     """The same Conv2d trains weights (tools/pretrain_tiny_sdxl.py): weight and bias gradients equal torch's."""
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 3, 7, 8)).astype(np.float32)
     weight = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
     bias = rng.standard_normal(5).astype(np.float32)
-    conv = make_conv(weight, bias, stride, padding, trainable=True)
+    conv = make_conv(weight, bias, stride, padding, trainable=True, impl=impl)
     w_t, b_t = torch.tensor(weight, requires_grad=True), torch.tensor(bias, requires_grad=True)
     y_t = torch.nn.functional.conv2d(torch.tensor(x), w_t, b_t, stride, padding)
     upstream = rng.standard_normal(tuple(y_t.shape)).astype(np.float32)
@@ -105,6 +108,21 @@ def test_trainable_conv_gets_weight_gradients(stride, padding):
     assert [p.name for p in conv.trainable_params()] == ["weight", "bias"]
     assert_close(grads[0].asnumpy(), w_t.grad.numpy())
     assert_close(grads[1].asnumpy(), b_t.grad.numpy())
+
+
+def test_cpu_convolution_is_chosen_per_feature_map_where_the_native_kernel_is_fast(monkeypatch):
+    """On the CPU the default is `"auto"` (native kernel up to 32 x 32 output positions, im2col above) where this
+    machine's native kernel measures fast, else im2col everywhere; an explicit impl is kept as it is."""
+    assert isinstance(layers.native_conv_is_fast(), bool)  # measured once per process
+    monkeypatch.setattr(layers, "native_conv_is_fast", lambda: True)
+    assert Conv2d(4, 4, 3).impl == "auto"
+    assert layers.native_for("auto", 32, 32) and not layers.native_for("auto", 33, 32)
+    assert layers.native_for("native", 64, 64) and not layers.native_for("im2col", 2, 2)
+    monkeypatch.setattr(layers, "native_conv_is_fast", lambda: False)
+    assert Conv2d(4, 4, 3).impl == "im2col"
+    assert Conv2d(4, 4, 3, impl="native").impl == "native"
+    with pytest.raises(ValueError, match="conv impl"):
+        Conv2d(4, 4, 3, impl="winograd")
 
 
 def heads_layout(a, heads):
@@ -149,19 +167,22 @@ def test_chunked_attention_matches_torch_and_autodiff(monkeypatch, lq, lk, chunk
         assert_close(grad.asnumpy(), grad_plain.asnumpy())
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_projections_in_column_layout_match_torch(batch):
+@pytest.mark.parametrize("batch, length", [(1, 7), (3, 7), (3, 4)])
+def test_projections_in_column_layout_match_torch(batch, length):
     """`Linear.to_columns` ([B, L, in] -> [B, out, L]) and `from_columns` ([B, in, L] -> [B, L, out]), forward, input
-    gradient and, for the pretraining, the weight's gradient: a batch of one is a 2-D product, a larger batch one
-    batched product with its own backward."""
+    gradient and, for the pretraining, the weight's gradient: a batch of one is a 2-D product; a larger batch of
+    sequences longer than the weight's sides (5 x 6) one batched product with its own backward, of shorter ones
+    one 2-D product over all rows (`layers.folds_batch`)."""
+    assert layers.folds_batch(batch, length, 5) == layers.folds_batch(batch, length, 6) == (batch > 1 and length == 4)
     rng = np.random.default_rng(3)
     linear = layers.Linear(5, 6)
     weight, bias = (rng.standard_normal(p.shape).astype(np.float32) for p in (linear.weight, linear.bias))
     linear.weight.set_data(Tensor(weight))
     linear.bias.set_data(Tensor(bias))
-    tokens = rng.standard_normal((batch, 7, 5)).astype(np.float32)
-    columns = rng.standard_normal((batch, 5, 7)).astype(np.float32)
-    up_columns, up_tokens = (rng.standard_normal(shape).astype(np.float32) for shape in ((batch, 6, 7), (batch, 7, 6)))
+    tokens = rng.standard_normal((batch, length, 5)).astype(np.float32)
+    columns = rng.standard_normal((batch, 5, length)).astype(np.float32)
+    up_columns, up_tokens = (rng.standard_normal(shape).astype(np.float32)
+                             for shape in ((batch, 6, length), (batch, length, 6)))
 
     def loss(tokens, columns):
         return ((linear.to_columns(tokens) * Tensor(up_columns)).sum()
@@ -274,7 +295,7 @@ def pool_peak_mb(root, folder, body):
 
 
 CONV_STACK = """
-convs = [layers.Conv2d(128, 128, 3, padding=1) for _ in range(8)]
+convs = [layers.Conv2d(128, 128, 3, padding=1, impl="im2col") for _ in range(8)]
 
 class Net(nn.Cell):
     def __init__(self):
@@ -357,7 +378,7 @@ class Net(nn.Cell):
 net = Net()
 for param in net.get_parameters():
     param.requires_grad = False
-args = (ms.Tensor(np.random.default_rng(0).standard_normal((4, 64, 1024)).astype(np.float32) * 0.03),)
+args = (ms.Tensor(np.random.default_rng(0).standard_normal((2, 1536, 1024)).astype(np.float32) * 0.03),)
 fn = ms.jit(ms.grad(net, grad_position=0))
 """
 
@@ -373,11 +394,13 @@ layers._columns_projection, layers._tokens_projection = columns, tokens
 
 
 def test_batched_projections_keep_no_weight_copies(root, tmp_path):
-    """8 projections of 1024 x 1024 (4 MB each) at batch 4, input gradient: the same batched products through
-    MindSpore's autodiff keep the four copies of every weight (128 MB) until the backward pass; ours keep none."""
+    """8 projections of 1024 x 1024 (4 MB each) at batch 2 over 1536 positions (batched products, not
+    `layers.folds_batch`), input gradient: the same batched products through MindSpore's autodiff keep the two
+    copies of every weight (64 MB) until the backward pass; ours keep none."""
+    assert not layers.folds_batch(2, 1536, 1024)
     ours = pool_peak_mb(root, tmp_path, PROJECTION_STACK.format(autodiff=""))
     autodiff = pool_peak_mb(root, tmp_path, PROJECTION_STACK.format(autodiff=AUTODIFF_PROJECTIONS))
-    weight_copies = 8 * 4 * 4
+    weight_copies = 8 * 2 * 4
     assert autodiff - ours > 0.75 * weight_copies, (ours, autodiff)
 
 

@@ -2,9 +2,11 @@
 original SDXL checkpoint keys load as they are, and whose kernels are chosen per device here,
 in one place:
 
-- convolution: MindSpore's native CPU conv2d is ~80x slower than an im2col (`ops.unfold`) +
-  matmul formulation on x86 (oneDNN picks a slow kernel for plain NCHW tensors), so CPU uses im2col and
-  Ascend/GPU use the native op. Its backward is MindSpore's own: when the weight is not differentiated
+- convolution: Ascend/GPU use the native op. On the CPU, MindSpore's native conv2d (oneDNN) is fast or ~80x
+  slower than an im2col (`ops.unfold`) + matmul formulation depending on the machine (oneDNN picks its kernel by
+  the CPU's instruction set), so it is timed once per process (`native_conv_is_fast`): where it is fast, small
+  feature maps use it (`"auto"`: per sample, im2col there is mostly unfolds and tiny products) and larger ones
+  im2col; elsewhere im2col throughout. The im2col backward is MindSpore's own: when the weight is not differentiated
   (textual inversion differentiates only the learned embedding rows), the graph drops the weight-gradient
   branch and with it the unfolded input columns, so the backward keeps no more than a native convolution's
   (measured: a stack of 8 convolutions, 320 channels at 64x64, keeps 0.03 GB for an input gradient and
@@ -20,7 +22,8 @@ transposed or broadcast operand: the latter materialises a transposed (or per-sa
 forward pass, and a graph keeps those copies alive until the backward pass has used them: for a frozen SDXL, more
 memory than the weights themselves. The UNet's attention projections, whose product per sample would make a
 batch's graph grow with the batch, copy their weight per sample in a product whose backward makes its own copy
-(`ColumnsProjection`, `TokensProjection`), so no copy outlives the forward pass.
+(`ColumnsProjection`, `TokensProjection`), so no copy outlives the forward pass; a batch of short sequences
+(the tiny UNet's grids) is instead one product over all its rows with one small Transpose (`folds_batch`).
 
 The same flags replace layout changes: on CPU every `Transpose` kernel (whichever API: `Tensor.transpose`,
 `ops.permute`, `swapaxes`) keeps about twice its output's size allocated for the life of the compiled graph, and
@@ -29,7 +32,9 @@ the UNet's attention head splits and token <-> feature-map layouts would be hund
 reshape to [B, H, D, L] moves nothing, and every product takes its operands' transposes by flag
 (`Linear.to_columns` / `Linear.from_columns`, `heads_first_attention`, `ChunkedAttention`).
 """
+import functools
 import math
+import time
 
 import numpy as np
 
@@ -53,8 +58,56 @@ def on_cpu():
 
 
 def default_conv_impl():
-    """`"im2col"` on CPU (fast there), `"native"` on Ascend/GPU."""
-    return "im2col" if on_cpu() else "native"
+    """`"native"` on Ascend/GPU. On the CPU `"auto"` (`Conv2d`: the native kernel for small feature maps, im2col for
+    larger ones) where this machine's native kernel is fast (`native_conv_is_fast`), else `"im2col"`."""
+    if not on_cpu():
+        return "native"
+    return "auto" if native_conv_is_fast() else "im2col"
+
+
+# The largest output feature map (positions) a CPU convolution computes with the native kernel under `"auto"`.
+# Measured on the project's machine (AVX2): at small maps the native kernel wins (the tiny UNet's forward at batch
+# 24, 8x8 latents: 0.16 s against im2col's 0.27 s; a 3x3 convolution of 128 channels at 2x2, batch 24: 0.9 ms
+# against 3.1 ms), where im2col is mostly per-sample products and unfolds; at 64x64 the two are even (the small
+# config's TI step at 512 px: 11.4 s and 9.3 GB native, 12.0 s and 9.1 GB im2col), and larger maps keep im2col,
+# whose bands bound the full-size VAE's memory.
+NATIVE_CONV_POSITIONS = 32 * 32
+
+
+@ms.constexpr
+def native_for(impl, h_out, w_out):
+    """Whether a convolution with `impl` computes an output map of h_out x w_out with the native kernel."""
+    return impl == "native" or (impl == "auto" and h_out * w_out <= NATIVE_CONV_POSITIONS)
+
+
+@functools.cache
+def native_conv_is_fast():
+    """Whether MindSpore's native CPU convolution is at most twice as slow as the im2col form on this machine,
+    timed once per process (about a second). oneDNN chooses its kernel by the CPU: for a 3x3 convolution of 128
+    channels at 32x32, batch 2, one machine of the project's kind took 470 ms where im2col took 5.8 ms (a reference
+    kernel for plain NCHW tensors), another 6 ms against 9 ms."""
+    rng = np.random.default_rng(0)
+    x = Tensor(rng.standard_normal((2, 128, 32, 32)).astype(np.float32))
+    weight = Tensor(rng.standard_normal((128, 128, 3, 3)).astype(np.float32) * 0.03)
+
+    def native(x, weight):
+        return ops.conv2d(x, weight, None, 1, "pad", (1, 1))
+
+    def im2col(x, weight):
+        columns = ops.unfold(x, 3, 1, 1, 1)  # [2, 128 * 9, 32 * 32]
+        return _batch_matmul(ops.broadcast_to(weight.reshape(1, 128, -1), (2, 128, 128 * 9)), columns)
+
+    best = {}
+    for form in (native, im2col):
+        run = ms.jit(form)
+        run(x, weight).asnumpy()  # compiled
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            run(x, weight).asnumpy()
+            times.append(time.perf_counter() - start)
+        best[form] = min(times)
+    return best[native] <= 2 * best[im2col]
 
 
 def default_attention_impl():
@@ -121,8 +174,8 @@ class Conv2d(nn.Cell):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.impl = impl or default_conv_impl()
-        if self.impl not in ("im2col", "native"):
-            raise ValueError(f"conv impl must be 'im2col' or 'native', got {self.impl!r}")
+        if self.impl not in ("im2col", "native", "auto"):
+            raise ValueError(f"conv impl must be 'im2col', 'native' or 'auto', got {self.impl!r}")
         fan_in = in_channels * kernel_size * kernel_size
         self.weight = Parameter(
             initializer(HeUniform(math.sqrt(5)), (out_channels, in_channels, kernel_size, kernel_size), ms.float32),
@@ -133,9 +186,9 @@ class Conv2d(nn.Cell):
         self.band_bytes = IM2COL_BAND_BYTES
 
     def construct(self, x):
-        if self.impl == "native":
-            pad = self.padding
-            y = ops.conv2d(x, self.weight.astype(x.dtype), None, self.stride, "pad", (pad, pad))
+        k, s, p = self.kernel_size, self.stride, self.padding
+        if native_for(self.impl, (x.shape[2] + 2 * p - k) // s + 1, (x.shape[3] + 2 * p - k) // s + 1):
+            y = ops.conv2d(x, self.weight.astype(x.dtype), None, s, "pad", (p, p))
         else:
             y = self._im2col_conv(x)
         if self.bias is not None:
@@ -221,9 +274,13 @@ class Linear(nn.Cell):
         return linear(x, self.weight, self.bias)
 
     def to_columns(self, x):
-        """[B, L, in] -> [B, out, L] (the output transposed, by the product's flag: no Transpose kernel)."""
+        """[B, L, in] -> [B, out, L] (the output transposed, by the product's flag: no Transpose kernel; a batch of
+        short sequences, by one Transpose of the output, `folds_batch`)."""
+        b, length, width = x.shape
+        if folds_batch(b, length, width):
+            return linear(x, self.weight, self.bias).transpose(0, 2, 1)
         weight = self.weight.astype(x.dtype)
-        if x.shape[0] == 1:
+        if b == 1:
             y = _matmul_transpose_b(weight, x.reshape(x.shape[1:])).reshape(1, weight.shape[0], x.shape[1])
         else:
             y = _columns_projection(x, weight)
@@ -232,8 +289,11 @@ class Linear(nn.Cell):
         return y
 
     def from_columns(self, x):
-        """[B, in, L] -> [B, L, out] (the input transposed, by the product's flag)."""
+        """[B, in, L] -> [B, L, out] (the input transposed, by the product's flag; a batch of short sequences, by one
+        Transpose of the input, `folds_batch`)."""
         b, _, length = x.shape
+        if folds_batch(b, length, self.weight.shape[0]):
+            return linear(x.transpose(0, 2, 1), self.weight, self.bias)
         weight = self.weight.astype(x.dtype)
         if b == 1:
             y = _matmul_transpose_ab(x.reshape(x.shape[1:]), weight)
@@ -242,6 +302,20 @@ class Linear(nn.Cell):
         if self.bias is not None:
             y = ops.bias_add(y, self.bias.astype(y.dtype))
         return y.reshape(b, length, weight.shape[0])
+
+
+# The largest activation (elements) a projection in column layout transposes to compute a batch as one 2-D product
+# (`folds_batch`): a CPU Transpose kernel keeps about twice its output for the life of the graph, so only small ones.
+FOLD_ELEMENTS = 2 ** 18
+
+
+@ms.constexpr
+def folds_batch(batch, length, width):
+    """Whether a projection in column layout computes a batch as one 2-D product over all its rows, with a Transpose
+    of its column-layout side ([batch, width, length]), rather than as a batched product with the weight copied per
+    sample ([batch, out, in]): where the transposed activation is both smaller than the copies (sequences no longer
+    than `width`) and small (FOLD_ELEMENTS): the tiny UNet's attention at batch > 1, as in its sample grids."""
+    return batch > 1 and length <= width and batch * length * width <= FOLD_ELEMENTS
 
 
 def _per_sample(weight, x):
@@ -416,8 +490,9 @@ class ChunkedAttention(nn.Cell):
     def construct(self, q, k, v):
         b, h, _, lq = q.shape
         outs = []
-        for start, end in query_chunks(b, h, lq, k.shape[3]):
-            q_chunk = q[:, :, :, start:end]
+        chunks = query_chunks(b, h, lq, k.shape[3])
+        for start, end in chunks:
+            q_chunk = q if len(chunks) == 1 else q[:, :, :, start:end]  # a slice is a copy
             if outs:  # one chunk after the other, so that they share the score memory
                 q_chunk = ops.depend(q_chunk, outs[-1])
             probs = _softmax(_batch_matmul_transpose_a(q_chunk, k).astype(ms.float32)).astype(v.dtype)
@@ -429,14 +504,17 @@ class ChunkedAttention(nn.Cell):
         dq_chunks = []
         dk = None
         dv = None
-        for start, end in query_chunks(b, h, lq, k.shape[3]):
+        chunks = query_chunks(b, h, lq, k.shape[3])
+        for start, end in chunks:
+            whole = len(chunks) == 1
             # After dout (then after the previous chunk): without the dependency the graph would merge this
             # product with the forward pass's identical one, and keep the forward's scores until here.
-            q_chunk = ops.depend(q[:, :, :, start:end], dq_chunks[-1] if dq_chunks else dout)
-            dout_chunk = dout[:, :, :, start:end]
+            q_chunk = ops.depend(q if whole else q[:, :, :, start:end], dq_chunks[-1] if dq_chunks else dout)
+            dout_chunk = dout if whole else dout[:, :, :, start:end]
+            out_chunk = out if whole else out[:, :, :, start:end]
             probs = _softmax(_batch_matmul_transpose_a(q_chunk, k).astype(ms.float32))  # [B, H, rows, Lk]
             dprobs = _batch_matmul_transpose_a(dout_chunk, v).astype(ms.float32)
-            row_dot = (dout_chunk.astype(ms.float32) * out[:, :, :, start:end].astype(ms.float32)).sum(2)
+            row_dot = (dout_chunk.astype(ms.float32) * out_chunk.astype(ms.float32)).sum(2)
             # row_dot broadcast by its own op: a broadcasting Sub's CPU kernel keeps about four times its output
             # for the life of the graph, per attention and chunk
             row_dot = ops.broadcast_to(row_dot.reshape(b, h, end - start, 1), dprobs.shape)
