@@ -11,6 +11,12 @@ sys.path.insert(0, ROOT)
 ms.set_context(mode=ms.GRAPH_MODE)
 ms.set_device("CPU")
 
+# The CPU's convolution kernel choice, timed once for the whole run: the test processes and the commands the tests
+# start inherit the answer through the environment (`gm.modules.layers.NATIVE_CONV_FAST_ENV`).
+from gm.modules.layers import native_conv_is_fast  # noqa: E402
+
+native_conv_is_fast()
+
 # The suite runs in two processes (pytest.ini: pytest-xdist, a file at a time, to whichever is free). The files
 # that take longest go first, so that neither process is left with a long file at the end while the other idles.
 LONGEST_FIRST = ("test_train_textual_inversion.py", "test_sampling.py", "test_benchmarks.py", "test_pretrain_tiny.py",

@@ -112,8 +112,16 @@ def test_trainable_conv_gets_weight_gradients(stride, padding, impl):
 
 def test_cpu_convolution_is_chosen_per_feature_map_where_the_native_kernel_is_fast(monkeypatch):
     """On the CPU the default is `"auto"` (native kernel up to 32 x 32 output positions, im2col above) where this
-    machine's native kernel measures fast, else im2col everywhere; an explicit impl is kept as it is."""
-    assert isinstance(layers.native_conv_is_fast(), bool)  # measured once per process
+    machine's native kernel measures fast, else im2col everywhere; an explicit impl is kept as it is. The timing's
+    answer goes into the environment, for this process and those it starts, and an answer there is taken as it is."""
+    monkeypatch.delenv(layers.NATIVE_CONV_FAST_ENV, raising=False)
+    ratio = layers._time_native_conv()
+    assert ratio > 0
+    fast = layers.native_conv_is_fast()
+    assert os.environ[layers.NATIVE_CONV_FAST_ENV] == ("1" if fast else "0")
+    for answer in ("0", "1"):
+        monkeypatch.setenv(layers.NATIVE_CONV_FAST_ENV, answer)
+        assert layers.native_conv_is_fast() == (answer == "1")
     monkeypatch.setattr(layers, "native_conv_is_fast", lambda: True)
     assert Conv2d(4, 4, 3).impl == "auto"
     assert layers.native_for("auto", 32, 32) and not layers.native_for("auto", 33, 32)

@@ -54,10 +54,15 @@ def test_folding_the_latent_scale_changes_the_latent_not_the_reconstruction():
     np.testing.assert_allclose(vae.decode(Tensor(folded[:, :4])).asnumpy(), reconstruction, atol=1e-4)
 
 
+def run_pretraining(*argv, timeout=120):
+    """The tool as a user runs it: the finished process, its stdout and stderr apart."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "pretrain_tiny_sdxl.py"), *argv], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
+
+
 def pretrain(*argv):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "pretrain_tiny_sdxl.py"), *argv], cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    proc = run_pretraining(*argv, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
 
@@ -91,18 +96,14 @@ def test_short_runs_in_two_stages_write_loadable_single_files(tmp_path):
 def test_a_missing_config_or_init_weight_is_one_error_line(tmp_path):
     missing = str(tmp_path / "missing")
     for flag in ("--config", "--init_weight"):
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "pretrain_tiny_sdxl.py"), flag, missing,
-                               "--output", str(tmp_path / "out.safetensors")],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+        proc = run_pretraining(flag, missing, "--output", str(tmp_path / "out.safetensors"))
         assert proc.returncode == 2
         assert proc.stderr.strip().splitlines() == [f"error: {flag} {missing}: no such file or folder."]
     assert os.listdir(tmp_path) == []
 
 
 def test_nothing_to_train_is_refused(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "pretrain_tiny_sdxl.py"), "--vae_steps", "0",
-                           "--unet_steps", "0", "--output", str(tmp_path / "out.safetensors")],
-                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+    proc = run_pretraining("--vae_steps", "0", "--unet_steps", "0", "--output", str(tmp_path / "out.safetensors"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].endswith("error: --vae_steps 0 and --unet_steps 0: nothing to train")
     assert os.listdir(tmp_path) == []
