@@ -63,7 +63,7 @@ CONV_CASES = [  # batch, in, out, height, width, kernel, stride, padding
     [case + (None, "im2col") for case in CONV_CASES]  # the whole batch in one product
     + [case + (1, "im2col") for case in CONV_CASES if case[0] > 1]  # a product per sample
     + [(5, 4, 6, 7, 9, 3, 1, 1, 2, "im2col"), (3, 4, 6, 5, 5, 1, 1, 0, 2, "im2col")]  # groups of 2, the last of 1
-    + [case + (None, "native") for case in CONV_CASES[1::2]]))  # the CPU's own kernel (`"auto"`, small maps)
+    + [case + (None, "native") for case in CONV_CASES[1::2]]))  # the CPU's own kernel (`"auto"`: small ones)
 def test_frozen_conv_input_gradient_matches_torch(monkeypatch, batch, cin, cout, height, width, kernel, stride, padding,
                                                   per_product, impl):
     """im2col: the samples in groups, a product each, as many per product as the weight's copies allow; and the
@@ -111,9 +111,9 @@ def test_trainable_conv_gets_weight_gradients(stride, padding, impl):
 
 
 def test_cpu_convolution_is_chosen_per_feature_map_where_the_native_kernel_is_fast(monkeypatch):
-    """On the CPU the default is `"auto"` (native kernel up to 32 x 32 output positions, im2col above) where this
-    machine's native kernel measures fast, else im2col everywhere; an explicit impl is kept as it is. The timing's
-    answer goes into the environment, for this process and those it starts, and an answer there is taken as it is."""
+    """On the CPU the default is `"auto"` (the native kernel up to 2^20 unfolded elements per sample, im2col above)
+    where this machine's native kernel measures fast, else im2col everywhere; an explicit impl is kept as it is. The
+    timing's answer goes into the environment, for this process and those it starts, and one there is taken as is."""
     monkeypatch.delenv(layers.NATIVE_CONV_FAST_ENV, raising=False)
     ratio = layers._time_native_conv()
     assert ratio > 0
@@ -124,8 +124,8 @@ def test_cpu_convolution_is_chosen_per_feature_map_where_the_native_kernel_is_fa
         assert layers.native_conv_is_fast() == (answer == "1")
     monkeypatch.setattr(layers, "native_conv_is_fast", lambda: True)
     assert Conv2d(4, 4, 3).impl == "auto"
-    assert layers.native_for("auto", 32, 32) and not layers.native_for("auto", 33, 32)
-    assert layers.native_for("native", 64, 64) and not layers.native_for("im2col", 2, 2)
+    assert layers.native_for("auto", 2 ** 20) and not layers.native_for("auto", 2 ** 20 + 1)
+    assert layers.native_for("native", 2 ** 30) and not layers.native_for("im2col", 1)
     monkeypatch.setattr(layers, "native_conv_is_fast", lambda: False)
     assert Conv2d(4, 4, 3).impl == "im2col"
     assert Conv2d(4, 4, 3, impl="native").impl == "native"

@@ -141,7 +141,7 @@ def test_banded_convolution_equals_whole(tiny_sdxl, root):
     for model in (whole, banded):
         for _, cell in model.cells_and_names():
             if isinstance(cell, Conv2d):
-                cell.impl = "im2col"  # bands are im2col's (`"auto"` runs the 32 px layers natively)
+                cell.impl = "im2col"  # bands are im2col's (`"auto"` runs small convolutions natively)
     convs = [cell for _, cell in banded.cells_and_names() if isinstance(cell, Conv2d) and cell.kernel_size == 3]
     for conv in convs:
         conv.band_bytes = 24 * 32 * 9 * 64 * 4  # 24 output rows of the 32-channel 64 px layers: 2-3 bands each

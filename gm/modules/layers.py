@@ -4,8 +4,8 @@ in one place:
 
 - convolution: Ascend/GPU use the native op. On the CPU, MindSpore's native conv2d (oneDNN) is fast or ~80x
   slower than an im2col (`ops.unfold`) + matmul formulation depending on the machine (oneDNN picks its kernel by
-  the CPU's instruction set), so it is timed once per process (`native_conv_is_fast`): where it is fast, small
-  feature maps use it (`"auto"`: per sample, im2col there is mostly unfolds and tiny products) and larger ones
+  the CPU's instruction set), so it is timed once (`native_conv_is_fast`): where it is fast, small convolutions
+  use it (`"auto"`: the tiny model's, where im2col is mostly unfolds and tiny per-sample products) and larger ones
   im2col; elsewhere im2col throughout. The im2col backward is MindSpore's own: when the weight is not differentiated
   (textual inversion differentiates only the learned embedding rows), the graph drops the weight-gradient
   branch and with it the unfolded input columns, so the backward keeps no more than a native convolution's
@@ -58,26 +58,27 @@ def on_cpu():
 
 
 def default_conv_impl():
-    """`"native"` on Ascend/GPU. On the CPU `"auto"` (`Conv2d`: the native kernel for small feature maps, im2col for
-    larger ones) where this machine's native kernel is fast (`native_conv_is_fast`), else `"im2col"`."""
+    """`"native"` on Ascend/GPU. On the CPU `"auto"` (`Conv2d`: the native kernel for small convolutions, im2col for
+    larger ones, `native_for`) where this machine's native kernel is fast (`native_conv_is_fast`), else `"im2col"`."""
     if not on_cpu():
         return "native"
     return "auto" if native_conv_is_fast() else "im2col"
 
 
-# The largest output feature map (positions) a CPU convolution computes with the native kernel under `"auto"`.
-# Measured on the project's machine (AVX2): at small maps the native kernel wins (the tiny UNet's forward at batch
-# 24, 8x8 latents: 0.16 s against im2col's 0.27 s; a 3x3 convolution of 128 channels at 2x2, batch 24: 0.9 ms
-# against 3.1 ms), where im2col is mostly per-sample products and unfolds; at 64x64 the two are even (the small
-# config's TI step at 512 px: 11.4 s and 9.3 GB native, 12.0 s and 9.1 GB im2col), and larger maps keep im2col,
-# whose bands bound the full-size VAE's memory.
-NATIVE_CONV_POSITIONS = 32 * 32
+# The largest convolution (its unfolded input per sample: in_channels x kernel area x output positions) the CPU
+# computes with the native kernel under `"auto"`. Measured on the project's machine (AVX2): at small ones the native
+# kernel wins (tiny UNet's forward at batch 24, 8x8 latents: 0.12 s against im2col's 0.27 s; a 3x3 convolution of
+# 128 channels at 2x2, batch 24: 0.9 ms against 3.1 ms), where im2col is mostly per-sample products and unfolds;
+# at the small config's sizes the time is even (TI step at 512 px, the UNet's 32x32 and 16x16 levels native:
+# 10.3 s against 12.0 s im2col, within this machine's noise) but each native kernel keeps a workspace of about its
+# unfolded input for the graph's life (peak 10.4 GB against 9.1 GB), so larger convolutions keep im2col.
+NATIVE_CONV_COLUMNS = 2 ** 20
 
 
 @ms.constexpr
-def native_for(impl, h_out, w_out):
-    """Whether a convolution with `impl` computes an output map of h_out x w_out with the native kernel."""
-    return impl == "native" or (impl == "auto" and h_out * w_out <= NATIVE_CONV_POSITIONS)
+def native_for(impl, columns):
+    """Whether a convolution with `impl` whose unfolded input is `columns` elements per sample runs natively."""
+    return impl == "native" or (impl == "auto" and columns <= NATIVE_CONV_COLUMNS)
 
 
 # "1" or "0": whether the native CPU convolution is fast on this machine (`native_conv_is_fast`), set by the first
@@ -200,7 +201,8 @@ class Conv2d(nn.Cell):
 
     def construct(self, x):
         k, s, p = self.kernel_size, self.stride, self.padding
-        if native_for(self.impl, (x.shape[2] + 2 * p - k) // s + 1, (x.shape[3] + 2 * p - k) // s + 1):
+        h_out, w_out = (x.shape[2] + 2 * p - k) // s + 1, (x.shape[3] + 2 * p - k) // s + 1
+        if native_for(self.impl, x.shape[1] * k * k * h_out * w_out):
             y = ops.conv2d(x, self.weight.astype(x.dtype), None, s, "pad", (p, p))
         else:
             y = self._im2col_conv(x)
