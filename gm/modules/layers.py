@@ -99,7 +99,9 @@ def native_conv_is_fast():
 
 
 def _time_native_conv():
-    """The native convolution's time over the im2col form's, each compiled, called once, then best of three."""
+    """The native convolution's time over the im2col form's, each compiled, called once, then best of three.
+    Written with plain ops, not `Conv2d` cells: the first `Conv2d` of a model is built inside `create_model`'s
+    `no_init_parameters()`, where a cell's parameters would have no data yet."""
     rng = np.random.default_rng(0)
     x = Tensor(rng.standard_normal((2, 128, 32, 32)).astype(np.float32))
     weight = Tensor(rng.standard_normal((128, 128, 3, 3)).astype(np.float32) * 0.03)
