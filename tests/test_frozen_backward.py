@@ -111,7 +111,7 @@ def test_trainable_conv_gets_weight_gradients(stride, padding, impl):
 
 
 def test_cpu_convolution_is_chosen_per_feature_map_where_the_native_kernel_is_fast(monkeypatch):
-    """On the CPU the default is `"auto"` (the native kernel up to 2^20 unfolded elements per sample, im2col above)
+    """On the CPU the default is `"auto"` (the native kernel up to 2^17 unfolded elements per sample, im2col above)
     where this machine's native kernel measures fast, else im2col everywhere; an explicit impl is kept as it is. The
     timing's answer goes into the environment, for this process and those it starts, and one there is taken as is."""
     monkeypatch.delenv(layers.NATIVE_CONV_FAST_ENV, raising=False)
@@ -124,7 +124,7 @@ def test_cpu_convolution_is_chosen_per_feature_map_where_the_native_kernel_is_fa
         assert layers.native_conv_is_fast() == (answer == "1")
     monkeypatch.setattr(layers, "native_conv_is_fast", lambda: True)
     assert Conv2d(4, 4, 3).impl == "auto"
-    assert layers.native_for("auto", 2 ** 20) and not layers.native_for("auto", 2 ** 20 + 1)
+    assert layers.native_for("auto", 2 ** 17) and not layers.native_for("auto", 2 ** 17 + 1)
     assert layers.native_for("native", 2 ** 30) and not layers.native_for("im2col", 1)
     monkeypatch.setattr(layers, "native_conv_is_fast", lambda: False)
     assert Conv2d(4, 4, 3).impl == "im2col"

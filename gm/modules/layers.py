@@ -69,10 +69,11 @@ def default_conv_impl():
 # computes with the native kernel under `"auto"`. Measured on the project's machine (AVX2): at small ones the native
 # kernel wins (tiny UNet's forward at batch 24, 8x8 latents: 0.12 s against im2col's 0.27 s; a 3x3 convolution of
 # 128 channels at 2x2, batch 24: 0.9 ms against 3.1 ms), where im2col is mostly per-sample products and unfolds;
-# at the small config's sizes the time is even (TI step at 512 px, the UNet's 32x32 and 16x16 levels native:
-# 10.3 s against 12.0 s im2col, within this machine's noise) but each native kernel keeps a workspace of about its
-# unfolded input for the graph's life (peak 10.4 GB against 9.1 GB), so larger convolutions keep im2col.
-NATIVE_CONV_COLUMNS = 2 ** 20
+# at the small config's sizes the time is even but each native kernel keeps a workspace of about its unfolded
+# input for the graph's life: the small config's TI step at 512 px peaks at 10.1 GB with its input, one
+# downsampling and its lower 1x1 convolutions native (a limit of 2^20), 9.1 GB with none (2^17, which still keeps
+# every convolution of the tiny model at 64 px native), in the same time.
+NATIVE_CONV_COLUMNS = 2 ** 17
 
 
 @ms.constexpr
