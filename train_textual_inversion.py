@@ -55,7 +55,7 @@ from gm.textual_inversion.placeholder import (
     vocabulary_norms,
 )
 from gm.textual_inversion.train_step import (
-    BlockwiseTrainStep, TextualInversionLoss, TextualInversionTrainStep, loss_inputs,
+    BlockwiseTrainStep, TextualInversionLoss, TextualInversionTrainStep, compile_ahead, loss_inputs,
 )
 from gm.textual_inversion.validation import Validation, ValidationLoss
 from gm.util import str2bool
@@ -541,8 +541,11 @@ class Training:
             noise_rng = np.random.RandomState([self.args.seed, self.rank, step, micro])
             k = (step * accumulation + micro) % len(self.concepts)
             inputs = draw_micro_batch(self.model, self.datasets[k], self.latents[k], self.orders[k], noise_rng)
-            self.step_shapes.add(inputs[0].shape)  # a new one (a bucket's first micro-batch) compiles a graph
-            loss = self.train_step(Tensor(lr, ms.float32), Tensor(micro == accumulation - 1), *inputs)
+            args = (Tensor(lr, ms.float32), Tensor(micro == accumulation - 1)) + tuple(inputs)
+            if inputs[0].shape not in self.step_shapes:  # a new one (a bucket's first micro-batch) compiles a graph
+                self.step_shapes.add(inputs[0].shape)
+                compile_ahead(self.train_step, *args)
+            loss = self.train_step(*args)
             losses.append(float(loss.asnumpy()))
         return float(np.mean(losses))
 

@@ -44,9 +44,10 @@ from gm.textual_inversion import encoding_check
 from gm.textual_inversion.embedding_io import LearnedEmbedding, load_embedding
 from gm.textual_inversion.loss_log import LossLog
 from gm.textual_inversion.optim import learning_rate
-from gm.textual_inversion.train_step import BlockwiseTrainStep, TextualInversionLoss, loss_inputs
+from gm.textual_inversion.train_step import BlockwiseTrainStep, TextualInversionLoss, compile_ahead, loss_inputs
 from gm.textual_inversion.validation import VALIDATION_KEY
 from tools.shape_detector import concept_score, detect
+import train_textual_inversion
 from train_textual_inversion import (
     Training, check_args, draw_micro_batch, parse_args, resolve_defaults, rows_digest, schedule_changed,
 )
@@ -563,6 +564,25 @@ def test_one_graph_per_bucket_size(harness):
     harness.reset()
     assert np.isfinite(losses).all()
     assert square < compiled and len(compiled) == len(square) + 1
+
+
+def test_a_new_shape_is_compiled_ahead_of_its_first_step(harness, monkeypatch):
+    """The trainer compiles the train step's graph for a micro-batch shape it has not run before ahead of the call
+    (`compile_ahead`, which then gives the compiler's freed heap back to the system before the step allocates its
+    activations), and the step runs that graph: its calls compile no other."""
+    training = harness.training
+    ahead = []
+
+    def recorded(train_step, *args):
+        compile_ahead(train_step, *args)
+        ahead.append(set(train_step.compile_cache))
+
+    monkeypatch.setattr(train_textual_inversion, "compile_ahead", recorded)
+    training.step_shapes.clear()  # as at a run's start
+    training.run_step(0, LR)  # two micro-batches of one shape
+    compiled = set(training.train_step.compile_cache)
+    harness.reset()
+    assert len(ahead) == 1 and ahead[0] == compiled
 
 
 def test_bucketing_run(bucketing_run):

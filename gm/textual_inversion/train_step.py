@@ -15,6 +15,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from gm.models.autoencoder import posterior_sample
 from gm.modules.diffusionmodules.blockwise import BlockwiseUNet
+from gm.util import release_free_memory
 
 
 def loss_inputs(engine, moments, cond_inputs, rng, latent_rng=None):
@@ -180,6 +181,16 @@ class TextualInversionTrainStep(nn.Cell):
     def construct(self, lr, apply_update, *inputs):
         scaled_loss, grads = self.grad_fn(*inputs)
         return self.update(lr, apply_update, scaled_loss, grads)
+
+
+def compile_ahead(train_step, lr, apply_update, *inputs):
+    """Compile a `TextualInversionTrainStep`'s graph for these arguments before their first call, then give the heap
+    the compiler freed back to the system (`release_free_memory`): otherwise glibc keeps it and the step's
+    activations come on top (the small config at 512 px on the CPU: the step's peak 8.58 GB against 9.12 GB). A
+    `BlockwiseTrainStep` compiles its graphs one by one as it runs them: nothing to compile ahead."""
+    if isinstance(train_step, TextualInversionTrainStep):
+        train_step.compile(lr, apply_update, *inputs)
+        release_free_memory()
 
 
 class BlockwiseLoss:
