@@ -332,6 +332,44 @@ def test_frozen_conv_backward_keeps_no_columns(root, tmp_path):
     assert weight_grad - input_grad > 0.6 * columns, (input_grad, weight_grad)
 
 
+CONV_WEIGHT_STACK = """
+{autodiff}
+convs = [layers.Conv2d(640, 640, 3, padding=1, impl="im2col") for _ in range(8)]
+
+class Net(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.CellList(convs)
+
+    def construct(self, x):
+        for conv in self.convs:
+            x = conv(x)
+        return (x * x).sum()
+
+net = Net()
+for param in net.get_parameters():
+    param.requires_grad = False
+args = (ms.Tensor(np.random.default_rng(0).standard_normal((1, 640, 16, 16)).astype(np.float32) * 0.1),)
+fn = ms.jit(ms.grad(net, grad_position=0))
+"""
+
+AUTODIFF_WEIGHT_PRODUCT = """
+def product(weight, columns):
+    return layers._matmul(layers.weight_matrix(weight, columns), columns)
+
+layers._weight_product = product
+"""
+
+
+def test_frozen_conv_backward_keeps_no_weight_matrices(root, tmp_path):
+    """8 convolutions of 640 channels (weights 14.1 MB each) at 16x16, input gradient: through MindSpore's autodiff
+    the product keeps every weight's matrix (a copy) until the backward pass; `WeightProduct` makes its own there."""
+    ours = pool_peak_mb(root, tmp_path, CONV_WEIGHT_STACK.format(autodiff=""))
+    autodiff = pool_peak_mb(root, tmp_path, CONV_WEIGHT_STACK.format(autodiff=AUTODIFF_WEIGHT_PRODUCT))
+    weights = 8 * 640 * 640 * 9 * 4 / 2 ** 20
+    assert autodiff - ours > 0.75 * weights, (ours, autodiff)
+
+
 ATTENTION_STACK = """
 class Block(nn.Cell):
     def __init__(self):

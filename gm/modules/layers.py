@@ -44,6 +44,7 @@ from mindspore.common.initializer import HeUniform, Uniform, initializer
 
 
 _matmul = ops.MatMul()
+_matmul_transpose_a = ops.MatMul(transpose_a=True)
 _matmul_transpose_b = ops.MatMul(transpose_b=True)
 _matmul_transpose_ab = ops.MatMul(transpose_a=True, transpose_b=True)
 _batch_matmul = ops.BatchMatMul()
@@ -216,14 +217,15 @@ class Conv2d(nn.Cell):
     def _im2col_conv(self, x):
         n, c, h, w = x.shape
         k, s, p = self.kernel_size, self.stride, self.padding
-        weight = after(self.weight, x).astype(x.dtype).reshape(self.out_channels, c * k * k)
+        weight = self.weight
         h_out = (h + 2 * p - k) // s + 1
         w_out = (w + 2 * p - k) // s + 1
         group = samples_per_product(n, c * k * k, h_out * w_out, self.out_channels, self.band_bytes, x.dtype)
         if group > 1:  # samples in groups, a product each (a product per sample makes the graph grow with the batch)
-            outputs = [self._group_product(samples, weight, h_out * w_out) for samples in ops.split(x, group, 0)]
+            matrix = weight_matrix(weight, x)
+            outputs = [self._group_product(samples, matrix, h_out * w_out) for samples in ops.split(x, group, 0)]
         elif k == 1 and s == 1 and p == 0:
-            outputs = [_matmul(weight, image.reshape(c, h * w)) for image in _samples(x)]
+            outputs = [_weight_product(weight, image.reshape(c, h * w)) for image in _samples(x)]
         else:
             rows_per_band = band_rows(self.band_bytes, c * k * k * w_out, x.dtype)
             outputs = [self._image_product(image, weight, h_out, w_out, rows_per_band) for image in _samples(x)]
@@ -244,7 +246,7 @@ class Conv2d(nn.Cell):
             return self._im2col_bands(image, weight, h_out, w_out, rows_per_band)
         c, k = image.shape[1], self.kernel_size
         cols = ops.unfold(image, k, 1, self.padding, self.stride)  # [1, c*k*k, h_out*w_out]
-        return _matmul(weight, cols.reshape(c * k * k, h_out * w_out))
+        return _weight_product(weight, cols.reshape(c * k * k, h_out * w_out))
 
     def _im2col_bands(self, image, weight, h_out, w_out, rows_per_band):
         """One image's [out, h_out*w_out] computed band by band of output rows, so that only one band's unfolded
@@ -263,9 +265,34 @@ class Conv2d(nn.Cell):
             band = image[:, :, first * s:first * s + (rows - 1) * s + k]
             if previous is not None:
                 band = ops.depend(band, previous)  # in order: the runtime would otherwise unfold every band at once
-            previous = _matmul(weight, ops.unfold(band, k, 1, 0, s).reshape(c * k * k, rows * w_out))
+            previous = _weight_product(weight, ops.unfold(band, k, 1, 0, s).reshape(c * k * k, rows * w_out))
             bands.append(previous)
         return ops.concat(bands, 1)
+
+
+def weight_matrix(weight, x):
+    """A convolution's weight [out, in, kh, kw] as the matrix [out, in*kh*kw] in x's dtype, made once x exists."""
+    return after(weight, x).astype(x.dtype).reshape(weight.shape[0], -1)
+
+
+class WeightProduct(nn.Cell):
+    """A convolution's weight [out, in, kh, kw], as a matrix, times unfolded input [in*kh*kw, L].
+
+    The matrix is a copy of the weight, and through autodiff a gradient graph keeps every convolution's until the
+    backward pass (8 convolutions of 640 channels: about their 118 MB of weights; the small config's TI step at
+    512 px: 0.39 GB); the backward (`bprop`) makes its own instead. The weight's gradient (the pretraining's) is the
+    output gradient times the columns; a frozen weight's is never computed (the graph drops what no output needs),
+    so the columns are not kept for it."""
+
+    def construct(self, weight, columns):
+        return _matmul(weight_matrix(weight, columns), columns)
+
+    def bprop(self, weight, columns, out, dout):
+        d_weight = _matmul_transpose_b(dout, columns).reshape(weight.shape).astype(weight.dtype)
+        return d_weight, _matmul_transpose_a(weight_matrix(weight, dout), dout)
+
+
+_weight_product = WeightProduct()
 
 
 def linear(x, weight, bias=None):
