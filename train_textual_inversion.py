@@ -129,8 +129,8 @@ def build_parser():
     g.add_argument("--blockwise_unet", type=str2bool, default=False,
                    help="run the UNet layer by layer from the host, each distinct layer compiled once and each "
                         "layer recomputed in the backward pass: what makes the full-size SDXL's step fit in 24 GB "
-                        "on the CPU (slower per step; README 'Running the real SDXL'); the validation grids' UNet "
-                        "runs so too")
+                        "on the CPU at 1024 px, or at 512 px beside validation grids (slower per step; README "
+                        "'Running the real SDXL'); the validation grids' UNet runs so too")
     g.add_argument("--vae_tiling", type=str2bool, default=False,
                    help="decode the validation grids' images tile by tile, with the same result as in one piece: "
                         "less memory beside the loaded UNet (the full-size decoder at 1024 px alone: 5.1 GB against "

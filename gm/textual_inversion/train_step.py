@@ -195,9 +195,10 @@ def compile_ahead(train_step, lr, apply_update, *inputs):
 
 class BlockwiseLoss:
     """`TextualInversionLoss` with the UNet run layer by layer from the host (`BlockwiseUNet`), for the full-size
-    model on the CPU, where one graph of the whole loss (and its gradients) does not fit in memory. Around the UNet,
-    small graphs: the text conditioning, the noised latents the UNet takes, and the loss from the UNet's output.
-    Called, it gives each sample's loss [B] (the validation loss); `BlockwiseTrainStep` differentiates it."""
+    model on the CPU, where one graph of the whole loss (and its gradients) does not fit in memory at 1024 px (at
+    512 px it fits: README 'Running the real SDXL'). Around the UNet, small graphs: the text conditioning, the
+    noised latents the UNet takes, and the loss from the UNet's output. Called, it gives each sample's loss [B] (the
+    validation loss); `BlockwiseTrainStep` differentiates it."""
 
     def __init__(self, loss_net):
         self.conditioner = loss_net.conditioner
