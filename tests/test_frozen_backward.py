@@ -303,7 +303,8 @@ def pool_peak_mb(root, folder, body):
 
 
 CONV_STACK = """
-convs = [layers.Conv2d(128, 128, 3, padding=1, impl="im2col") for _ in range(8)]
+{before}
+convs = [layers.Conv2d({channels}, {channels}, 3, padding=1, impl="im2col") for _ in range(8)]
 
 class Net(nn.Cell):
     def __init__(self):
@@ -318,7 +319,7 @@ class Net(nn.Cell):
 net = Net()
 for param in net.get_parameters():
     param.requires_grad = {trainable}
-args = (ms.Tensor(np.random.default_rng(0).standard_normal((1, 128, 64, 64)).astype(np.float32) * 0.1),)
+args = (ms.Tensor(np.random.default_rng(0).standard_normal((1, {channels}, {side}, {side})).astype(np.float32) * 0.1),)
 fn = ms.jit(ms.grad(net, grad_position=0, weights={weights}))
 """
 
@@ -326,32 +327,12 @@ fn = ms.jit(ms.grad(net, grad_position=0, weights={weights}))
 def test_frozen_conv_backward_keeps_no_columns(root, tmp_path):
     """8 convolutions whose unfolded columns are 18.9 MB each: an input gradient with frozen weights keeps none of
     them (MindSpore drops the weight-gradient branch); a weight gradient must keep them all (151 MB)."""
-    input_grad = peak_mb(root, tmp_path, CONV_STACK.format(trainable=False, weights=None))
-    weight_grad = peak_mb(root, tmp_path, CONV_STACK.format(trainable=True, weights="net.trainable_params()"))
+    stack = dict(before="", channels=128, side=64)
+    input_grad = peak_mb(root, tmp_path, CONV_STACK.format(trainable=False, weights=None, **stack))
+    weight_grad = peak_mb(root, tmp_path, CONV_STACK.format(trainable=True, weights="net.trainable_params()", **stack))
     columns = 8 * 128 * 9 * 64 * 64 * 4 / 2 ** 20
     assert weight_grad - input_grad > 0.6 * columns, (input_grad, weight_grad)
 
-
-CONV_WEIGHT_STACK = """
-{autodiff}
-convs = [layers.Conv2d(640, 640, 3, padding=1, impl="im2col") for _ in range(8)]
-
-class Net(nn.Cell):
-    def __init__(self):
-        super().__init__()
-        self.convs = nn.CellList(convs)
-
-    def construct(self, x):
-        for conv in self.convs:
-            x = conv(x)
-        return (x * x).sum()
-
-net = Net()
-for param in net.get_parameters():
-    param.requires_grad = False
-args = (ms.Tensor(np.random.default_rng(0).standard_normal((1, 640, 16, 16)).astype(np.float32) * 0.1),)
-fn = ms.jit(ms.grad(net, grad_position=0))
-"""
 
 AUTODIFF_WEIGHT_PRODUCT = """
 def product(weight, columns):
@@ -364,8 +345,9 @@ layers._weight_product = product
 def test_frozen_conv_backward_keeps_no_weight_matrices(root, tmp_path):
     """8 convolutions of 640 channels (weights 14.1 MB each) at 16x16, input gradient: through MindSpore's autodiff
     the product keeps every weight's matrix (a copy) until the backward pass; `WeightProduct` makes its own there."""
-    ours = pool_peak_mb(root, tmp_path, CONV_WEIGHT_STACK.format(autodiff=""))
-    autodiff = pool_peak_mb(root, tmp_path, CONV_WEIGHT_STACK.format(autodiff=AUTODIFF_WEIGHT_PRODUCT))
+    stack = dict(channels=640, side=16, trainable=False, weights=None)
+    ours = pool_peak_mb(root, tmp_path, CONV_STACK.format(before="", **stack))
+    autodiff = pool_peak_mb(root, tmp_path, CONV_STACK.format(before=AUTODIFF_WEIGHT_PRODUCT, **stack))
     weights = 8 * 640 * 640 * 9 * 4 / 2 ** 20
     assert autodiff - ours > 0.75 * weights, (ours, autodiff)
 
