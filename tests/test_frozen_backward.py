@@ -88,11 +88,12 @@ def test_frozen_conv_input_gradient_matches_torch(monkeypatch, batch, cin, cout,
 
 
 @pytest.mark.parametrize("impl", ["im2col", "native"])
-@pytest.mark.parametrize("stride, padding", [(1, 1), (2, 1)])
-def test_trainable_conv_gets_weight_gradients(stride, padding, impl):
-    """The same Conv2d trains weights (tools/pretrain_tiny_sdxl.py): weight and bias gradients equal torch's."""
+@pytest.mark.parametrize("stride, padding, batch", [(1, 1, 2), (2, 1, 2), (1, 1, 1), (1, 0, 1)])
+def test_trainable_conv_gets_weight_gradients(stride, padding, batch, impl):
+    """The same Conv2d trains weights (tools/pretrain_tiny_sdxl.py): weight and bias gradients equal torch's, the
+    im2col form's through its batched product (batch 2) and through `WeightProduct` (batch 1)."""
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((2, 3, 7, 8)).astype(np.float32)
+    x = rng.standard_normal((batch, 3, 7, 8)).astype(np.float32)
     weight = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
     bias = rng.standard_normal(5).astype(np.float32)
     conv = make_conv(weight, bias, stride, padding, trainable=True, impl=impl)
