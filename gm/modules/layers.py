@@ -6,9 +6,10 @@ in one place:
   slower than an im2col (`ops.unfold`) + matmul formulation depending on the machine (oneDNN picks its kernel by
   the CPU's instruction set), so it is timed once (`native_conv_is_fast`): where it is fast, small convolutions
   use it (`"auto"`: the tiny model's, where im2col is mostly unfolds and tiny per-sample products) and larger ones
-  im2col; elsewhere im2col throughout. The im2col backward is MindSpore's own: when the weight is not differentiated
-  (textual inversion differentiates only the learned embedding rows), the graph drops the weight-gradient
-  branch and with it the unfolded input columns, so the backward keeps no more than a native convolution's
+  im2col; elsewhere im2col throughout. The im2col backward keeps neither the weight's matrix (its product,
+  `WeightProduct`, makes it again in the backward pass) nor, when the weight is not differentiated (textual
+  inversion differentiates only the learned embedding rows), the unfolded input columns: the graph drops the
+  weight-gradient branch and with it the columns, so the backward keeps no more than a native convolution's
   (measured: a stack of 8 convolutions, 320 channels at 64x64, keeps 0.03 GB for an input gradient and
   0.35 GB, the columns, for a weight gradient);
 - attention: the fused flash-attention kernel on Ascend; elsewhere softmax(QK^T/sqrt(d))V, computed in query
@@ -209,26 +210,23 @@ class Conv2d(nn.Cell):
         if native_for(self.impl, x.shape[1] * k * k * h_out * w_out):
             y = ops.conv2d(x, self.weight.astype(x.dtype), None, s, "pad", (p, p))
         else:
-            y = self._im2col_conv(x)
+            y = self._im2col_conv(x, h_out, w_out)
         if self.bias is not None:
             y = ops.bias_add(y, self.bias.astype(y.dtype))
         return y
 
-    def _im2col_conv(self, x):
+    def _im2col_conv(self, x, h_out, w_out):
         n, c, h, w = x.shape
         k, s, p = self.kernel_size, self.stride, self.padding
-        weight = self.weight
-        h_out = (h + 2 * p - k) // s + 1
-        w_out = (w + 2 * p - k) // s + 1
         group = samples_per_product(n, c * k * k, h_out * w_out, self.out_channels, self.band_bytes, x.dtype)
         if group > 1:  # samples in groups, a product each (a product per sample makes the graph grow with the batch)
-            matrix = weight_matrix(weight, x)
+            matrix = weight_matrix(self.weight, x)
             outputs = [self._group_product(samples, matrix, h_out * w_out) for samples in ops.split(x, group, 0)]
         elif k == 1 and s == 1 and p == 0:
-            outputs = [_weight_product(weight, image.reshape(c, h * w)) for image in _samples(x)]
+            outputs = [_weight_product(self.weight, image.reshape(c, h * w)) for image in _samples(x)]
         else:
             rows_per_band = band_rows(self.band_bytes, c * k * k * w_out, x.dtype)
-            outputs = [self._image_product(image, weight, h_out, w_out, rows_per_band) for image in _samples(x)]
+            outputs = [self._image_product(image, h_out, w_out, rows_per_band) for image in _samples(x)]
         y = outputs[0] if len(outputs) == 1 else ops.concat([o.reshape((-1,) + o.shape[-2:]) for o in outputs])
         return y.reshape(n, self.out_channels, h_out, w_out)
 
@@ -239,16 +237,16 @@ class Conv2d(nn.Cell):
         cols = samples.reshape(m, c, h * w) if k == 1 and s == 1 and p == 0 else ops.unfold(samples, k, 1, p, s)
         return _batch_matmul(_per_sample(weight, samples), cols.reshape(m, c * k * k, positions))
 
-    def _image_product(self, image, weight, h_out, w_out, rows_per_band):
+    def _image_product(self, image, h_out, w_out, rows_per_band):
         """One image's [out, h_out*w_out]: unfolded whole, or band by band when that would be too large. (Its own
         method: a branch inside a loop body fails to compile in a recomputed block's backward, MindSpore 2.10.)"""
         if h_out > rows_per_band:
-            return self._im2col_bands(image, weight, h_out, w_out, rows_per_band)
+            return self._im2col_bands(image, h_out, w_out, rows_per_band)
         c, k = image.shape[1], self.kernel_size
         cols = ops.unfold(image, k, 1, self.padding, self.stride)  # [1, c*k*k, h_out*w_out]
-        return _weight_product(weight, cols.reshape(c * k * k, h_out * w_out))
+        return _weight_product(self.weight, cols.reshape(c * k * k, h_out * w_out))
 
-    def _im2col_bands(self, image, weight, h_out, w_out, rows_per_band):
+    def _im2col_bands(self, image, h_out, w_out, rows_per_band):
         """One image's [out, h_out*w_out] computed band by band of output rows, so that only one band's unfolded
         input exists at a time; the bands tile the output exactly (no overlap, no seams)."""
         c = image.shape[1]
@@ -265,7 +263,7 @@ class Conv2d(nn.Cell):
             band = image[:, :, first * s:first * s + (rows - 1) * s + k]
             if previous is not None:
                 band = ops.depend(band, previous)  # in order: the runtime would otherwise unfold every band at once
-            previous = _weight_product(weight, ops.unfold(band, k, 1, 0, s).reshape(c * k * k, rows * w_out))
+            previous = _weight_product(self.weight, ops.unfold(band, k, 1, 0, s).reshape(c * k * k, rows * w_out))
             bands.append(previous)
         return ops.concat(bands, 1)
 
