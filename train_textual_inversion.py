@@ -34,11 +34,14 @@ import mindspore as ms
 from mindspore import Tensor
 
 import gm
+from gm.compile_cache import CompileCache, add_compile_cache_argument, fingerprint
+from gm.compile_cache import disable as disable_compile_cache
 from gm.data.dataset import DataError, TextualInversionDataset, data_order, prompt_batch
 from gm.data.templates import TemplateError, load_templates
 from gm.device import add_device_arguments, resolve_device, set_device
 from gm.models.loading import create_model, load_config
 from gm.modules.encoders.modules import TEXT_ENCODERS
+from gm.modules.layers import default_conv_impl
 from gm.modules.diffusionmodules.denoiser_weighting import EpsMinSNRWeighting, EpsWeighting
 from gm.sampling import SDXLPipeline, guidance_batch, make_grid, save_png
 from gm.textual_inversion.checkpointing import (
@@ -213,6 +216,7 @@ def build_parser():
     g.add_argument("--validation_sample_step", type=int, default=25, help="sampler steps for validation (default: %(default)s)")
 
     g = add_device_arguments(p)  # --device_target, --ms_mode, --precision: the same for every command
+    add_compile_cache_argument(g)
     g.add_argument("--is_parallel", type=str2bool, default=False,
                    help="data parallel across the workers started by msrun")
     return p
@@ -416,7 +420,8 @@ class Training:
     placeholder tokens added, cached latents, and the compiled train step over the learned rows; `resume` and
     `save` read and write its training state."""
 
-    def __init__(self, args, config, rank=0, world_size=1):
+    def __init__(self, args, config, rank=0, world_size=1, compile_cache=None):
+        self.compile_cache = compile_cache  # where this run's graphs are saved or loaded from (None: off)
         # ---- data: each word's images and their prompts, where its placeholder stands for all its vectors
         self.concepts = args.concepts
         templates = load_templates(args.template_file) if args.template_file else None
@@ -549,6 +554,10 @@ class Training:
             losses.append(float(loss.asnumpy()))
         return float(np.mean(losses))
 
+    def cached_graphs(self):
+        """How many graphs the compile cache's folder holds (0 when the cache is off)."""
+        return 0 if self.compile_cache is None else self.compile_cache.graphs()
+
     def rows(self, learned_rows=None):
         """The learned rows of both encoders as float32 arrays ([n, d1], [n, d2]), every word's in order (of
         `learned_rows`, default: the training's)."""
@@ -618,7 +627,8 @@ def main(args):
             resumed = read_resume_state(args, run_identity(args, config, world_size))
             if world_size > 1:
                 barrier()  # every rank has checked the arguments before rank 0 writes anything
-            run = Training(args, config, rank, world_size)
+            compile_cache = open_compile_cache(args, config, world_size, resumed)
+            run = Training(args, config, rank, world_size, compile_cache)
             if resumed:
                 run.resume(*resumed)
             elif args.overwrite and rank == 0:
@@ -627,6 +637,21 @@ def main(args):
             with stop_on_write_error(args.save_path):
                 run.begin(config)
                 return train_and_save(run)
+
+
+def open_compile_cache(args, config, world_size, resumed):
+    """This run's compile-cache folder (`gm.compile_cache`), keyed by all that decides which graphs it compiles in
+    which order; None when off: --compile_cache off, PyNative mode, data-parallel runs (not tried with the cache),
+    or another run using the same folder."""
+    if args.compile_cache == "off" or args.ms_mode == 1 or world_size > 1:
+        disable_compile_cache()
+        return None
+    # where the outputs go changes no graph: a run repeated elsewhere, or with --overwrite, loads the graphs too
+    facts = {"args": {k: v for k, v in vars(args).items() if k not in ("save_path", "overwrite")}, "config": OmegaConf.to_yaml(config), "weight": fingerprint(args.weight),
+             "images": [fingerprint(concept.data_path) for concept in args.concepts],
+             "templates": fingerprint(args.template_file), "resumed": fingerprint(resumed[0]) if resumed else None,
+             "convolution": default_conv_impl()}  # on the CPU it is timed (graphs compiled) before the cache is on
+    return CompileCache.open(args.compile_cache, "train", facts)
 
 
 def read_resume_state(args, identity):
@@ -766,6 +791,8 @@ def train_and_save(run):
                   f"Continue with the same command and --resume latest.")
         return INTERRUPTED
     run.save(step, final=True)
+    if run.compile_cache is not None:
+        run.compile_cache.mark_complete()
     if run.world_size > 1:
         # each rank's learned rows, to check they agree (data parallel keeps them identical)
         print(f"rank {run.rank}/{run.world_size}: learned rows sha256 {rows_digest(run.rows())}", flush=True)
@@ -783,8 +810,9 @@ def train_loop(run, stop):
     if is_main and run.start_step < args.total_step:
         tqdm.write("Compiling the training graph (the first step takes longer)...")
     # compile: the seconds of the steps that compiled a graph (the first; with --bucketing, the first at each
-    # bucket's size); steps: the seconds of the others; validation: each evaluation's seconds
-    timing = {"compile": [], "steps": [], "validation": []}
+    # bucket's size), loaded: whether each came from the compile cache; steps: the seconds of the others;
+    # validation: each evaluation's seconds
+    timing = {"compile": [], "loaded": [], "steps": [], "validation": []}
     step = run.start_step
     stopped = False
     with progress:  # closed before an error is printed, too
@@ -798,7 +826,7 @@ def train_loop(run, stop):
                 break
             started = time.time()
             lr = learning_rate(args.lr_scheduler, run.base_lr, step, args.total_step, args.lr_warmup_steps)
-            graphs = len(run.step_shapes)
+            graphs, cached_graphs = len(run.step_shapes), run.cached_graphs()
             loss = run.run_step(step, lr)
             step += 1
             rows = run.rows()
@@ -809,9 +837,12 @@ def train_loop(run, stop):
             seconds = time.time() - started
             if len(run.step_shapes) > graphs:
                 timing["compile"].append(seconds)
+                loaded = run.compile_cache is not None and run.cached_graphs() == cached_graphs
+                timing["loaded"].append(loaded)
                 if is_main:
                     at = " at this bucket's size" if len(timing["compile"]) > 1 else ""
-                    tqdm.write(f"Graph compiled in {seconds:.1f} s (first step{at}, compile included).")
+                    source = "loaded from the compile cache" if loaded else "compiled"
+                    tqdm.write(f"Graph {source} in {seconds:.1f} s (first step{at}, {source.split()[0]} included).")
             else:
                 timing["steps"].append(seconds)
             val_loss = None
@@ -940,9 +971,23 @@ def print_summary(args, run):
                                      f"steps, the lowest's embedding kept as <name>_best" if run.validation else
                                      "off (--validation_interval 0)"),
         f"  outputs           : {args.save_path}",
+        f"  compile cache     : {compile_cache_status(args, run.compile_cache)}",
         "",
     ]
     print("\n".join(lines))
+
+
+def compile_cache_status(args, compile_cache):
+    """The summary's line on the compile cache: where, and whether this run's graphs are loaded or compiled."""
+    if compile_cache is not None:
+        what = ("the graphs of an earlier run with the same arguments, loaded, not compiled" if compile_cache.reused
+                else "new: this run's graphs are compiled and saved there")
+        return f"{compile_cache.folder} ({what})"
+    if args.compile_cache == "off":
+        return "off (--compile_cache off)"
+    if args.ms_mode == 1 or args.is_parallel:
+        return "off (used in graph mode by single-process runs only)"
+    return "off for this run: another run is using its folder"
 
 
 def print_outputs(args, run, step, timing):
@@ -951,10 +996,11 @@ def print_outputs(args, run, step, timing):
     if timing["compile"]:
         speed = f", then {np.mean(timing['steps']):.2f} s/step" if timing["steps"] else ""
         seconds = " + ".join(f"{s:.1f}" for s in timing["compile"])
+        source = "loaded from the compile cache" if all(timing["loaded"]) else "compiled"
         if len(timing["compile"]) == 1:
-            compiled = f"graph compiled in {seconds} s (first step)"
+            compiled = f"graph {source} in {seconds} s (first step)"
         else:
-            compiled = f"{len(timing['compile'])} graphs compiled in {seconds} s (first step at each bucket's size)"
+            compiled = f"{len(timing['compile'])} graphs {source} in {seconds} s (first step at each bucket's size)"
         print(f"  time                  : {compiled}{speed}")
     if timing["validation"]:
         evaluations = len(timing["validation"])

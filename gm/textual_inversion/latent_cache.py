@@ -23,6 +23,7 @@ from tqdm import tqdm
 import mindspore as ms
 from mindspore import Tensor
 
+from gm.compile_cache import child_env
 from gm.device import keeps_graph_memory
 from gm.util import release_free_memory
 
@@ -128,6 +129,7 @@ def run_encode_job(job_dir, job):
     with open(os.path.join(job_dir, "job.json"), "w", encoding="utf-8") as f:
         json.dump(job, f)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    env = child_env("latent_encoder", env)  # its graphs numbered apart from the parent's in the compile cache
     return subprocess.run([sys.executable, "-m", "gm.textual_inversion.latent_cache", job_dir], env=env).returncode
 
 

@@ -115,10 +115,13 @@ class GradientUpdate(nn.Cell):
         for i in range(len(self.accum)):
             ops.assign_add(self.accum[i], grads[i] / self.accumulation_steps)
         if apply_update:
-            self._update(lr)
+            scaled_loss = ops.depend(scaled_loss, self._update(lr))
         return scaled_loss / self.loss_scale
 
     def _update(self, lr):
+        """Apply the accumulated gradients; returns whether they were finite. (A value, not None: a call that
+        returns nothing under a tensor's `if` becomes a Python-fallback node, and such a graph cannot be saved to
+        the compile cache.)"""
         grads = []
         for i in range(len(self.accum)):
             grad = self.accum[i] / self.loss_scale
@@ -138,6 +141,7 @@ class GradientUpdate(nn.Cell):
             self._update_loss_scale(finite)
         for i in range(len(self.accum)):
             ops.assign(self.accum[i], ops.zeros_like(self.accum[i]))
+        return finite
 
     def _renormalise(self):
         """Scale each learned row back to its norm in `row_norms` (OneTrainer's "preserve embedding norm")."""
@@ -176,7 +180,10 @@ class TextualInversionTrainStep(nn.Cell):
     def __init__(self, loss_net, params, optimizer, **update_options):
         super().__init__(auto_prefix=False)
         self.update = GradientUpdate(params, optimizer, **update_options)
-        self.grad_fn = ms.value_and_grad(ScaledLoss(loss_net, self.update.loss_scale), None, self.update.params)
+        # Held as an attribute, not only inside grad_fn: a graph loaded from the compile cache finds its parameters
+        # among its cell's own, and would read the model's weights as garbage otherwise.
+        self.scaled_loss = ScaledLoss(loss_net, self.update.loss_scale)
+        self.grad_fn = ms.value_and_grad(self.scaled_loss, None, self.update.params)
 
     def construct(self, lr, apply_update, *inputs):
         scaled_loss, grads = self.grad_fn(*inputs)
@@ -272,6 +279,7 @@ class LossAndOutputGradient(nn.Cell):
 
     def __init__(self, loss_net):
         super().__init__(auto_prefix=False)
+        self.loss_net = loss_net  # held: see TextualInversionTrainStep
         self.value_and_grad = ms.value_and_grad(loss_net, grad_position=0)
 
     def construct(self, output, *rest):
