@@ -640,18 +640,23 @@ def main(args):
 
 
 def open_compile_cache(args, config, world_size, resumed):
-    """This run's compile-cache folder (`gm.compile_cache`), keyed by all that decides which graphs it compiles in
-    which order; None when off: --compile_cache off, PyNative mode, data-parallel runs (not tried with the cache),
-    or another run using the same folder."""
+    """This run's compile-cache folder (`gm.compile_cache`); None when off: --compile_cache off, PyNative mode,
+    data-parallel runs (not tried with the cache), or another run using the same folder."""
     if args.compile_cache == "off" or args.ms_mode == 1 or world_size > 1:
         disable_compile_cache()
         return None
-    # where the outputs go changes no graph: a run repeated elsewhere, or with --overwrite, loads the graphs too
-    facts = {"args": {k: v for k, v in vars(args).items() if k not in ("save_path", "overwrite")}, "config": OmegaConf.to_yaml(config), "weight": fingerprint(args.weight),
-             "images": [fingerprint(concept.data_path) for concept in args.concepts],
-             "templates": fingerprint(args.template_file), "resumed": fingerprint(resumed[0]) if resumed else None,
-             "convolution": default_conv_impl()}  # on the CPU it is timed (graphs compiled) before the cache is on
-    return CompileCache.open(args.compile_cache, "train", facts)
+    return CompileCache.open(args.compile_cache, "train", compile_cache_facts(args, config, resumed))
+
+
+def compile_cache_facts(args, config, resumed):
+    """All that decides which graphs a run compiles, and in which order: every argument but where the outputs go
+    (a run repeated elsewhere, or with --overwrite, loads the graphs too), the config, the weights, the images, the
+    training state resumed and the convolution kernels chosen (on the CPU, timed before the cache is on)."""
+    return {"args": {k: v for k, v in vars(args).items() if k not in ("save_path", "overwrite")},
+            "config": OmegaConf.to_yaml(config), "weight": fingerprint(args.weight),
+            "images": [fingerprint(concept.data_path) for concept in args.concepts],
+            "templates": fingerprint(args.template_file), "resumed": fingerprint(resumed[0]) if resumed else None,
+            "convolution": default_conv_impl()}
 
 
 def read_resume_state(args, identity):

@@ -19,6 +19,7 @@ import warnings
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from gm.compile_cache import add_compile_cache_argument  # noqa: E402
 from gm.device import add_device_arguments, resolve_device, set_device  # noqa: E402
 from gm.modules.diffusionmodules.sampler_names import SAMPLERS  # noqa: E402
 from gm.util import str2bool  # noqa: E402
@@ -76,7 +77,7 @@ def get_parser():
                              "same result as in one piece, for less memory: decoding the full-size SDXL's 1024 px "
                              "image, this command holds 9.4 GB in one piece on the CPU, 5.7 GB in tiles (the UNet "
                              "freed by then); for images above 1024 px, or with little memory")
-    add_device_arguments(parser)  # --device_target, --ms_mode, --precision: the same for every command
+    add_compile_cache_argument(add_device_arguments(parser))  # --device_target ...: the same for every command
     return parser
 
 
@@ -138,6 +139,23 @@ def format_warning(message, category, filename, lineno, line=None):
     return f"warning: {message}\n"
 
 
+def open_compile_cache(args, config, num_prompts):
+    """This command's compile-cache folder (`gm.compile_cache`), keyed by all that decides its graphs and their
+    order; the prompts' words, the seed, the starting image and where the images go decide none. None when off."""
+    from gm.compile_cache import CompileCache, disable, fingerprint
+    from gm.modules.layers import default_conv_impl
+
+    if args.compile_cache == "off" or args.ms_mode == 1:
+        disable()
+        return None
+    unused = ("prompt", "prompt_file", "seed", "img", "save_path")
+    facts = {"args": {k: v for k, v in vars(args).items() if k not in unused}, "prompts": num_prompts,
+             "config": config, "weight": fingerprint(None if args.weight == RANDOM_WEIGHTS else args.weight),
+             "embeddings": [fingerprint(path) for path in args.textual_inversion_weight],
+             "convolution": default_conv_impl()}  # on the CPU it is timed (graphs compiled) before the cache is on
+    return CompileCache.open(args.compile_cache, "sample", facts)
+
+
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
@@ -146,6 +164,7 @@ def main(argv=None):
 
     # imported here so that --help and flag errors answer at once
     import mindspore as ms
+    from omegaconf import OmegaConf
     from tqdm import tqdm
 
     from gm.models.loading import create_model, load_config
@@ -170,6 +189,9 @@ def main(argv=None):
             set_device(args.device_target, args.ms_mode)
         except ValueError as e:  # a device this MindSpore installation cannot use
             raise SamplingError(str(e)) from None
+        compile_cache = open_compile_cache(args, OmegaConf.to_yaml(config), len(prompts))
+        if compile_cache is not None:
+            print(f"Compile cache: {compile_cache.folder} ({'graphs loaded' if compile_cache.reused else 'new'})")
         ms.set_seed(args.seed)  # random initial weights (--weight random) follow --seed
         pipeline = SDXLPipeline(create_model(config, args.weight, precision=args.precision),
                                 blockwise_unet=args.blockwise_unet, vae_tiling=args.vae_tiling)
@@ -217,6 +239,8 @@ def main(argv=None):
                          args.H, args.W, args.seed, num_images, init_image, args.strength, progress, on_image,
                          args.batch_size, release_models=True)  # one call: each model freed once done
         bar.close()
+        if compile_cache is not None:
+            compile_cache.mark_complete()
     except (SamplingError, EmbeddingFormatError, WeightFileError, WeightMismatchError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -28,6 +28,7 @@ COMPLETE = "complete"
 
 
 def default_root():
+    """$SDXL_TI_COMPILE_CACHE ("off" turns the cache off), else ~/.cache/sdxl-ti/compile_cache."""
     return os.environ.get(ROOT_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "sdxl-ti", "compile_cache")
 
 
@@ -51,27 +52,28 @@ def fingerprint(path):
     return [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
 
 
-def code_fingerprint():
+def code_fingerprint(project_root=PROJECT_ROOT):
     """A hash of the project's Python sources (gm/, the commands, demo/, tools/): a changed line, a new graph."""
-    files = sorted(glob.glob(os.path.join(PROJECT_ROOT, "*.py"))
-                   + glob.glob(os.path.join(PROJECT_ROOT, "gm", "**", "*.py"), recursive=True)
-                   + glob.glob(os.path.join(PROJECT_ROOT, "demo", "*.py"))
-                   + glob.glob(os.path.join(PROJECT_ROOT, "tools", "*.py")))
+    files = sorted(glob.glob(os.path.join(project_root, "*.py"))
+                   + glob.glob(os.path.join(project_root, "gm", "**", "*.py"), recursive=True)
+                   + glob.glob(os.path.join(project_root, "demo", "*.py"))
+                   + glob.glob(os.path.join(project_root, "tools", "*.py")))
     digest = hashlib.sha256()
     for path in files:
-        digest.update(os.path.relpath(path, PROJECT_ROOT).encode())
+        digest.update(os.path.relpath(path, project_root).encode())
         with open(path, "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()
 
 
-def key(command, facts):
-    """The key of a command run: `facts` (JSON-serialisable: arguments, file fingerprints ...) plus the code's and
-    MindSpore's versions. Returns (hex digest, the whole key as a dict)."""
+def folder_for(root, command, facts):
+    """(the folder under `root` of a run of `command` with `facts` (JSON-serialisable: arguments, fingerprints of
+    files ...), its whole key as a dict): the facts, the code's fingerprint and MindSpore's version."""
     import mindspore as ms
 
     whole = {"command": command, "facts": facts, "code": code_fingerprint(), "mindspore": ms.__version__}
-    return hashlib.sha256(json.dumps(whole, sort_keys=True, default=str).encode()).hexdigest(), whole
+    digest = hashlib.sha256(json.dumps(whole, sort_keys=True, default=str).encode()).hexdigest()
+    return os.path.join(os.path.abspath(root), f"{command}-{digest[:16]}"), whole
 
 
 class CompileCache:
@@ -89,8 +91,7 @@ class CompileCache:
         if os.environ.get(PATH_ENV):
             raise RuntimeError(f"the compile cache is already set for this process ({os.environ[PATH_ENV]}); "
                                "a process uses one folder, chosen before its first graph")
-        digest, whole = key(command, facts)
-        folder = os.path.join(os.path.abspath(root), f"{command}-{digest[:16]}")
+        folder, whole = folder_for(root, command, facts)
         os.makedirs(folder, exist_ok=True)
         lock = open(os.path.join(folder, "lock"), "w")
         try:
@@ -116,6 +117,10 @@ class CompileCache:
     def mark_complete(self):
         """The run finished: its graphs may be loaded by the next run with the same key."""
         open(os.path.join(self.folder, COMPLETE), "w").close()
+
+    def close(self):
+        """Let another process use the folder (ending the process does too)."""
+        self._lock.close()
 
 
 def child_env(name, env):

@@ -17,6 +17,10 @@ from gm.modules.layers import native_conv_is_fast  # noqa: E402
 
 native_conv_is_fast()
 
+# The commands the tests start compile their graphs (no compile cache shared between tests: a test's graphs must not
+# depend on which tests ran before it); tests/test_compile_cache.py turns it on, in folders of its own.
+os.environ.setdefault("SDXL_TI_COMPILE_CACHE", "off")
+
 # The suite runs in two processes (pytest.ini: pytest-xdist, a file at a time, to whichever is free). The files
 # that take longest go first, so that neither process is left with a long file at the end while the other idles.
 LONGEST_FIRST = ("test_train_textual_inversion.py", "test_sampling.py", "test_benchmarks.py", "test_pretrain_tiny.py",

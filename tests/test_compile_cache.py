@@ -1,0 +1,136 @@
+"""The compile cache (`gm.compile_cache`): a training run again loads its graphs and trains bit for bit the same;
+what decides a run's graphs keys its folder; a folder in use or left unfinished is never loaded from.
+
+MindSpore loads the n-th graph a process compiles from the n-th file whatever it holds, so the keying is what
+keeps a stale or foreign graph from running; and a loaded gradient graph finds its parameters only among its own
+cell's (before `TextualInversionTrainStep` held its loss cell, this test's second run trained on NaN)."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from gm import compile_cache
+from gm.compile_cache import CompileCache, code_fingerprint, folder_for
+from gm.models.loading import load_config
+from train_textual_inversion import compile_cache_facts, parse_args, resolve_defaults
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "train_textual_inversion.py")
+TINY = os.path.join(ROOT, "configs", "training", "sd_xl_tiny_textual_inversion.yaml")
+DATA = os.path.join(ROOT, "datasets", "synthetic_toy")
+ARGS = ["--config", TINY, "--data_path", DATA, "--placeholder_token", "<toy>", "--initializer_token", "star",
+        "--device_target", "CPU", "--total_step", "3", "--validation_interval", "0"]
+
+
+def train(cache, save_path):
+    process = subprocess.run([sys.executable, SCRIPT, *ARGS, "--compile_cache", cache, "--save_path", save_path],
+                             capture_output=True, text=True, timeout=900)
+    assert process.returncode == 0, process.stdout + process.stderr
+    return process.stdout
+
+
+def learned(save_path):
+    rows = safetensors.numpy.load_file(os.path.join(save_path, "toy.safetensors"))
+    with open(os.path.join(save_path, "loss.csv")) as f:
+        losses = [line.split(",")[1] for line in f.readlines()[1:]]
+    return rows, losses
+
+
+def test_a_run_again_loads_its_graphs_and_trains_the_same(tmp_path):
+    cache = str(tmp_path / "cache")
+    first = train(cache, str(tmp_path / "first"))
+    folders = os.listdir(cache)
+    assert len(folders) == 1 and folders[0].startswith("train-")
+    folder = os.path.join(cache, folders[0])
+    assert f"compile cache     : {folder} (new: " in first and "Graph compiled in" in first
+    assert os.path.exists(os.path.join(folder, "complete")) and os.path.exists(os.path.join(folder, "key.json"))
+    graphs = sorted(os.listdir(os.path.join(folder, "rank_0", "graph_cache")))
+    assert len([g for g in graphs if g.endswith(".mindir")]) >= 2  # the conditioner's and the train step's at least
+    assert os.listdir(os.path.join(folder, "latent_encoder", "rank_0", "graph_cache"))  # the encoding child's
+
+    second = train(cache, str(tmp_path / "second"))  # elsewhere: where the outputs go is not in the key
+    assert os.listdir(cache) == folders
+    assert f"compile cache     : {folder} (the graphs of an earlier run" in second
+    assert "Graph loaded from the compile cache in" in second and "Graph compiled" not in second
+    assert sorted(os.listdir(os.path.join(folder, "rank_0", "graph_cache"))) == graphs  # nothing compiled again
+    rows_1, losses_1 = learned(str(tmp_path / "first"))
+    rows_2, losses_2 = learned(str(tmp_path / "second"))
+    assert losses_2 == losses_1 and all(np.isfinite(float(loss)) for loss in losses_1)
+    for name in rows_1:
+        np.testing.assert_array_equal(rows_2[name], rows_1[name])
+
+
+def facts(tmp_path, argv, config=TINY):
+    args = parse_args(ARGS + ["--save_path", str(tmp_path / "run"), "--config", config, *argv])
+    config = load_config(args.config)
+    resolve_defaults(args, config)
+    return compile_cache_facts(args, config, None)
+
+
+def test_what_decides_the_graphs_keys_the_folder(tmp_path):
+    """A changed config, argument, image or line of code gets a folder of its own; where the outputs go does not."""
+    def folder(argv=(), config=TINY):
+        return folder_for(tmp_path, "train", facts(tmp_path, list(argv), config))[0]
+
+    changed_config = tmp_path / "changed.yaml"
+    changed_config.write_text(open(TINY).read().replace("scale_factor: 0.13025", "scale_factor: 0.2"))
+    assert changed_config.read_text() != open(TINY).read()
+    data = tmp_path / "images"
+    shutil.copytree(DATA, data)
+    base = folder()
+    assert folder() == base
+    assert folder(["--save_path", str(tmp_path / "elsewhere"), "--overwrite"]) == base
+    assert folder(config=str(changed_config)) != base
+    assert folder(["--resolution", "128"]) != base
+    assert folder(["--data_path", str(data)]) != base and folder(["--data_path", str(data)]) == folder(
+        ["--data_path", str(data)])
+    os.remove(data / sorted(os.listdir(data))[0])
+    assert len({folder(["--data_path", str(data)]), base}) == 2
+
+    project = tmp_path / "project"
+    shutil.copytree(os.path.join(ROOT, "gm"), project / "gm")
+    before = code_fingerprint(str(project))
+    with open(project / "gm" / "util.py", "a") as f:
+        f.write("\n# a changed line\n")
+    assert code_fingerprint(str(project)) != before
+
+
+@pytest.fixture
+def cache_env(monkeypatch):
+    """Whatever a test sets of MindSpore's cache switches is undone after it (no graph is compiled meanwhile)."""
+    monkeypatch.setenv(compile_cache.ENABLE_ENV, "0")
+    monkeypatch.delenv(compile_cache.PATH_ENV, raising=False)
+
+
+def test_a_folder_in_use_or_unfinished_is_not_loaded_from(tmp_path, cache_env):
+    run_facts = {"args": ["a"]}
+    cache = CompileCache.open(tmp_path, "train", run_facts)
+    assert not cache.reused and os.environ[compile_cache.PATH_ENV] == cache.folder
+    assert os.environ[compile_cache.ENABLE_ENV] == "1"
+    with pytest.raises(RuntimeError, match="already set for this process"):
+        CompileCache.open(tmp_path, "train", {"args": ["b"]})  # a process uses one folder
+    del os.environ[compile_cache.PATH_ENV]
+    assert CompileCache.open(tmp_path, "train", run_facts) is None  # in use: this process compiles without it
+    assert os.environ[compile_cache.ENABLE_ENV] == "0" and compile_cache.PATH_ENV not in os.environ
+
+    stale = os.path.join(cache.folder, "rank_0", "graph_cache", "compile_cache_0.mindir")
+    os.makedirs(os.path.dirname(stale))
+    open(stale, "w").close()
+    cache.close()  # the run ended without finishing: its graphs are not trusted
+    again = CompileCache.open(tmp_path, "train", run_facts)
+    assert again.folder == cache.folder and not again.reused and not os.path.exists(stale)
+    assert os.path.exists(os.path.join(again.folder, "key.json"))
+    os.makedirs(os.path.dirname(stale))
+    open(stale, "w").close()
+    again.mark_complete()
+    again.close()
+    del os.environ[compile_cache.PATH_ENV]
+    last = CompileCache.open(tmp_path, "train", run_facts)
+    assert last.reused and os.path.exists(stale) and last.graphs() == 1
+    child = compile_cache.child_env("latent_encoder", dict(os.environ))
+    assert child[compile_cache.PATH_ENV] == os.path.join(last.folder, "latent_encoder")
+    last.close()
