@@ -813,7 +813,9 @@ def train_loop(run, stop):
     progress = tqdm(total=args.total_step, initial=run.start_step, desc="Training", disable=not is_main,
                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
     if is_main and run.start_step < args.total_step:
-        tqdm.write("Compiling the training graph (the first step takes longer)...")
+        reused = run.compile_cache is not None and run.compile_cache.reused
+        tqdm.write("Loading the training graph from the compile cache..." if reused else
+                   "Compiling the training graph (the first step takes longer)...")
     # compile: the seconds of the steps that compiled a graph (the first; with --bucketing, the first at each
     # bucket's size), loaded: whether each came from the compile cache; steps: the seconds of the others;
     # validation: each evaluation's seconds
@@ -846,8 +848,8 @@ def train_loop(run, stop):
                 timing["loaded"].append(loaded)
                 if is_main:
                     at = " at this bucket's size" if len(timing["compile"]) > 1 else ""
-                    source = "loaded from the compile cache" if loaded else "compiled"
-                    tqdm.write(f"Graph {source} in {seconds:.1f} s (first step{at}, {source.split()[0]} included).")
+                    source, work = ("loaded from the compile cache", "load") if loaded else ("compiled", "compile")
+                    tqdm.write(f"Graph {source} in {seconds:.1f} s (first step{at}, {work} included).")
             else:
                 timing["steps"].append(seconds)
             val_loss = None
