@@ -4,6 +4,7 @@ what decides a run's graphs keys its folder; a folder in use or left unfinished 
 MindSpore loads the n-th graph a process compiles from the n-th file whatever it holds, so the keying is what
 keeps a stale or foreign graph from running; and a loaded gradient graph finds its parameters only among its own
 cell's (before `TextualInversionTrainStep` held its loss cell, this test's second run trained on NaN)."""
+import json
 import os
 import shutil
 import subprocess
@@ -97,6 +98,66 @@ def test_what_decides_the_graphs_keys_the_folder(tmp_path):
     with open(project / "gm" / "util.py", "a") as f:
         f.write("\n# a changed line\n")
     assert code_fingerprint(str(project)) != before
+
+
+TOY_STEP = """
+import json, sys
+import numpy as np
+sys.path.insert(0, ROOT)
+from gm.compile_cache import CompileCache
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from gm.textual_inversion.optim import AdamW
+from gm.textual_inversion.train_step import TextualInversionTrainStep
+
+ms.set_context(mode=ms.GRAPH_MODE)
+options = json.loads(sys.argv[2])
+cache = CompileCache.open(sys.argv[1], "toy", options)
+rng = np.random.RandomState(0)
+
+
+class ToyLoss(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.frozen = Parameter(Tensor(rng.standard_normal((4, 3)), ms.float32), name="frozen", requires_grad=False)
+        self.rows = Parameter(Tensor(rng.standard_normal((2, 4)), ms.float32), name="rows")
+
+    def construct(self, x):
+        return ((ops.matmul(self.rows, self.frozen) - x) ** 2).mean()
+
+
+loss = ToyLoss()
+norms = [np.linalg.norm(loss.rows.asnumpy(), axis=1)] if options["preserve_norm"] else None
+accumulation = options["accumulation"]
+step = TextualInversionTrainStep(loss, [loss.rows], AdamW([loss.rows]), accumulation_steps=accumulation,
+                                 max_grad_norm=options["max_grad_norm"], row_norms=norms,
+                                 dynamic_loss_scale=options["dynamic_loss_scale"])
+losses = [float(step(Tensor(0.1, ms.float32), Tensor(i % accumulation == accumulation - 1),
+                     Tensor(rng.standard_normal((2, 3)), ms.float32)).asnumpy()) for i in range(4)]
+cache.mark_complete()
+print(json.dumps({"reused": cache.reused, "losses": losses, "rows": loss.rows.asnumpy().tolist()}))
+""".replace("ROOT", repr(ROOT))
+
+
+@pytest.mark.parametrize("options", [
+    {"accumulation": 1, "max_grad_norm": 0.0, "preserve_norm": False, "dynamic_loss_scale": False},
+    {"accumulation": 2, "max_grad_norm": 1.0, "preserve_norm": True, "dynamic_loss_scale": True},
+], ids=["plain", "every_option"])
+def test_every_train_step_option_saves_and_loads(tmp_path, options):
+    """The train step's update with each of its options (accumulation, clipping, --embedding_norm preserve, fp16's
+    dynamic loss scale) on a toy loss: saved by the first run (a graph MindSpore cannot save stops the run), loaded
+    by the second, the same losses and rows."""
+    script = tmp_path / "toy_step.py"
+    script.write_text(TOY_STEP)
+    runs = []
+    for _ in range(2):
+        process = subprocess.run([sys.executable, str(script), str(tmp_path / "cache"), json.dumps(options)],
+                                 capture_output=True, text=True, timeout=300)
+        assert process.returncode == 0, process.stderr[-3000:]
+        runs.append(json.loads(process.stdout.strip().splitlines()[-1]))
+    assert [run["reused"] for run in runs] == [False, True]
+    assert runs[1]["losses"] == runs[0]["losses"] and runs[1]["rows"] == runs[0]["rows"]
+    assert np.isfinite(runs[0]["losses"]).all()
 
 
 @pytest.fixture

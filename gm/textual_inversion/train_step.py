@@ -118,10 +118,11 @@ class GradientUpdate(nn.Cell):
             scaled_loss = ops.depend(scaled_loss, self._update(lr))
         return scaled_loss / self.loss_scale
 
+    # The helpers below return a value, even where no caller needs it: in a graph, a call that returns nothing under
+    # a tensor's `if` becomes a Python-fallback node, and a graph with one cannot be saved to the compile cache.
+
     def _update(self, lr):
-        """Apply the accumulated gradients; returns whether they were finite. (A value, not None: a call that
-        returns nothing under a tensor's `if` becomes a Python-fallback node, and such a graph cannot be saved to
-        the compile cache.)"""
+        """Apply the accumulated gradients; returns whether they were finite."""
         grads = []
         for i in range(len(self.accum)):
             grad = self.accum[i] / self.loss_scale
@@ -144,11 +145,15 @@ class GradientUpdate(nn.Cell):
         return finite
 
     def _renormalise(self):
-        """Scale each learned row back to its norm in `row_norms` (OneTrainer's "preserve embedding norm")."""
+        """Scale each learned row back to its norm in `row_norms` (OneTrainer's "preserve embedding norm"); returns
+        the rows' norms before."""
+        before = []
         for i in range(len(self.params)):
             rows = self.params[i]
             norms = ops.sqrt(ops.sum(ops.square(rows), 1, keepdim=True))
             ops.assign(rows, rows * (self.row_norms[i] / norms))
+            before.append(norms)
+        return before
 
     def _clip(self, grads):
         """Scale all gradients by min(1, max_norm / global_norm), as torch's clip_grad_norm_."""
@@ -157,15 +162,18 @@ class GradientUpdate(nn.Cell):
         return [g * coef for g in grads]
 
     def _update_loss_scale(self, finite):
+        """Double the loss scale after `scale_window` finite steps in a row, halve it after one that is not;
+        returns the count of finite steps in a row."""
         if finite:
             good = self.good_steps + 1
             if good >= self.scale_window:
                 ops.assign(self.loss_scale, self.loss_scale * 2.0)
                 good = good * 0
-            ops.assign(self.good_steps, good)
         else:
             ops.assign(self.loss_scale, ops.maximum(self.loss_scale / 2.0, 1.0))
-            ops.assign(self.good_steps, self.good_steps * 0)
+            good = self.good_steps * 0
+        ops.assign(self.good_steps, good)
+        return good
 
     def state_parameters(self):
         """Everything besides the learned rows that must be saved to resume exactly."""
