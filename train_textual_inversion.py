@@ -34,7 +34,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 import gm
-from gm.compile_cache import CompileCache, add_compile_cache_argument, fingerprint
+from gm.compile_cache import CompileCache, CompileCacheError, add_compile_cache_argument, fingerprint
 from gm.compile_cache import disable as disable_compile_cache
 from gm.data.dataset import DataError, TextualInversionDataset, data_order, prompt_batch
 from gm.data.templates import TemplateError, load_templates
@@ -1050,7 +1050,7 @@ def print_outputs(args, run, step, timing):
 
 # what a user can get wrong (arguments, images, weight files, a run folder in use): one `error:` line, exit 2
 USER_ERRORS = (UsageError, DataError, TemplateError, PlaceholderError, WeightFileError, WeightMismatchError,
-               ResumeError, RunFolderInUse)
+               ResumeError, RunFolderInUse, CompileCacheError)
 
 
 def cli(argv=None):

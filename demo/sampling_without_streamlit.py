@@ -140,20 +140,27 @@ def format_warning(message, category, filename, lineno, line=None):
 
 
 def open_compile_cache(args, config, num_prompts):
-    """This command's compile-cache folder (`gm.compile_cache`), keyed by all that decides its graphs and their
-    order; the prompts' words, the seed, the starting image and where the images go decide none. None when off."""
-    from gm.compile_cache import CompileCache, disable, fingerprint
-    from gm.modules.layers import default_conv_impl
+    """This command's compile-cache folder (`gm.compile_cache`); None when off (--compile_cache off, PyNative)."""
+    from gm.compile_cache import CompileCache, disable
 
     if args.compile_cache == "off" or args.ms_mode == 1:
         disable()
         return None
+    return CompileCache.open(args.compile_cache, "sample", compile_cache_facts(args, config, num_prompts))
+
+
+def compile_cache_facts(args, config, num_prompts):
+    """All that decides which graphs the command compiles, and in which order: the arguments but the prompts' words,
+    the seed, the starting image and where the images go; the number of prompts, the config (its YAML text), the
+    weights and embeddings, the convolution kernels chosen (on the CPU, timed before the cache is on)."""
+    from gm.compile_cache import fingerprint
+    from gm.modules.layers import default_conv_impl
+
     unused = ("prompt", "prompt_file", "seed", "img", "save_path")
-    facts = {"args": {k: v for k, v in vars(args).items() if k not in unused}, "prompts": num_prompts,
-             "config": config, "weight": fingerprint(None if args.weight == RANDOM_WEIGHTS else args.weight),
-             "embeddings": [fingerprint(path) for path in args.textual_inversion_weight],
-             "convolution": default_conv_impl()}  # on the CPU it is timed (graphs compiled) before the cache is on
-    return CompileCache.open(args.compile_cache, "sample", facts)
+    return {"args": {k: v for k, v in vars(args).items() if k not in unused}, "prompts": num_prompts,
+            "config": config, "weight": fingerprint(None if args.weight == RANDOM_WEIGHTS else args.weight),
+            "embeddings": [fingerprint(path) for path in args.textual_inversion_weight],
+            "convolution": default_conv_impl()}
 
 
 def main(argv=None):
@@ -191,7 +198,9 @@ def main(argv=None):
             raise SamplingError(str(e)) from None
         compile_cache = open_compile_cache(args, OmegaConf.to_yaml(config), len(prompts))
         if compile_cache is not None:
-            print(f"Compile cache: {compile_cache.folder} ({'graphs loaded' if compile_cache.reused else 'new'})")
+            what = ("the graphs of an earlier run with the same arguments, loaded, not compiled" if compile_cache.reused
+                    else "new: this run's graphs are compiled and saved there")
+            print(f"Compile cache: {compile_cache.folder} ({what})")
         ms.set_seed(args.seed)  # random initial weights (--weight random) follow --seed
         pipeline = SDXLPipeline(create_model(config, args.weight, precision=args.precision),
                                 blockwise_unet=args.blockwise_unet, vae_tiling=args.vae_tiling)

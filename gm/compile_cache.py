@@ -6,13 +6,14 @@ process compiles them: the n-th graph a process compiles is loaded from `compile
 that file holds, and the only check is a hash of the Python sources. A command that compiles its graphs in another
 order (another flag, other image sizes, a resumed run) would run the wrong graphs without a word (measured: NaN and
 zeros). So each command run gets a folder of its own, named by a hash of everything that decides which graphs it
-compiles and in which order (`key`): the command, every argument, the config's text, the weight file, the
+compiles and in which order (`folder_for`): the command, every argument, the config's text, the weight file, the
 training images, the project's code and MindSpore's version. A folder is used by one process at a time (a lock),
 and trusted only once a run has finished with it (`complete`); a folder a killed run left behind is emptied.
 
 Each folder holds `key.json` (what it was made for, readable), the graphs (`rank_0/graph_cache/`) and a child
 process's folder (`child_env`). Delete the cache root at any time; the next run compiles again. The cache is
-set up once per process, before its first graph is compiled: the folder MindSpore uses cannot change after that.
+set up once per process, before its first graph is compiled: the folder MindSpore uses cannot change after that
+(graphs compiled while it is off do not count).
 """
 import fcntl
 import glob
@@ -25,6 +26,10 @@ ROOT_ENV = "SDXL_TI_COMPILE_CACHE"  # the cache's root folder; default ~/.cache/
 ENABLE_ENV, PATH_ENV = "MS_COMPILER_CACHE_ENABLE", "MS_COMPILER_CACHE_PATH"  # MindSpore's switches
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPLETE = "complete"
+
+
+class CompileCacheError(OSError):
+    """The cache's folder cannot be used (the message says which and what to do)."""
 
 
 def default_root():
@@ -87,13 +92,15 @@ class CompileCache:
     def open(cls, root, command, facts):
         """Set MindSpore's cache to the folder of (`command`, `facts`) under `root`, for this process and its
         children (`child_env`); `None` if another process is using that folder (this one then compiles without
-        the cache). Call before this process compiles any graph."""
-        if os.environ.get(PATH_ENV):
-            raise RuntimeError(f"the compile cache is already set for this process ({os.environ[PATH_ENV]}); "
-                               "a process uses one folder, chosen before its first graph")
+        the cache). Call once, before this process compiles any graph (MindSpore settings from the shell are
+        replaced)."""
         folder, whole = folder_for(root, command, facts)
-        os.makedirs(folder, exist_ok=True)
-        lock = open(os.path.join(folder, "lock"), "w")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            lock = open(os.path.join(folder, "lock"), "w")
+        except OSError as e:
+            raise CompileCacheError(f"--compile_cache {root}: cannot write there ({e.strerror}); give a folder you "
+                                    f"can write to, or off") from None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

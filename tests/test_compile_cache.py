@@ -172,9 +172,6 @@ def test_a_folder_in_use_or_unfinished_is_not_loaded_from(tmp_path, cache_env):
     cache = CompileCache.open(tmp_path, "train", run_facts)
     assert not cache.reused and os.environ[compile_cache.PATH_ENV] == cache.folder
     assert os.environ[compile_cache.ENABLE_ENV] == "1"
-    with pytest.raises(RuntimeError, match="already set for this process"):
-        CompileCache.open(tmp_path, "train", {"args": ["b"]})  # a process uses one folder
-    del os.environ[compile_cache.PATH_ENV]
     assert CompileCache.open(tmp_path, "train", run_facts) is None  # in use: this process compiles without it
     assert os.environ[compile_cache.ENABLE_ENV] == "0" and compile_cache.PATH_ENV not in os.environ
 
@@ -189,9 +186,40 @@ def test_a_folder_in_use_or_unfinished_is_not_loaded_from(tmp_path, cache_env):
     open(stale, "w").close()
     again.mark_complete()
     again.close()
-    del os.environ[compile_cache.PATH_ENV]
     last = CompileCache.open(tmp_path, "train", run_facts)
     assert last.reused and os.path.exists(stale) and last.graphs() == 1
     child = compile_cache.child_env("latent_encoder", dict(os.environ))
     assert child[compile_cache.PATH_ENV] == os.path.join(last.folder, "latent_encoder")
     last.close()
+
+
+def test_a_cache_folder_that_cannot_be_written_is_one_clear_error(tmp_path):
+    not_a_folder = tmp_path / "a_file"
+    not_a_folder.write_text("")
+    process = subprocess.run([sys.executable, SCRIPT, *ARGS, "--compile_cache", str(not_a_folder / "cache"),
+                              "--save_path", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert process.returncode == 2
+    assert process.stderr.strip().splitlines()[-1].startswith(f"error: --compile_cache {not_a_folder / 'cache'}: "
+                                                             "cannot write there")
+    assert "Traceback" not in process.stderr
+
+
+def test_the_sampling_commands_key_leaves_out_the_prompts_words_and_seeds(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "demo"))
+    import sampling_without_streamlit as sampling
+
+    embedding = tmp_path / "toy.safetensors"
+    embedding.write_bytes(b"rows")
+    base = ["--config", os.path.join(ROOT, "configs", "inference", "sd_xl_tiny.yaml"), "--H", "64", "--W", "64",
+            "--prompt", "a photo of a red star", "--textual_inversion_weight", str(embedding)]
+
+    def folder(argv=(), prompts=1):
+        args = sampling.get_parser().parse_args(base + list(argv))
+        return folder_for(tmp_path, "sample", sampling.compile_cache_facts(args, "the config", prompts))[0]
+
+    same = folder()
+    assert folder(["--prompt", "a photo of <toy>", "--seed", "7", "--save_path", str(tmp_path / "other")]) == same
+    assert folder(["--task", "img2img", "--img", "a.png"]) != same  # the encoder's graph comes in
+    assert folder(["--num_cols", "4"]) != same and folder(["--H", "128"]) != same and folder(prompts=2) != same
+    embedding.write_bytes(b"other rows")
+    assert folder() != same
