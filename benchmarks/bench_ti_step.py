@@ -58,6 +58,9 @@ def parse_args(argv=None):
                    help="skip the per-module breakdown (for ours it compiles each part in one more process)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default=None, help="diffusers folder of the weights (default: written once to a cache)")
+    p.add_argument("--compile_cache", default="off",
+                   help="ours: the trainer's compile cache in this folder (default: off); a second run with the "
+                        "same arguments loads the step's graph instead of compiling it")
     p.add_argument("--side", choices=["ours", "ours-parts", "reference"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     full = args.config == "full"
@@ -150,6 +153,7 @@ def run_ours(args):
     from gm.textual_inversion.train_step import compile_ahead
 
     peak_gflops = mindspore_matmul_peak()
+    cache = open_compile_cache(args)
     _, _, train_step, inputs, facts = build_ours(args)
     lr, apply = Tensor(LEARNING_RATE, ms.float32), Tensor(True)
 
@@ -164,7 +168,8 @@ def run_ours(args):
     else:
         compile_ahead(train_step, lr, apply, *inputs())  # as the trainer does
     compile_seconds = time.perf_counter() - start
-    log(f"ours: step compiled in {compile_seconds:.1f} s")
+    log(f"ours: step {'loaded from the compile cache' if cache and cache.reused else 'compiled'} in "
+        f"{compile_seconds:.1f} s")
     start = time.perf_counter()
     for _ in range(args.warmup):
         step()
@@ -172,9 +177,25 @@ def run_ours(args):
     log(f"ours: warm-up step {warmup_seconds:.2f} s")
     seconds, times = median_time(step, args.steps)
     log(f"ours: {args.steps} steps, median {seconds:.3f} s")
+    if cache is not None:
+        cache.mark_complete()
     emit(dict(facts, side="ours", seconds=seconds, times=times, compile_seconds=compile_seconds,
+              compile_cached=bool(cache and cache.reused),
               first_step_seconds=warmup_seconds, peak_gb=memory_gb("VmHWM"), peak_gflops=peak_gflops,
               threads=args.threads))
+
+
+def open_compile_cache(args):
+    """The trainer's compile cache for our side (None: --compile_cache off), keyed by every argument that decides
+    its graphs and the weights."""
+    from gm.compile_cache import CompileCache, fingerprint
+    from gm.modules.layers import default_conv_impl
+
+    if args.compile_cache == "off":
+        return None
+    facts = {"args": {k: v for k, v in vars(args).items() if k not in ("steps", "warmup")},
+             "weights": fingerprint(args.weights), "convolution": default_conv_impl()}
+    return CompileCache.open(args.compile_cache, "bench_ti_step", facts)
 
 
 def wait(outputs):
@@ -454,7 +475,8 @@ def report(args, ours, ref, flops):
         ("s/step (median)", f"{ours['seconds']:.3f}", f"{ref['seconds']:.3f}"),
         ("  spread (min-max)", f"{min(ours['times']):.3f}-{max(ours['times']):.3f}",
          f"{min(ref['times']):.3f}-{max(ref['times']):.3f}"),
-        ("graph compile (s)", f"{ours['compile_seconds']:.1f}", "-"),
+        ("graph load, compile cache (s)" if ours.get("compile_cached") else "graph compile (s)",
+         f"{ours['compile_seconds']:.1f}", "-"),
         ("first step after compile (s)", f"{ours['first_step_seconds']:.3f}", f"{ref['first_step_seconds']:.3f}"),
         ("latent caching, once per image (s)", f"{ours['latent_cache_seconds']:.2f}", "- (encodes every step)"),
         ("peak resident memory (GB)", f"{ours['peak_gb']:.2f}", f"{ref['peak_gb']:.2f}"),
@@ -486,7 +508,8 @@ def side_argv(args):
     """The command line of one side: everything the parent resolved, passed on explicitly."""
     argv = ["--config", args.config, "--resolution", str(args.resolution), "--steps", str(args.steps),
             "--warmup", str(args.warmup), "--batch", str(args.batch), "--num_vectors", str(args.num_vectors),
-            "--threads", str(args.threads), "--seed", str(args.seed), "--weights", args.weights]
+            "--threads", str(args.threads), "--seed", str(args.seed), "--weights", args.weights,
+            "--compile_cache", args.compile_cache]
     return (argv + ["--recompute"] * args.recompute + ["--blockwise_unet"] * args.blockwise_unet
             + ["--no-breakdown"] * (not args.breakdown))
 

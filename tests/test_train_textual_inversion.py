@@ -3,7 +3,8 @@
 
 A train graph takes about 40 s of CPU to compile, so this module compiles few. One in-process `Training` (the
 trainer's own setup: 2 vectors from "toy", batch 1, 2 accumulation steps) is shared by the tests through a
-module fixture and reset between them. The command-line runs (A: batch 2, 8 steps; B: A resumed from step 4;
+module fixture and reset between them. The command-line runs (A: batch 2, 8 steps, its graphs saved to a compile
+cache; A again elsewhere, loading them; B: A resumed from step 4;
 Ctrl-C then --resume latest then kill -9, in fp16; msrun with 2 workers) start in background threads when the
 module starts and compile meanwhile on the other core; a test that reads a run waits for it (also: --bucketing with
 two words on square and wide images: two graphs). Where a run and the in-process step are compared, the in-process
@@ -146,15 +147,19 @@ def wait_for_steps(process, save_path, steps):
 
 
 def resume_chain(runs, root):
-    """A: batches of 2, 8 steps saving every 4 (keeping one numbered embedding); B: resumed from A's step 4."""
-    a, b = os.path.join(root, "A"), os.path.join(root, "B")
+    """A: batches of 2, 8 steps saving every 4 (keeping one numbered embedding), its graphs saved to a compile
+    cache; A again elsewhere (loading them); B: resumed from A's step 4."""
+    a, again, b = os.path.join(root, "A"), os.path.join(root, "A_again"), os.path.join(root, "B")
     common = BASE + ["--train_batch_size", "2", "--total_step", "8", "--save_interval", "4",
                      "--validation_draws", str(VALIDATION_DRAWS)]
-    code_a, out_a = runs.cli(common + ["--max_num_ckpt", "1", "--save_path", a], root, "A")
+    cached = common + ["--max_num_ckpt", "1", "--compile_cache", os.path.join(root, "compile_cache")]
+    code_a, out_a = runs.cli(cached + ["--save_path", a], root, "A")
     assert code_a == 0, out_a
+    code_again, out_again = runs.cli(cached + ["--save_path", again], root, "A_again")
     step_4 = os.path.join(a, STATE_DIR, "step_00000004")
     code_b, out_b = runs.cli(common + ["--save_path", b, "--resume", step_4], root, "B")
-    return {"A": a, "out_A": out_a, "B": b, "code_B": code_b, "out_B": out_b}
+    return {"A": a, "out_A": out_a, "A_again": again, "code_again": code_again, "out_again": out_again,
+            "cache": os.path.join(root, "compile_cache"), "B": b, "code_B": code_b, "out_B": out_b}
 
 
 def signal_chain(runs, root):
@@ -810,6 +815,31 @@ def test_resume_is_exact(resume_runs):
     best = [load_embedding(os.path.join(run, "toy_best.safetensors")) for run in (resume_runs["A"], resume_runs["B"])]
     assert best[1].metadata["step"] == best[0].metadata["step"] == str(hosts[0]["best_step"])
     np.testing.assert_allclose(best[1].clip_l, best[0].clip_l, rtol=0, atol=1e-6)
+
+
+def test_a_run_again_loads_its_graphs_from_the_compile_cache_and_trains_the_same(resume_runs):
+    """A again with the same arguments elsewhere: the graphs A compiled (the train step's, the validation's, the
+    latent encoder's in its child) are loaded, none compiled, and the run is A's bit for bit (losses, validation
+    losses, rows). Before `TextualInversionTrainStep` held its loss cell, the loaded step trained on NaN."""
+    assert resume_runs["code_again"] == 0, resume_runs["out_again"]
+    folders = os.listdir(resume_runs["cache"])
+    assert len(folders) == 1 and folders[0].startswith("train-")  # where the outputs go is not in the key
+    folder = os.path.join(resume_runs["cache"], folders[0])
+    out_a, out_again = resume_runs["out_A"], resume_runs["out_again"]
+    assert f"compile cache     : {folder} (new: " in out_a and "Graph compiled in" in out_a
+    assert f"compile cache     : {folder} (the graphs of an earlier run" in out_again
+    assert "Graph loaded from the compile cache in" in out_again and "Graph compiled" not in out_again
+    assert os.path.exists(os.path.join(folder, "complete")) and os.path.exists(os.path.join(folder, "key.json"))
+    assert os.listdir(os.path.join(folder, "latent_encoder", "rank_0", "graph_cache"))  # the encoding child's
+    rows_a, rows_again = loss_rows(resume_runs["A"]), loss_rows(resume_runs["A_again"])
+    assert [r[:3] for r in rows_again] == [r[:3] for r in rows_a] and len(rows_a) == 9  # step, loss, val_loss
+    assert all(np.isfinite(float(r[1])) for r in rows_a[1:])
+    for name in ("toy.safetensors", "toy_best.safetensors"):
+        a, again = (safetensors.numpy.load_file(os.path.join(run, name)) for run in (resume_runs["A"],
+                                                                                    resume_runs["A_again"]))
+        assert sorted(a) == sorted(again)
+        for key in a:
+            np.testing.assert_array_equal(again[key], a[key])
 
 
 def test_validation_loss_is_the_mean_loss_of_its_draws(resume_runs, harness):
