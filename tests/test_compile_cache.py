@@ -48,10 +48,10 @@ def test_what_decides_the_graphs_keys_the_folder(tmp_path):
     assert folder(["--save_path", str(tmp_path / "elsewhere"), "--overwrite"]) == base
     assert folder(config=str(changed_config)) != base
     assert folder(["--resolution", "128"]) != base
-    assert folder(["--data_path", str(data)]) != base and folder(["--data_path", str(data)]) == folder(
-        ["--data_path", str(data)])
+    copied = folder(["--data_path", str(data)])
+    assert copied != base and folder(["--data_path", str(data)]) == copied  # the images are where they are
     os.remove(data / sorted(os.listdir(data))[0])
-    assert len({folder(["--data_path", str(data)]), base}) == 2
+    assert folder(["--data_path", str(data)]) != copied  # one image fewer: other graphs' order, maybe other shapes
 
     project = tmp_path / "project"
     shutil.copytree(os.path.join(ROOT, "gm"), project / "gm")
