@@ -987,9 +987,7 @@ def print_summary(args, run):
 def compile_cache_status(args, compile_cache):
     """The summary's line on the compile cache: where, and whether this run's graphs are loaded or compiled."""
     if compile_cache is not None:
-        what = ("the graphs of an earlier run with the same arguments, loaded, not compiled" if compile_cache.reused
-                else "new: this run's graphs are compiled and saved there")
-        return f"{compile_cache.folder} ({what})"
+        return compile_cache.describe()
     if args.compile_cache == "off":
         return "off (--compile_cache off)"
     if args.ms_mode == 1 or args.is_parallel:

@@ -198,9 +198,7 @@ def main(argv=None):
             raise SamplingError(str(e)) from None
         compile_cache = open_compile_cache(args, OmegaConf.to_yaml(config), len(prompts))
         if compile_cache is not None:
-            what = ("the graphs of an earlier run with the same arguments, loaded, not compiled" if compile_cache.reused
-                    else "new: this run's graphs are compiled and saved there")
-            print(f"Compile cache: {compile_cache.folder} ({what})")
+            print(f"Compile cache: {compile_cache.describe()}")
         ms.set_seed(args.seed)  # random initial weights (--weight random) follow --seed
         pipeline = SDXLPipeline(create_model(config, args.weight, precision=args.precision),
                                 blockwise_unet=args.blockwise_unet, vae_tiling=args.vae_tiling)

@@ -117,6 +117,12 @@ class CompileCache:
         os.environ[ENABLE_ENV], os.environ[PATH_ENV] = "1", folder
         return cls(folder, lock)
 
+    def describe(self):
+        """The folder, and whether this run loads its graphs or compiles and saves them (for the commands' logs)."""
+        what = ("the graphs of an earlier run with the same arguments, loaded, not compiled" if self.reused
+                else "new: this run's graphs are compiled and saved there")
+        return f"{self.folder} ({what})"
+
     def graphs(self):
         """How many graphs this process's folder holds (a child's not counted)."""
         return len(glob.glob(os.path.join(self.folder, "rank_*", "graph_cache", "compile_cache_*.mindir")))
