@@ -5,8 +5,8 @@
   CPU's choice between them.
 - attention: `ChunkedAttention` (probabilities recomputed in the backward, query chunk by query chunk) equals torch
   and the plain autodiff path, forward and gradients, and keeps far less than the plain path.
-- the tiny UNet's gradients with respect to its text context and pooled text embedding equal diffusers', also
-  with its blocks recomputed in the backward pass; recomputed blocks keep only their inputs.
+- the tiny UNet's output and its gradients with respect to its text context and pooled text embedding equal
+  diffusers', also with its blocks recomputed in the backward pass; recomputed blocks keep only their inputs.
 - what is computed from parameters (a weight reshaped or broadcast) is computed after the input, and freed.
 - the UNet's attention projections (a batched product per projection) equal torch and keep no per-sample copy of
   their weight for the backward pass.
@@ -217,21 +217,22 @@ def test_projections_in_column_layout_match_torch(batch, length):
 
 @pytest.mark.parametrize("recompute", [False, True])
 def test_unet_input_gradients_match_diffusers(tiny_sdxl, tiny_model, root, recompute):
-    """Textual inversion's gradient path: the frozen tiny UNet's gradients with respect to the text context and the
-    pooled text embedding (through the vector `y` and every ResBlock's time embedding), also with each block
-    recomputed in the backward pass (`gm.modules.recompute`)."""
+    """Textual inversion's gradient path: the frozen tiny UNet's output and its gradients with respect to the text
+    context and the pooled text embedding (through the vector `y` and every ResBlock's time embedding), also with
+    each block recomputed in the backward pass (`gm.modules.recompute`). At a 16x16 latent (tests/test_unet.py
+    checks the forward at 8x8): one compiled graph gives both the output and the gradients."""
     from omegaconf import OmegaConf
     from reference import load_state_dict_into, sgm_vector
     from gm.util import instantiate_from_config
     from gm.weights.diffusers_unet import unet_diffusers_to_sgm
 
     rng = np.random.default_rng(3)
-    x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    x = rng.standard_normal((2, 4, 16, 16)).astype(np.float32)
     t = np.array([10.0, 999.0], np.float32)
     context = rng.standard_normal((2, 77, 96)).astype(np.float32)
     pooled = rng.standard_normal((2, 64)).astype(np.float32)
     time_ids = np.array([[1024, 768, 0, 16, 1024, 1024], [512, 512, 32, 8, 768, 1024]], np.float32)
-    upstream = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    upstream = rng.standard_normal((2, 4, 16, 16)).astype(np.float32)
 
     context_t = torch.tensor(context, requires_grad=True)
     pooled_t = torch.tensor(pooled, requires_grad=True)
@@ -247,10 +248,12 @@ def test_unet_input_gradients_match_diffusers(tiny_sdxl, tiny_model, root, recom
         unet = tiny_model.model.diffusion_model
 
     def loss(context, vector):  # no weights differentiated, as in textual inversion
-        return (unet(Tensor(x), Tensor(t), context, vector) * Tensor(upstream)).sum()
+        out = unet(Tensor(x), Tensor(t), context, vector)
+        return (out * Tensor(upstream)).sum(), out
 
-    grad_context, grad_vector = ms.jit(ms.grad(loss, grad_position=(0, 1)))(
+    (_, out), (grad_context, grad_vector) = ms.jit(ms.value_and_grad(loss, grad_position=(0, 1), has_aux=True))(
         Tensor(context), Tensor(sgm_vector(pooled, time_ids)))
+    np.testing.assert_allclose(out.asnumpy(), out_t.detach().numpy(), rtol=0, atol=1e-4)
     assert_close(grad_context.asnumpy(), context_t.grad.numpy(), rel=1e-3)
     assert_close(grad_vector.asnumpy()[:, :pooled.shape[1]], pooled_t.grad.numpy(), rel=1e-3)
 

@@ -5,9 +5,9 @@ A train graph takes about 40 s of CPU to compile, so this module compiles few. O
 trainer's own setup: 2 vectors from "toy", batch 1, 2 accumulation steps) is shared by the tests through a
 module fixture and reset between them. The command-line runs (A: batch 2, 8 steps, its graphs saved to a compile
 cache; A again elsewhere, loading them; B: A resumed from step 4;
-Ctrl-C then --resume latest then kill -9, in fp16; msrun with 2 workers) start in background threads when the
-module starts and compile meanwhile on the other core; a test that reads a run waits for it (also: --bucketing with
-two words on square and wide images: two graphs). Where a run and the in-process step are compared, the in-process
+Ctrl-C then --resume latest then kill -9, in fp16; msrun with 2 workers) run one after another in a background
+thread from the module's start, beside the in-process tests; a test that reads a run waits for it (also: --bucketing
+with two words on square and wide images: two graphs). Where a run and the in-process step are compared, the in-process
 side is fed exactly what the run drew. Three more runs cannot finish: their learned rows overflow, the disk fills at
 a save, or their tokenizers stop reaching the learned rows (the export check refuses the file). The validation loss
 (a graph of its own) runs in A, B, the msrun workers (on 16 draws), the bucketing run (8 draws, a graph per bucket)
@@ -79,35 +79,44 @@ def env():
 
 
 class Runs:
-    """Background chains of command-line runs. Each chain runs in a thread; its processes are killed (by
-    their own process group) if the module ends first."""
+    """Chains of command-line runs, one after another in one background thread (one trainer at a time beside the
+    tests in this process: more at once only oversubscribe the CPU, whose compiles then cost more in all). A chain's
+    processes are killed (by their own process group) if the module ends first."""
 
     def __init__(self, root):
-        self.root, self.threads, self.results, self.processes = root, {}, {}, []
+        self.root, self.results, self.done, self.processes, self.stopped = root, {}, {}, [], False
+        self.lock = threading.Lock()  # no process starts while stop_all runs
 
-    def start(self, name, chain):
+    def start(self, chains):
+        """Run `chains` ({name: chain function}) in their order."""
+        self.done = {name: threading.Event() for name in chains}
+
         def target():
-            try:
-                self.results[name] = chain(self, os.path.join(self.root, name))
-            except BaseException as e:  # noqa: BLE001 - handed to the test that reads the chain
-                self.results[name] = e
+            for name, chain in chains.items():
+                try:
+                    self.results[name] = chain(self, os.path.join(self.root, name))
+                except BaseException as e:  # noqa: BLE001 - handed to the test that reads the chain
+                    self.results[name] = e
+                self.done[name].set()
 
-        self.threads[name] = threading.Thread(target=target, daemon=True)
-        self.threads[name].start()
+        threading.Thread(target=target, daemon=True).start()
 
     def get(self, name):
-        self.threads[name].join(timeout=3 * TIMEOUT)
+        self.done[name].wait(timeout=3 * TIMEOUT * len(self.done))
         result = self.results.get(name, TimeoutError(f"chain {name} did not finish"))
         if isinstance(result, BaseException):
             raise result
         return result
 
     def popen(self, argv, cwd, log):
-        out = open(log, "w")
-        process = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env(),
-                                   start_new_session=True)
-        self.processes.append(process)
-        return process
+        with self.lock:
+            if self.stopped:
+                raise RuntimeError("the module ended: no more runs")
+            out = open(log, "w")
+            process = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env(),
+                                       start_new_session=True)
+            self.processes.append(process)
+            return process
 
     def cli(self, args, folder, name, python=(sys.executable,)):
         """Run the trainer to completion in `folder`; (return code, its output)."""
@@ -119,10 +128,12 @@ class Runs:
             return process.returncode, f.read()
 
     def stop_all(self):
-        for process in self.processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        with self.lock:
+            self.stopped = True
+            for process in self.processes:
+                if process.poll() is None:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
 
 
 def loss_rows(save_path):
@@ -317,14 +328,15 @@ FIXTURE_CHAINS = {"resume_runs": "resume", "signal_runs": "signals", "parallel_r
 
 @pytest.fixture(scope="module", autouse=True)
 def runs(request, tmp_path_factory):
-    """Start, at once, the chains the selected tests of this module need."""
+    """Start the chains the selected tests of this module need, in the order the tests first read them."""
     runs = Runs(str(tmp_path_factory.mktemp("cli_runs")))
-    needed = set()
+    needed = {}
     for item in request.session.items:
         if item.module is request.module:
-            needed.update(FIXTURE_CHAINS[name] for name in item.fixturenames if name in FIXTURE_CHAINS)
-    for name in sorted(needed):
-        runs.start(name, CHAINS[name])
+            for name in item.fixturenames:
+                if name in FIXTURE_CHAINS:
+                    needed.setdefault(FIXTURE_CHAINS[name], CHAINS[FIXTURE_CHAINS[name]])
+    runs.start(needed)
     yield runs
     runs.stop_all()
 
