@@ -216,11 +216,10 @@ def test_projections_in_column_layout_match_torch(batch, length):
 
 
 @pytest.mark.parametrize("recompute", [False, True])
-def test_unet_input_gradients_match_diffusers(tiny_sdxl, tiny_model, root, recompute):
+def test_unet_output_and_input_gradients_match_diffusers(tiny_sdxl, tiny_model, root, recompute):
     """Textual inversion's gradient path: the frozen tiny UNet's output and its gradients with respect to the text
     context and the pooled text embedding (through the vector `y` and every ResBlock's time embedding), also with
-    each block recomputed in the backward pass (`gm.modules.recompute`). At a 16x16 latent (tests/test_unet.py
-    checks the forward at 8x8): one compiled graph gives both the output and the gradients."""
+    each block recomputed in the backward pass (`gm.modules.recompute`): one compiled graph gives both."""
     from omegaconf import OmegaConf
     from reference import load_state_dict_into, sgm_vector
     from gm.util import instantiate_from_config
