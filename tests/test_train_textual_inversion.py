@@ -5,13 +5,12 @@ A train graph takes about 40 s of CPU to compile, so this module compiles few. O
 trainer's own setup: 2 vectors from "toy", batch 1, 2 accumulation steps) is shared by the tests through a module
 fixture and reset between them. The command-line runs (A: batch 2, 8 steps, its graphs saved to a compile cache; A
 again elsewhere, loading them; B: A resumed from step 4; Ctrl-C then --resume latest then kill -9, in fp16; msrun
-with 2 workers) run one after another in a background thread from the first test that reads one, beside the
-in-process tests after it; a test that reads a run waits for it (also: --bucketing with two words on square and wide
-images: two graphs). Where a run and the in-process step are compared, the in-process side is fed exactly what the
-run drew. Three more runs cannot finish: their learned rows overflow, the disk fills at a save, or their tokenizers
-stop reaching the learned rows (the export check refuses the file). The validation loss (a graph of its own) runs in
-A, B, the msrun workers (on 16 draws), the bucketing run (8 draws, a graph per bucket) and in process; the other
-runs turn it off.
+with 2 workers) run one after another in a background thread from the module's start, beside the in-process tests; a
+test that reads a run waits for it (also: --bucketing with two words on square and wide images: two graphs). Where a
+run and the in-process step are compared, the in-process side is fed exactly what the run drew. Three more runs
+cannot finish: their learned rows overflow, the disk fills at a save, or their tokenizers stop reaching the learned
+rows (the export check refuses the file). The validation loss (a graph of its own) runs in A, B, the msrun workers
+(on 16 draws), the bucketing run (8 draws, a graph per bucket) and in process; the other runs turn it off.
 """
 import os
 import shutil
@@ -80,30 +79,28 @@ def env():
 
 class Runs:
     """Chains of command-line runs, one after another in one background thread (one trainer at a time beside the
-    tests in this process: more at once only oversubscribe the two cores, and every compile then costs more CPU). A
-    chain's processes are killed (by their own process group) if the module ends first."""
+    tests in this process: more at once only oversubscribe the CPU, whose compiles then cost more in all). A chain's
+    processes are killed (by their own process group) if the module ends first."""
 
-    def __init__(self, root, chains):
-        """`chains` ({name: chain function}) run in their order from the first `get` on: the in-process tests
-        before it, the costliest, run beside no trainer of this module."""
-        self.root, self.chains, self.results, self.processes = root, chains, {}, []
-        self.done = {name: threading.Event() for name in chains}
-        self.thread, self.stopped = None, False
+    def __init__(self, root):
+        self.root, self.results, self.done, self.processes, self.stopped = root, {}, {}, [], False
         self.lock = threading.Lock()  # no process starts while stop_all runs
 
-    def run_chains(self):
-        for name, chain in self.chains.items():
-            try:
-                self.results[name] = chain(self, os.path.join(self.root, name))
-            except BaseException as e:  # noqa: BLE001 - handed to the test that reads the chain
-                self.results[name] = e
-            self.done[name].set()
+    def start(self, chains):
+        """Run `chains` ({name: chain function}) in their order."""
+        self.done = {name: threading.Event() for name in chains}
+
+        def target():
+            for name, chain in chains.items():
+                try:
+                    self.results[name] = chain(self, os.path.join(self.root, name))
+                except BaseException as e:  # noqa: BLE001 - handed to the test that reads the chain
+                    self.results[name] = e
+                self.done[name].set()
+
+        threading.Thread(target=target, daemon=True).start()
 
     def get(self, name):
-        with self.lock:
-            if self.thread is None:
-                self.thread = threading.Thread(target=self.run_chains, daemon=True)
-                self.thread.start()
         self.done[name].wait(timeout=3 * TIMEOUT * len(self.done))
         result = self.results.get(name, TimeoutError(f"chain {name} did not finish"))
         if isinstance(result, BaseException):
@@ -330,14 +327,15 @@ FIXTURE_CHAINS = {"resume_runs": "resume", "signal_runs": "signals", "parallel_r
 
 @pytest.fixture(scope="module", autouse=True)
 def runs(request, tmp_path_factory):
-    """The chains the selected tests of this module need, in the order the tests first read them."""
+    """Start the chains the selected tests of this module need, in the order the tests first read them."""
+    runs = Runs(str(tmp_path_factory.mktemp("cli_runs")))
     needed = {}
     for item in request.session.items:
         if item.module is request.module:
             for name in item.fixturenames:
                 if name in FIXTURE_CHAINS:
                     needed.setdefault(FIXTURE_CHAINS[name], CHAINS[FIXTURE_CHAINS[name]])
-    runs = Runs(str(tmp_path_factory.mktemp("cli_runs")), needed)
+    runs.start(needed)
     yield runs
     runs.stop_all()
 
