@@ -1,6 +1,7 @@
 """The tool that pretrains the quick start's tiny SDXL (tools/pretrain_tiny_sdxl.py): its world of captioned
 shapes, the latent rescaling it folds into the VAE, and a short end-to-end run whose checkpoint loads as an
 original single file."""
+import json
 import os
 import re
 import subprocess
@@ -68,25 +69,36 @@ def pretrain(*argv):
 
 def test_short_runs_in_two_stages_write_loadable_single_files(tmp_path):
     """The VAE alone (--unet_steps 0: no samples), then the UNet on its latents (--init_weight, --vae_steps 0);
-    each writes an original-format single file that loads into the tiny config, its loss curves and a picture of
-    the VAE's reconstructions."""
+    each writes an original-format single file that loads into the tiny config, its loss curves and its report
+    (what the world's detector reads in new pictures, through the VAE and, once there is a UNet, in samples of
+    their captions)."""
     vae_only, output = str(tmp_path / "vae_only.safetensors"), str(tmp_path / "tiny_shapes.safetensors")
     pretrain("--output", vae_only, "--vae_steps", "3", "--vae_batch", "2", "--vae_loss", "l1_edges",
-             "--unet_steps", "0")
+             "--unet_steps", "0", "--report_count", "8")
     stdout = pretrain("--init_weight", vae_only, "--output", output, "--vae_steps", "0", "--pool", "16",
-                      "--unet_steps", "3", "--unet_batch", "4", "--unet_weighting", "v", "--sample_steps", "2")
+                      "--unet_steps", "3", "--unet_batch", "4", "--unet_weighting", "v", "--sample_steps", "2",
+                      "--report_count", "8")
     assert "latent x 0.13025 has std 1.000" in stdout
     for path in (vae_only, output):
         header = read_safetensors_header(path)
         assert {dtype for dtype, _ in header.values()} == {"F16"}
         create_model(load_config(TINY), weight=path)  # every name and shape of the config, nothing else
-    pictures = {"vae_only": ("_loss.png", "_reconstructions.png"),
-                "tiny_shapes": ("_loss.png", "_reconstructions.png", "_samples.png")}
+    pictures = {"vae_only": ("_loss.png", "_report.png"), "tiny_shapes": ("_loss.png", "_report.png", "_samples.png")}
     for stem, suffixes in pictures.items():
         for suffix in suffixes:
             assert os.path.getsize(tmp_path / (stem + suffix)) > 1000, stem + suffix
     assert sorted(os.listdir(tmp_path)) == sorted(
-        stem + suffix for stem, suffixes in pictures.items() for suffix in (".safetensors", *suffixes))
+        stem + suffix for stem, suffixes in pictures.items() for suffix in (".safetensors", "_report.json", *suffixes))
+    # the report: what the detector reads in 8 new pictures, through the VAE, and in samples of their captions
+    samples = "samples of their captions"
+    for stem, rows in (("vae_only", {"reconstructions"}), ("tiny_shapes", {"reconstructions", samples})):
+        with open(tmp_path / f"{stem}_report.json") as f:
+            report = json.load(f)
+        assert set(report) == rows | {"pictures", "captions"} and len(report["captions"]) == 8
+        assert min(report["pictures"].values()) == 1.0, report["pictures"]  # labels, captions and pictures agree
+        for row in rows:
+            assert all(0 <= value <= 1 for value in report[row].values() if value is not None), report[row]
+    assert samples in stdout
     # the first stage trained the VAE only: the second read it and kept it (before its latent rescaling)
     with safe_open(vae_only, "numpy") as first, safe_open(output, "numpy") as second:
         name = "first_stage_model.decoder.conv_out.weight"

@@ -37,9 +37,10 @@ The text encoders keep their seeded initial weights and stay frozen, as SDXL's p
 its training: random encoders still give every caption its own embedding. Both stages train in graph mode with
 Adam. The UNet stage uses the textual-inversion trainer's loss cell, so it learns the loss the quick start then
 minimises (exactly that loss with the eps weighting). Written as one original-format single file (fp16, sgm's
-names), with the loss curves (<output stem>_loss.png), new pictures of the world above their VAE reconstructions
-(<output stem>_reconstructions.png) and, unless --unet_steps is 0, a grid of samples of the world's captions
-(<output stem>_samples.png) beside it.
+names), with the loss curves (<output stem>_loss.png) and, unless --unet_steps is 0, a grid of samples of the
+world's captions (<output stem>_samples.png) beside it; then the report (<output stem>_report.json, printed, and
+_report.png): what tools/shape_detector.py reads in new pictures of the world through the VAE and in samples of
+their captions, per attribute (how well the model follows a caption: the upper bound of the toy's concept score).
 """
 import argparse
 import os
@@ -58,6 +59,7 @@ from tools.make_synthetic_dataset import BACKGROUNDS, COLORS, SHAPES, TOY, backg
 BACKGROUND_WORDS = {"plain": "plain", "gradient": "gradient", "stripes": "striped", "checks": "checkered",
                     "dots": "dotted"}
 DRAW_SIZE = 256  # pictures are drawn large and resized down, as the training images are
+REPORT_SEED = 1234  # the report's pictures and samples: the same for every checkpoint
 SAMPLE_CAPTIONS = ("a photo of a red star", "a photo of a blue circle in a yellow ring",
                    "a photo of a green square with a red dot", "a photo of a yellow triangle on a striped background",
                    "a photo of a white star in a red ring", "a photo of a purple circle on a checkered background")
@@ -97,8 +99,13 @@ def parse_args(argv=None):
                    help="fraction of captions dropped for classifier-free guidance (default: %(default)s)")
     p.add_argument("--sample_steps", type=int, default=30,
                    help="Euler steps of the sample grid written at the end (default: %(default)s)")
+    p.add_argument("--report_count", type=int, default=48,
+                   help="new pictures of the world (a multiple of 8) the report reads through the VAE, and whose "
+                        "captions it samples (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.report_count < 8 or args.report_count % 8:
+        p.error(f"--report_count must be a positive multiple of 8, got {args.report_count}")
     if args.vae_steps == 0 and args.unet_steps == 0:
         p.error("--vae_steps 0 and --unet_steps 0: nothing to train")
     for flag in ("config", "init_weight"):  # before minutes of drawing and training, not after them
@@ -127,14 +134,20 @@ def labelled_scene(rng, resolution):
     return pixels, (str(shape), str(color), ring and str(ring), dot and str(dot)), kind
 
 
-def scene(rng, resolution):
-    """One captioned picture of the world: (uint8 [R, R, 3], caption)."""
-    pixels, (shape, color, ring, dot), kind = labelled_scene(rng, resolution)
+def caption(rng, labels, kind):
+    """A caption of a picture that shows `labels` (shape, colour, ring, dot) on a background of `kind`: an object
+    template around what is drawn, the background named half the time."""
+    shape, color, ring, dot = labels
     words = f"{color} {shape}" + (f" in a {ring} ring" if ring else "") + (f" with a {dot} dot" if dot else "")
     if rng.random() < 0.5:
         words += f" on a {BACKGROUND_WORDS[kind]} background"
-    caption = OBJECT_TEMPLATES[rng.integers(len(OBJECT_TEMPLATES))].format(words)
-    return pixels, caption
+    return OBJECT_TEMPLATES[rng.integers(len(OBJECT_TEMPLATES))].format(words)
+
+
+def scene(rng, resolution):
+    """One captioned picture of the world: (uint8 [R, R, 3], caption)."""
+    pixels, labels, kind = labelled_scene(rng, resolution)
+    return pixels, caption(rng, labels, kind)
 
 
 def to_model_pixels(images):
@@ -293,25 +306,68 @@ def save_checkpoint(model, path):
     atomic_write(path, lambda tmp: save_file(state, tmp), ".safetensors")
 
 
-def save_samples(model, path, resolution, steps, seed):
-    from gm.sampling import SDXLPipeline, make_grid, save_png
+def save_samples(pipeline, path, resolution, steps, seed):
+    from gm.sampling import make_grid, save_png
 
-    pipeline = SDXLPipeline(model)
     images = pipeline.generate(list(SAMPLE_CAPTIONS), sampler="EulerEDM", steps=steps, guidance_scale=5.0,
-                              height=resolution, width=resolution, seed=seed, num_images=4)
+                               height=resolution, width=resolution, seed=seed, num_images=4, batch_size=8)
     save_png(path, make_grid(images, len(SAMPLE_CAPTIONS), 4))
 
 
-def save_reconstructions(vae, path, resolution, rng, count=8):
-    """A grid of `count` new pictures of the world (top row) and the VAE's reconstructions of them through the
-    posterior mean (bottom row)."""
+def world_report(model, pipeline, path_stem, count, resolution, steps):
+    """What the world's detector (tools/shape_detector.py) reads in `count` (a multiple of 8) new labelled pictures
+    of the world as the VAE gives them back (posterior mean) and, with a `pipeline` (the model's), in a sample of
+    each picture's caption (`steps` Euler steps, guidance 5, eight at a time as `save_samples` samples): per
+    attribute, the fraction that shows what was drawn or asked for, and the ring's and the dot's among the pictures
+    that have one (the others are right by showing none); and in the pictures themselves, the detector's own
+    accuracy, which bounds the others. The pictures and seeds are fixed (REPORT_SEED), so that
+    reports of different checkpoints compare. Writes <stem>_report.json and <stem>_report.png (rows of eight: the
+    pictures, their reconstructions, the samples of their captions); returns the report."""
     from mindspore import Tensor
 
     from gm.sampling import make_grid, save_png, to_uint8
+    from tools.evaluate_embedding import write_json
+    from tools.shape_detector import accuracy, detect
 
-    pictures = [labelled_scene(rng, resolution)[0] for _ in range(count)]
-    recon = to_uint8(vae.decode(vae.encode_mean(Tensor(to_model_pixels(pictures)))).asnumpy())
-    save_png(path, make_grid(pictures + list(recon), 2, count))
+    rng = np.random.default_rng(REPORT_SEED)
+    scenes = [labelled_scene(rng, resolution) for _ in range(count)]
+    pictures, truths = [pixels for pixels, _, _ in scenes], [labels for _, labels, _ in scenes]
+    vae = model.first_stage_model
+    rows = {"pictures": pictures,
+            "reconstructions": list(to_uint8(vae.decode(vae.encode_mean(Tensor(to_model_pixels(pictures)))).asnumpy()))}
+    captions = [caption(rng, labels, kind) for _, labels, kind in scenes]
+    if pipeline is not None:  # the captions of each row of eight share a seed (a prompt's first image has it)
+        rows["samples of their captions"] = [
+            image for i in range(0, count, 8)
+            for image in pipeline.generate(captions[i:i + 8], sampler="EulerEDM", steps=steps, guidance_scale=5.0,
+                                           height=resolution, width=resolution, seed=REPORT_SEED + i // 8)]
+
+    def scores(images):
+        found = [detect(image) for image in images]
+        result = accuracy(found, truths)
+        for i, name in ((2, "ring"), (3, "dot")):  # among the pictures that have one
+            drawn = [k for k, t in enumerate(truths) if t[i] is not None]
+            result[f"{name} when drawn"] = (accuracy([found[k] for k in drawn], [truths[k] for k in drawn])[name]
+                                            if drawn else None)
+        return result
+
+    report = {name: scores(images) for name, images in rows.items()}  # "pictures": the detector's own accuracy
+    report["captions"] = captions
+    write_json(path_stem + "_report.json", report)
+    groups = [np.concatenate([make_grid(images[i:i + 8], 1, 8) for images in rows.values()])
+              for i in range(0, count, 8)]
+    save_png(path_stem + "_report.png", np.concatenate(groups))
+    return report
+
+
+def print_report(report, count):
+    print(f"What the detector reads in {count} new pictures of the world (fractions right):")
+    fields = ("shape", "color", "ring", "dot", "ring when drawn", "dot when drawn")
+    print(" ".join(f"{f:>15}" for f in fields) + "  of")
+    for name, scores in report.items():
+        if name != "captions":
+            print(" ".join("{:>15}".format("-" if scores[f] is None else f"{scores[f]:.2f}") for f in fields)
+                  + f"  {name}")
 
 
 def plot_losses(curves, path):
@@ -358,16 +414,22 @@ def main(argv=None):
         s, moments = fold_latent_scale(vae, moments, model.scale_factor)
         print(f"latent rescaled by {s:.4f}: latent x {model.scale_factor} has std "
               f"{moments[:, :vae.embed_dim].std() * model.scale_factor:.3f}")
-        curves["UNet"] = train_unet(model, moments, [caption for _, caption in pool], args, rng)
+        curves["UNet"] = train_unet(model, moments, [text for _, text in pool], args, rng)
 
     save_checkpoint(model, args.output)
     stem = os.path.splitext(args.output)[0]
     plot_losses(curves, stem + "_loss.png")
-    save_reconstructions(model.first_stage_model, stem + "_reconstructions.png", args.resolution, rng)
-    written = [args.output, stem + "_loss.png", stem + "_reconstructions.png"]
+    written = [args.output, stem + "_loss.png"]
+    pipeline = None
     if args.unet_steps:
-        save_samples(model, stem + "_samples.png", args.resolution, args.sample_steps, args.seed)
+        from gm.sampling import SDXLPipeline
+
+        pipeline = SDXLPipeline(model)
+        save_samples(pipeline, stem + "_samples.png", args.resolution, args.sample_steps, args.seed)
         written.append(stem + "_samples.png")
+    report = world_report(model, pipeline, stem, args.report_count, args.resolution, args.sample_steps)
+    print_report(report, args.report_count)
+    written += [stem + "_report.json", stem + "_report.png"]
     print(f"wrote {', '.join(written)} in {(time.perf_counter() - start) / 60:.1f} min")
     return 0
 

@@ -144,11 +144,17 @@ def detect(image):
                       None if ring is None else NAMES[ring], None if dot is None else NAMES[dot])
 
 
-def concept_score(found, target=TOY):
-    """How well pictures show the (shape, colour, ring, dot) `target`, from their detected Attributes `found`: per
-    attribute, the fraction whose value is the target's ("ring": the target's ring colour, or no ring when it has
-    none); "score", the mean of those four; "all", the fraction right in all four."""
-    target = Attributes(*target)
-    hits = np.array([[getattr(a, f) == getattr(target, f) for f in FIELDS] for a in found]).reshape(-1, len(FIELDS))
+def accuracy(found, truths):
+    """How often the detected Attributes `found` are what was drawn (`truths`: (shape, colour, ring, dot) per
+    picture, None for no ring or dot): per attribute, the fraction right; "score", the mean of those four; "all",
+    the fraction right in all four."""
+    hits = np.array([[getattr(a, f) == getattr(Attributes(*t), f) for f in FIELDS] for a, t in zip(found, truths)])
+    hits = hits.reshape(-1, len(FIELDS))
     scores = dict(zip(FIELDS, hits.mean(0).tolist()))
     return dict(scores, score=float(hits.mean()), all=float(hits.all(1).mean()))
+
+
+def concept_score(found, target=TOY):
+    """How well pictures show the (shape, colour, ring, dot) `target`, from their detected Attributes `found`: their
+    `accuracy` with that target for every picture ("ring": the target's ring colour, or no ring when it has none)."""
+    return accuracy(found, [target] * len(found))
