@@ -194,6 +194,16 @@ def sgm_vector(pooled, time_ids):
     return np.concatenate([pooled, sizes], 1)
 
 
+def tiny_unet_inputs(rng, size):
+    """Inputs of the tiny UNet for a batch of two latents of size x size, float32 arrays: (latents, timesteps at
+    both ends of the schedule, text context [2, 77, 96], pooled bigG embedding [2, 64], two different size
+    conditionings as diffusers' time_ids [2, 6])."""
+    x = rng.standard_normal((2, 4, size, size))
+    context, pooled = rng.standard_normal((2, 77, 96)), rng.standard_normal((2, 64))
+    time_ids = np.array([[1024, 768, 0, 16, 1024, 1024], [512, 512, 32, 8, 768, 1024]])
+    return tuple(a.astype(np.float32) for a in (x, np.array([10.0, 999.0]), context, pooled, time_ids))
+
+
 def run_unet(unet, x, t, prompt_embeds, pooled, time_ids):
     cond = dict(text_embeds=torch.from_numpy(pooled), time_ids=torch.from_numpy(time_ids))
     with torch.no_grad():

@@ -221,17 +221,13 @@ def test_unet_output_and_input_gradients_match_diffusers(tiny_sdxl, tiny_model, 
     context and the pooled text embedding (through the vector `y` and every ResBlock's time embedding), also with
     each block recomputed in the backward pass (`gm.modules.recompute`): one compiled graph gives both."""
     from omegaconf import OmegaConf
-    from reference import load_state_dict_into, sgm_vector
+    from reference import load_state_dict_into, sgm_vector, tiny_unet_inputs
     from gm.util import instantiate_from_config
     from gm.weights.diffusers_unet import unet_diffusers_to_sgm
 
     rng = np.random.default_rng(3)
-    x = rng.standard_normal((2, 4, 16, 16)).astype(np.float32)
-    t = np.array([10.0, 999.0], np.float32)
-    context = rng.standard_normal((2, 77, 96)).astype(np.float32)
-    pooled = rng.standard_normal((2, 64)).astype(np.float32)
-    time_ids = np.array([[1024, 768, 0, 16, 1024, 1024], [512, 512, 32, 8, 768, 1024]], np.float32)
-    upstream = rng.standard_normal((2, 4, 16, 16)).astype(np.float32)
+    x, t, context, pooled, time_ids = tiny_unet_inputs(rng, 16)
+    upstream = rng.standard_normal(x.shape).astype(np.float32)
 
     context_t = torch.tensor(context, requires_grad=True)
     pooled_t = torch.tensor(pooled, requires_grad=True)

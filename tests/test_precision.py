@@ -7,7 +7,7 @@ import numpy as np
 from mindspore import Tensor
 from mindspore.nn.utils import no_init_parameters
 
-from reference import sgm_vector
+from reference import sgm_vector, tiny_unet_inputs
 from gm.models.loading import create_model, load_config, runtime_model_config
 from gm.util import instantiate_from_config
 from gm.weights.loader import load_weights
@@ -31,10 +31,8 @@ def test_fp16_storage_equals_fp16_casting(root, tiny_sdxl):
     cast_bytes = sum(p.nbytes for cell in (cast.model, *cast.conditioner.text_embedders()) for p in cell.get_parameters())
     assert stored_bytes < 0.52 * cast_bytes
 
-    rng = np.random.default_rng(0)
-    pooled, time_ids = rng.standard_normal((2, 64)), np.array([[1024, 768, 0, 16, 1024, 1024], [512] * 6])
-    inputs = [Tensor(a.astype(np.float32)) for a in (rng.standard_normal((2, 4, 8, 8)), np.array([10.0, 999.0]),
-                                                     rng.standard_normal((2, 77, 96)), sgm_vector(pooled, time_ids))]
+    x, t, context, pooled, time_ids = tiny_unet_inputs(np.random.default_rng(0), 8)
+    inputs = [Tensor(a) for a in (x, t, context, sgm_vector(pooled, time_ids))]
     ours = stored.model.diffusion_model(*inputs).asnumpy()
     reference = cast.model.diffusion_model(*inputs).asnumpy()
     assert np.isfinite(ours).all() and np.abs(ours).max() > 0.1
