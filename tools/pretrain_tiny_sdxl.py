@@ -320,9 +320,9 @@ def world_report(model, pipeline, path_stem, count, resolution, steps):
     each picture's caption (`steps` Euler steps, guidance 5, eight at a time as `save_samples` samples): per
     attribute, the fraction that shows what was drawn or asked for, and the ring's and the dot's among the pictures
     that have one (the others are right by showing none); and in the pictures themselves, the detector's own
-    accuracy, which bounds the others. The pictures and seeds are fixed (REPORT_SEED), so that
-    reports of different checkpoints compare. Writes <stem>_report.json and <stem>_report.png (rows of eight: the
-    pictures, their reconstructions, the samples of their captions); returns the report."""
+    accuracy, which bounds the others. The pictures and seeds are fixed (REPORT_SEED), so that reports of
+    different checkpoints compare. Writes <stem>_report.json and <stem>_report.png (rows of eight: the pictures,
+    their reconstructions, the samples of their captions); returns the report."""
     from mindspore import Tensor
 
     from gm.sampling import make_grid, save_png, to_uint8
