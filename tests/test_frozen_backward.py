@@ -6,7 +6,8 @@
 - attention: `ChunkedAttention` (probabilities recomputed in the backward, query chunk by query chunk) equals torch
   and the plain autodiff path, forward and gradients, and keeps far less than the plain path.
 - the tiny UNet's output and its gradients with respect to its text context and pooled text embedding equal
-  diffusers', also with its blocks recomputed in the backward pass; recomputed blocks keep only their inputs.
+  diffusers'; blocks recomputed in the backward pass give the stored blocks' output and gradients (and the UNet
+  recomputes every ResBlock and transformer block), keeping only their inputs.
 - what is computed from parameters (a weight reshaped or broadcast) is computed after the input, and freed.
 - the UNet's attention projections (a batched product per projection) equal torch and keep no per-sample copy of
   their weight for the backward pass.
@@ -215,15 +216,10 @@ def test_projections_in_column_layout_match_torch(batch, length):
     assert_close(grad_bias.asnumpy(), t_linear.bias.grad.numpy())
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-def test_unet_output_and_input_gradients_match_diffusers(tiny_sdxl, tiny_model, root, recompute):
+def test_unet_output_and_input_gradients_match_diffusers(tiny_sdxl, tiny_model):
     """Textual inversion's gradient path: the frozen tiny UNet's output and its gradients with respect to the text
-    context and the pooled text embedding (through the vector `y` and every ResBlock's time embedding), also with
-    each block recomputed in the backward pass (`gm.modules.recompute`): one compiled graph gives both."""
-    from omegaconf import OmegaConf
-    from reference import load_state_dict_into, sgm_vector, tiny_unet_inputs
-    from gm.util import instantiate_from_config
-    from gm.weights.diffusers_unet import unet_diffusers_to_sgm
+    context and the pooled text embedding (through the vector `y` and every ResBlock's time embedding)."""
+    from reference import sgm_vector, tiny_unet_inputs
 
     rng = np.random.default_rng(3)
     x, t, context, pooled, time_ids = tiny_unet_inputs(rng, 16)
@@ -235,12 +231,7 @@ def test_unet_output_and_input_gradients_match_diffusers(tiny_sdxl, tiny_model, 
     out_t = tiny_sdxl.unet(torch.tensor(x), torch.tensor(t), context_t, added_cond_kwargs=cond).sample
     (out_t * torch.tensor(upstream)).sum().backward()
 
-    if recompute:
-        config = OmegaConf.load(f"{root}/configs/inference/sd_xl_tiny.yaml").model.params.network_config
-        unet = instantiate_from_config(config, use_recompute=True)
-        load_state_dict_into(unet, unet_diffusers_to_sgm(tiny_sdxl.diffusers_state("unet")), "diffusers tiny UNet")
-    else:
-        unet = tiny_model.model.diffusion_model
+    unet = tiny_model.model.diffusion_model
 
     def loss(context, vector):  # no weights differentiated, as in textual inversion
         out = unet(Tensor(x), Tensor(t), context, vector)
@@ -251,6 +242,62 @@ def test_unet_output_and_input_gradients_match_diffusers(tiny_sdxl, tiny_model, 
     np.testing.assert_allclose(out.asnumpy(), out_t.detach().numpy(), rtol=0, atol=1e-4)
     assert_close(grad_context.asnumpy(), context_t.grad.numpy(), rel=1e-3)
     assert_close(grad_vector.asnumpy()[:, :pooled.shape[1]], pooled_t.grad.numpy(), rel=1e-3)
+
+
+def test_recomputed_blocks_give_the_stored_blocks_output_and_gradients():
+    """A ResBlock and a depth-2 SpatialTransformer, each block run through the CPU's `Recompute` (its backward runs
+    the block again from its inputs), give the output and the input gradients (feature map, time embedding, text
+    context) of the same blocks with their activations stored."""
+    from gm.modules.attention import SpatialTransformer
+    from gm.modules.diffusionmodules.openaimodel import ResBlock, TimestepEmbedSequential
+
+    def blocks(recompute):
+        net = TimestepEmbedSequential([ResBlock(32, 64), SpatialTransformer(32, 2, 16, 2, 48, recompute=recompute)],
+                                      recompute)
+        for param in net.get_parameters():
+            param.requires_grad = False
+        return net
+
+    stored, recomputed = blocks(False), blocks(True)
+    weights = {p.name: p for p in recomputed.get_parameters()}
+    rng = np.random.default_rng(0)
+    for param in stored.get_parameters():  # random weights (zero-initialised output layers would hide the blocks)
+        param.set_data(Tensor(rng.standard_normal(param.shape).astype(np.float32) * 0.2))
+        weights[param.name].set_data(param.data.copy())
+    inputs = [Tensor(rng.standard_normal(shape).astype(np.float32))
+              for shape in ((2, 32, 8, 8), (2, 64), (2, 7, 48))]
+    upstream = Tensor(rng.standard_normal((2, 32, 8, 8)).astype(np.float32))
+
+    def output_and_gradients(net):
+        def loss(x, emb, context):
+            out = net(x, emb, context)
+            return (out * upstream).sum(), out
+
+        (_, out), grads = ms.jit(ms.value_and_grad(loss, grad_position=(0, 1, 2), has_aux=True))(*inputs)
+        return [out.asnumpy()] + [grad.asnumpy() for grad in grads]
+
+    for ours, expected in zip(output_and_gradients(recomputed), output_and_gradients(stored)):
+        assert_close(ours, expected, rel=1e-5)
+
+
+def test_the_unet_recomputes_every_resblock_and_transformer_block(root):
+    """`use_recompute` runs each of the UNet's ResBlocks and transformer blocks through `Recompute` on the CPU (the
+    rest of the UNet is what the parity test above covers), and registers no layer twice."""
+    from omegaconf import OmegaConf
+    from gm.modules.attention import SpatialTransformer
+    from gm.modules.diffusionmodules.openaimodel import ResBlock, TimestepEmbedSequential
+    from gm.modules.recompute import Recompute
+    from gm.util import instantiate_from_config
+
+    config = OmegaConf.load(f"{root}/configs/inference/sd_xl_tiny.yaml").model.params.network_config
+    plain, unet = instantiate_from_config(config), instantiate_from_config(config, use_recompute=True)
+    assert [name for name, _ in unet.parameters_and_names()] == [name for name, _ in plain.parameters_and_names()]
+    cells = [cell for _, cell in unet.cells_and_names()]
+    runs = [run for cell in cells if isinstance(cell, TimestepEmbedSequential)
+            for layer, run in zip(cell, cell.runs) if isinstance(layer, ResBlock)]
+    runs += [run for cell in cells if isinstance(cell, SpatialTransformer) for run in cell.block_runs]
+    assert len(runs) >= 10 and all(isinstance(run, Recompute) for run in runs)
+    assert {id(run.block) for run in runs} <= {id(cell) for cell in cells}
 
 
 PEAK_PROGRAM = """

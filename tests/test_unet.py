@@ -1,6 +1,7 @@
 """The SDXL UNet's full layout equal, name for name, to the published checkpoint's. (Its numerical parity with
-diffusers' UNet2DConditionModel loaded through the key mapping, output and gradients, also with its blocks
-recomputed: tests/test_frozen_backward.py::test_unet_output_and_input_gradients_match_diffusers.)"""
+diffusers' UNet2DConditionModel loaded through the key mapping, output and gradients:
+tests/test_frozen_backward.py::test_unet_output_and_input_gradients_match_diffusers; its recomputed blocks: the
+tests after it.)"""
 import numpy as np
 import torch
 from mindspore.nn.utils import no_init_parameters
