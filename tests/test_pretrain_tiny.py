@@ -4,6 +4,7 @@ original single file."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -71,7 +72,8 @@ def test_short_runs_in_two_stages_write_loadable_single_files(tmp_path):
     """The VAE alone (--unet_steps 0: no samples), then the UNet on its latents (--init_weight, --vae_steps 0);
     each writes an original-format single file that loads into the tiny config, its loss curves and its report
     (what the world's detector reads in new pictures, through the VAE and, once there is a UNet, in samples of
-    their captions)."""
+    their captions). The report of a copy of the second file alone (--init_weight, no steps) is the one its
+    training run wrote: both read the file as written."""
     vae_only, output = str(tmp_path / "vae_only.safetensors"), str(tmp_path / "tiny_shapes.safetensors")
     pretrain("--output", vae_only, "--vae_steps", "3", "--vae_batch", "2", "--vae_loss", "l1_edges",
              "--unet_steps", "0", "--report_count", "8")
@@ -79,6 +81,15 @@ def test_short_runs_in_two_stages_write_loadable_single_files(tmp_path):
                       "--unet_steps", "3", "--unet_batch", "4", "--unet_weighting", "v", "--sample_steps", "2",
                       "--report_count", "8")
     assert "latent x 0.13025 has std 1.000" in stdout
+    copy = str(tmp_path / "copy.safetensors")
+    shutil.copyfile(output, copy)
+    report_only = pretrain("--init_weight", copy, "--vae_steps", "0", "--unet_steps", "0", "--sample_steps", "2",
+                           "--report_count", "8", "--output", str(tmp_path / "unused.safetensors"))
+    assert "samples of their captions" in report_only
+    with open(tmp_path / "copy_report.json") as mine, open(tmp_path / "tiny_shapes_report.json") as trained:
+        assert json.load(mine) == json.load(trained)
+    for name in ("copy.safetensors", "copy_report.json", "copy_report.png"):
+        os.remove(tmp_path / name)
     for path in (vae_only, output):
         header = read_safetensors_header(path)
         assert {dtype for dtype, _ in header.values()} == {"F16"}
@@ -117,5 +128,6 @@ def test_a_missing_config_or_init_weight_is_one_error_line(tmp_path):
 def test_nothing_to_train_is_refused(tmp_path):
     proc = run_pretraining("--vae_steps", "0", "--unet_steps", "0", "--output", str(tmp_path / "out.safetensors"))
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].endswith("error: --vae_steps 0 and --unet_steps 0: nothing to train")
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "error: --vae_steps 0 and --unet_steps 0: nothing to train (with --init_weight X: X's report alone)")
     assert os.listdir(tmp_path) == []

@@ -3,7 +3,8 @@
     python tools/pretrain_tiny_sdxl.py --output checkpoints/sd_xl_tiny_shapes.safetensors
 
 trains the VAE, then the UNet on its latents (the defaults: about 1 h 30 min on 2 CPU cores). `--unet_steps 0`
-trains the VAE alone; `--init_weight X --vae_steps 0` then trains the UNet on X's VAE.
+trains the VAE alone; `--init_weight X --vae_steps 0` then trains the UNet on X's VAE. `--init_weight X --vae_steps 0
+--unet_steps 0` trains nothing: it writes X's report (below) beside X.
 
 The shipped checkpoint is older than these defaults: it was made with the mean squared error as the VAE's loss, a
 fifth of its training and the eps weighting first (an hour: VAE 16 min, encoding the pool 8 min, UNet 33 min), then
@@ -94,7 +95,8 @@ def parse_args(argv=None):
                         "error of the denoised latent, which weighs the noisiest steps, where the caption decides "
                         "what is drawn, far more) (default: %(default)s)")
     p.add_argument("--init_weight", default=None,
-                   help="start from this checkpoint instead of random weights (with --vae_steps 0, its VAE is kept)")
+                   help="start from this checkpoint instead of random weights (with --vae_steps 0, its VAE is kept; "
+                        "with --unet_steps 0 as well, only its report is written, beside it)")
     p.add_argument("--caption_dropout", type=float, default=0.1,
                    help="fraction of captions dropped for classifier-free guidance (default: %(default)s)")
     p.add_argument("--sample_steps", type=int, default=30,
@@ -106,8 +108,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.report_count < 8 or args.report_count % 8:
         p.error(f"--report_count must be a positive multiple of 8, got {args.report_count}")
-    if args.vae_steps == 0 and args.unet_steps == 0:
-        p.error("--vae_steps 0 and --unet_steps 0: nothing to train")
+    if args.vae_steps == 0 and args.unet_steps == 0 and args.init_weight is None:
+        p.error("--vae_steps 0 and --unet_steps 0: nothing to train (with --init_weight X: X's report alone)")
     for flag in ("config", "init_weight"):  # before minutes of drawing and training, not after them
         path = getattr(args, flag)
         if path is not None and not os.path.exists(path):
@@ -388,12 +390,21 @@ def plot_losses(curves, path):
     plt.close(fig)
 
 
+def write_report(model, pipeline, stem, args):
+    """`world_report` of `model` (its samples through `pipeline`, if any), printed and written as
+    <stem>_report.json and <stem>_report.png; returns those paths."""
+    print_report(world_report(model, pipeline, stem, args.report_count, args.resolution, args.sample_steps),
+                 args.report_count)
+    return [stem + "_report.json", stem + "_report.png"]
+
+
 def main(argv=None):
     args = parse_args(argv)
     import mindspore as ms
 
     from gm.device import set_device
     from gm.models.loading import create_model, load_config
+    from gm.sampling import SDXLPipeline
     from gm.weights.loader import WeightFileError
     from gm.weights.state_dict import WeightMismatchError
 
@@ -406,6 +417,10 @@ def main(argv=None):
     except (WeightFileError, WeightMismatchError) as e:  # a config or weights file that is there but unusable
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not (args.vae_steps or args.unet_steps):  # the report of --init_weight alone
+        written = write_report(model, SDXLPipeline(model), os.path.splitext(args.init_weight.rstrip(os.sep))[0], args)
+        print(f"wrote {', '.join(written)} in {(time.perf_counter() - start) / 60:.1f} min")
+        return 0
     curves = {"VAE": train_vae(model, args, rng)} if args.vae_steps else {}
     if args.unet_steps:
         pool = [scene(rng, args.resolution) for _ in tqdm(range(args.pool), desc="drawing the pool")]
@@ -420,16 +435,13 @@ def main(argv=None):
     stem = os.path.splitext(args.output)[0]
     plot_losses(curves, stem + "_loss.png")
     written = [args.output, stem + "_loss.png"]
-    pipeline = None
-    if args.unet_steps:
-        from gm.sampling import SDXLPipeline
-
-        pipeline = SDXLPipeline(model)
+    # the samples and the report describe the file as written (fp16), as a report of it alone does
+    model = create_model(load_config(args.config), args.output)
+    pipeline = SDXLPipeline(model) if args.unet_steps else None
+    if pipeline is not None:
         save_samples(pipeline, stem + "_samples.png", args.resolution, args.sample_steps, args.seed)
         written.append(stem + "_samples.png")
-    report = world_report(model, pipeline, stem, args.report_count, args.resolution, args.sample_steps)
-    print_report(report, args.report_count)
-    written += [stem + "_report.json", stem + "_report.png"]
+    written += write_report(model, pipeline, stem, args)
     print(f"wrote {', '.join(written)} in {(time.perf_counter() - start) / 60:.1f} min")
     return 0
 
