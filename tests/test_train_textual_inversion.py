@@ -529,8 +529,8 @@ def test_training_learns_the_toy(harness):
     against the initial embedding, and the samples of "a photo of <toy>" come to show more of the toy by the concept
     score (tools/shape_detector.py: shape, colour, ring and dot read off each sample; the score is the fraction of
     the 8 x 4 readings that are the toy's). Measured here after 30 steps: validation loss 0.15118 -> 0.14754; score
-    0 -> 0.125, all of it the colour: red in 0 -> 4 of the 8 samples (they start as blue and green blobs). No sample shows a
-    readable star, ring or dot, before or after: the model draws blobs (README, the concept score)."""
+    0 -> 0.125, all of it the colour: red in 0 -> 4 of the 8 samples (they start as blue and green blobs). No sample
+    shows a readable star, ring or dot, before or after: the model draws blobs (README, the concept score)."""
     training = harness.training
     assert len(training.validation.draws) == 64
     pipeline = SDXLPipeline(training.model, placeholders={"<toy>": 2})
